@@ -1,0 +1,154 @@
+"""Events fed to ``transition``: requests, Docker observations and timers.
+
+Events are plain frozen data. A container event always names the container it
+is about; an event about a container that no longer backs the agent is stale
+and ignored by ``transition``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from roost.core.records import ExitInfo
+
+__all__ = [
+    "Activity",
+    "BecameHealthy",
+    "ContainerCreated",
+    "ContainerExited",
+    "ContainerObserved",
+    "ContainerVanished",
+    "Event",
+    "LivenessProbed",
+    "PauseRequested",
+    "ResetRequested",
+    "RestartRequested",
+    "Resumed",
+    "ShutdownRequested",
+    "StartFailed",
+    "StartRequested",
+    "StopRequested",
+    "Tick",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartRequested:
+    """Start or wake the agent (API start/wake, a message, a proxied request)."""
+
+    reason: str = "start"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StopRequested:
+    reason: str = "stop requested"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PauseRequested:
+    reason: str = "pause requested"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestartRequested:
+    reason: str = "restart requested"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResetRequested:
+    reason: str = "reset requested"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShutdownRequested:
+    leave_running: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerCreated:
+    """The start procedure created this container (before starting it)."""
+
+    container_id: str
+    config_hash: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BecameHealthy:
+    container_id: str
+    url: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartFailed:
+    """The start procedure gave up. ``terminal``: retrying cannot help (no image)."""
+
+    container_id: str | None
+    error: str
+    exit: ExitInfo | None = None
+    terminal: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerExited:
+    container_id: str
+    exit: ExitInfo
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerVanished:
+    """Reconcile: the agent's container no longer exists in Docker."""
+
+    container_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerObserved:
+    """Reconcile: the agent's container exists; ``status`` is Docker's."""
+
+    container_id: str
+    status: str
+    exit: ExitInfo | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resumed:
+    """Reconcile: Roost restarted while this agent was starting and had no container yet."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LivenessProbed:
+    container_id: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Activity:
+    """Something proved the agent is in use."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed. ``busy``: activity is in flight right now (streams, leases, deliveries)."""
+
+    busy: bool = False
+
+
+Event = (
+    StartRequested
+    | StopRequested
+    | PauseRequested
+    | RestartRequested
+    | ResetRequested
+    | ShutdownRequested
+    | ContainerCreated
+    | BecameHealthy
+    | StartFailed
+    | ContainerExited
+    | ContainerVanished
+    | ContainerObserved
+    | Resumed
+    | LivenessProbed
+    | Activity
+    | Tick
+)

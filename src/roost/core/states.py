@@ -1,0 +1,27 @@
+"""Agent lifecycle states (contract: the names are fixed by DESIGN.md)."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ACTIVE_STATES", "ASLEEP_STATES", "AgentState"]
+
+
+class AgentState(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    IDLE = "idle"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+
+
+#: States in which the agent has (or is getting) a live container that answers.
+ACTIVE_STATES = frozenset({AgentState.RUNNING, AgentState.IDLE})
+#: States from which a message or request wakes the agent.
+ASLEEP_STATES = frozenset(
+    {AgentState.CREATED, AgentState.PAUSED, AgentState.STOPPED, AgentState.CRASHED}
+)

@@ -1,0 +1,509 @@
+"""The lifecycle as one pure function.
+
+``transition(record, event, *, now, policy) -> Decision`` takes the agent's
+current record and one event and returns the next record, the commands the
+reactor must carry out (in order) and the state changes to append to history.
+
+Invariants (property-tested in tests/unit/test_transition_properties.py):
+- An exit Roost caused (stop, idle stop, shutdown, restart, liveness kill) is
+  never a crash: such requests first detach or mark the container
+  (``expected_exit``), so its later ``die`` is stale or expected.
+- ``failed`` is entered only when a crash happens with ``restart_count`` already
+  at ``max_restarts`` (or a start fails terminally, e.g. the image is missing);
+  nothing but ``reset`` leaves ``failed``.
+- No restart is ever scheduled for an agent that was stopped or paused by request.
+- Events about a container that no longer backs the agent change nothing.
+- Every state change is listed in ``Decision.changes`` with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from roost.core import commands as cmd
+from roost.core import events as ev
+from roost.core.backoff import restart_delay
+from roost.core.policy import Policy
+from roost.core.records import AgentRecord, ExitInfo, StateChange
+from roost.core.states import AgentState
+
+__all__ = ["Decision", "next_deadline", "transition"]
+
+S = AgentState
+
+#: States in which the agent's container is expected to be up (or coming up).
+_LIVE = frozenset({S.STARTING, S.RUNNING, S.IDLE})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    record: AgentRecord
+    commands: tuple[cmd.Command, ...] = ()
+    changes: tuple[StateChange, ...] = ()
+    #: set when the event was a request the current state refuses.
+    rejected: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+class _Builder:
+    """Accumulates a record, commands and state changes for one decision."""
+
+    def __init__(self, record: AgentRecord, now: float) -> None:
+        self.record = record
+        self.now = now
+        self.commands: list[cmd.Command] = []
+        self.changes: list[StateChange] = []
+
+    def go(self, state: AgentState, reason: str, **fields: object) -> None:
+        old = self.record.state
+        if state != old:
+            self.changes.append(StateChange(old, state, reason, self.now))
+            fields.setdefault("state_since", self.now)
+        self.record = self.record.replace(state=state, **fields)
+
+    def set(self, **fields: object) -> None:
+        self.record = self.record.replace(**fields)
+
+    def do(self, *commands: cmd.Command) -> None:
+        self.commands.extend(commands)
+
+    def done(self, rejected: str | None = None) -> Decision:
+        return Decision(self.record, tuple(self.commands), tuple(self.changes), rejected)
+
+
+def transition(record: AgentRecord, event: ev.Event, *, now: float, policy: Policy) -> Decision:
+    b = _Builder(record, now)
+    handler = _HANDLERS[type(event)]
+    rejected = handler(b, event, policy)
+    return b.done(rejected)
+
+
+# -- requests ---------------------------------------------------------------------
+
+
+def _on_start(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.StartRequested)
+    r = b.record
+    b.set(last_activity_at=b.now)
+    if r.state is S.FAILED:
+        return f"agent {r.name!r} is failed; reset it first"
+    if r.state is S.IDLE:
+        b.go(S.RUNNING, e.reason)
+    elif r.state in (S.CREATED, S.STOPPED, S.PAUSED, S.CRASHED):
+        # A stopped container that is still there is restarted as is; the
+        # reactor recreates it when it is gone or its spec changed.
+        replace = None
+        if r.expected_exit and r.container_id is not None:
+            # Roost asked this container to exit and has not seen the exit yet:
+            # detach it, so that exit is stale and never read as a crash.
+            replace = r.container_id
+        b.go(
+            S.STARTING,
+            e.reason,
+            container_id=None if replace is not None else r.container_id,
+            expected_exit=False,
+            liveness_failures=0,
+            url=None,
+        )
+        b.do(cmd.StartContainer(replace=replace))
+    # STARTING / RESTARTING / RUNNING: merged into the start already under way.
+    return None
+
+
+def _on_stop(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.StopRequested)
+    _stop(b, p, e.reason, keep_failed=True)
+    return None
+
+
+def _stop(b: _Builder, p: Policy, reason: str, *, keep_failed: bool) -> None:
+    r = b.record
+    if r.state is S.FAILED and keep_failed:
+        return
+    if r.state is S.STARTING:
+        b.do(cmd.CancelStart())
+    if r.container_id is not None and r.state not in (S.STOPPED, S.FAILED):
+        b.do(cmd.StopContainer(r.container_id, p.stop_timeout))
+        b.set(expected_exit=True)
+    target = S.FAILED if r.state is S.FAILED else S.STOPPED
+    b.go(target, reason, url=None, restart_at=None, running_since=None)
+
+
+def _on_pause(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.PauseRequested)
+    r = b.record
+    if r.state is S.PAUSED:
+        return None
+    if r.state not in (S.RUNNING, S.IDLE) or r.container_id is None:
+        return f"agent {r.name!r} is {r.state.value}; only a running agent can be paused"
+    b.go(S.PAUSED, e.reason, url=None)
+    b.do(cmd.PauseContainer(r.container_id))
+    return None
+
+
+def _on_restart(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.RestartRequested)
+    r = b.record
+    if r.state is S.FAILED:
+        return f"agent {r.name!r} is failed; reset it first"
+    if r.state is S.STARTING:
+        b.do(cmd.CancelStart())
+    # Detach the old container first: its exit is then stale, never a crash.
+    b.go(
+        S.STARTING,
+        e.reason,
+        container_id=None,
+        url=None,
+        restart_at=None,
+        running_since=None,
+        expected_exit=False,
+        liveness_failures=0,
+        last_activity_at=b.now,
+    )
+    b.do(cmd.StartContainer(replace=r.container_id))
+    return None
+
+
+def _on_reset(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.ResetRequested)
+    r = b.record
+    b.set(restart_count=0, last_error="")
+    if r.state is S.FAILED:
+        if r.container_id is not None:
+            b.do(cmd.RemoveContainer(r.container_id))
+        b.go(S.STOPPED, e.reason, container_id=None, url=None, restart_at=None)
+    elif r.state is S.RESTARTING:
+        b.go(S.STOPPED, e.reason, restart_at=None)
+    return None
+
+
+def _on_shutdown(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.ShutdownRequested)
+    if e.leave_running:
+        # Containers keep running and are adopted on the next start; only an
+        # in-flight start is abandoned (the reconciler finishes it next time).
+        if b.record.state is S.STARTING:
+            b.do(cmd.CancelStart())
+        return None
+    if b.record.state in (S.STARTING, S.RUNNING, S.IDLE, S.PAUSED, S.RESTARTING):
+        _stop(b, p, "roost shutdown", keep_failed=True)
+    return None
+
+
+# -- the start procedure's reports ---------------------------------------------------
+
+
+def _on_created(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.ContainerCreated)
+    if b.record.state is S.STARTING:
+        b.set(container_id=e.container_id, config_hash=e.config_hash or b.record.config_hash)
+    else:
+        # The start was overtaken (stop, shutdown): nobody owns this container.
+        b.do(cmd.RemoveContainer(e.container_id))
+    return None
+
+
+def _on_healthy(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.BecameHealthy)
+    r = b.record
+    if r.state is not S.STARTING or r.container_id != e.container_id:
+        return None
+    b.go(
+        S.RUNNING,
+        "healthy",
+        url=e.url,
+        running_since=b.now,
+        liveness_failures=0,
+        last_activity_at=b.now,
+        last_error="",
+    )
+    return None
+
+
+def _on_start_failed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.StartFailed)
+    r = b.record
+    if r.state is not S.STARTING:
+        return None
+    if e.container_id is not None and r.container_id != e.container_id:
+        return None  # stale: a start procedure that was overtaken (crash, restart)
+    exit_info = e.exit or ExitInfo(error=e.error)
+    if e.container_id is not None:
+        b.do(cmd.RemoveContainer(e.container_id))
+    b.set(container_id=None, url=None, last_error=e.error)
+    if e.terminal:
+        b.go(S.CRASHED, e.error, last_exit=exit_info)
+        _fail(b, p, exit_info, e.error)
+    else:
+        _crash(b, p, exit_info, e.error)
+    return None
+
+
+# -- Docker observations -----------------------------------------------------------
+
+
+def _on_exited(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.ContainerExited)
+    _exited(b, p, e.container_id, e.exit)
+    return None
+
+
+def _exited(b: _Builder, p: Policy, container_id: str, exit_info: ExitInfo) -> None:
+    r = b.record
+    if r.container_id != container_id:
+        return  # stale: a container that no longer backs this agent
+    if r.expected_exit or r.state in (S.STOPPED, S.FAILED, S.RESTARTING, S.CRASHED):
+        b.set(last_exit=exit_info, expected_exit=False)
+        return
+    if r.state is S.PAUSED:
+        # Asleep (by request or idle policy): not a crash, so no restart is
+        # scheduled; the next wake starts it again.
+        b.go(
+            S.STOPPED,
+            f"{_describe_exit(exit_info)} while paused",
+            last_exit=exit_info,
+            url=None,
+            running_since=None,
+        )
+        return
+    if exit_info.is_clean and r.state is not S.STARTING:
+        b.go(S.STOPPED, "exited with code 0", last_exit=exit_info, url=None, running_since=None)
+        return
+    b.do(cmd.RemoveContainer(container_id))
+    b.set(container_id=None, url=None)
+    _crash(b, p, exit_info, _describe_exit(exit_info))
+
+
+def _on_vanished(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.ContainerVanished)
+    r = b.record
+    if r.container_id != e.container_id:
+        return None
+    if r.state in _LIVE and not r.expected_exit:
+        b.set(container_id=None, url=None)
+        _crash(b, p, ExitInfo(error="container vanished"), "container vanished")
+    elif r.state is S.PAUSED:
+        b.go(S.STOPPED, "container vanished while paused", container_id=None, url=None)
+    else:
+        b.set(container_id=None, url=None, expected_exit=False)
+    return None
+
+
+def _on_observed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    """Reconcile: SQLite holds the intent, Docker the truth about what runs."""
+    assert isinstance(e, ev.ContainerObserved)
+    r = b.record
+    if r.container_id != e.container_id:
+        return None
+    status = e.status
+    if status in ("exited", "dead", "created"):
+        if r.state is S.STARTING and status == "created":
+            b.do(cmd.StartContainer())  # killed between create and start: finish it
+            return None
+        _exited(b, p, e.container_id, e.exit or ExitInfo(error=f"container {status}"))
+        return None
+    # running or paused
+    if r.state is S.STARTING:
+        b.do(cmd.StartContainer())  # killed mid-start: finish the readiness wait
+    elif r.state in (S.RUNNING, S.IDLE):
+        if status == "paused":
+            b.go(S.STARTING, "adopted paused container; resuming", url=None)
+            b.do(cmd.StartContainer())
+    elif r.state is S.PAUSED:
+        if status != "paused":
+            b.do(cmd.PauseContainer(e.container_id))
+    elif r.state in (S.STOPPED, S.CRASHED, S.RESTARTING, S.FAILED, S.CREATED):
+        b.set(expected_exit=True)
+        b.do(cmd.StopContainer(e.container_id, p.stop_timeout))
+    return None
+
+
+def _on_resumed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    if b.record.state is S.STARTING and b.record.container_id is None:
+        b.do(cmd.StartContainer())
+    return None
+
+
+def _on_liveness(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.LivenessProbed)
+    r = b.record
+    if r.container_id != e.container_id or r.state not in (S.RUNNING, S.IDLE):
+        return None
+    if e.ok:
+        if r.liveness_failures:
+            b.set(liveness_failures=0)
+        return None
+    failures = r.liveness_failures + 1
+    b.set(liveness_failures=failures)
+    if failures < p.liveness_failures:
+        return None
+    reason = f"unhealthy: {failures} failed health checks" + (f" ({e.detail})" if e.detail else "")
+    # Roost kills it, so its die is stale (detached) — the crash is recorded here.
+    b.do(cmd.RemoveContainer(e.container_id))
+    b.set(container_id=None, url=None)
+    _crash(b, p, ExitInfo(error=reason), reason)
+    return None
+
+
+# -- activity and time ---------------------------------------------------------------
+
+
+def _on_activity(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    b.set(last_activity_at=b.now)
+    if b.record.state is S.IDLE:
+        b.go(S.RUNNING, "activity")
+    return None
+
+
+def _on_tick(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.Tick)
+    r = b.record
+    if r.state is S.RESTARTING:
+        if r.restart_at is not None and b.now >= r.restart_at:
+            b.go(S.STARTING, f"restart {r.restart_count}", restart_at=None, expected_exit=False)
+            b.do(cmd.StartContainer())
+        return None
+    if r.state not in (S.RUNNING, S.IDLE, S.PAUSED):
+        return None
+    if e.busy:
+        b.set(last_activity_at=b.now)
+        if r.state is S.IDLE:
+            b.go(S.RUNNING, "activity")
+        return None
+    if p.idle_timeout <= 0 or r.container_id is None:
+        return None
+    quiet = b.now - (r.last_activity_at if r.last_activity_at is not None else r.state_since)
+    if quiet >= p.idle_timeout:
+        if p.idle_action == "stop":
+            b.set(expected_exit=True)
+            b.do(cmd.StopContainer(r.container_id, p.stop_timeout))
+            b.go(S.STOPPED, "idle timeout", url=None, running_since=None)
+        elif r.state is not S.PAUSED:
+            b.do(cmd.PauseContainer(r.container_id))
+            b.go(S.PAUSED, "idle timeout", url=None)
+        return None
+    if r.state is S.PAUSED:
+        return None
+    if 0 < p.pause_after <= quiet:
+        b.do(cmd.PauseContainer(r.container_id))
+        b.go(S.PAUSED, "idle: pause_after", url=None)
+        return None
+    if r.state is S.RUNNING and quiet >= _idle_mark(p):
+        b.go(S.IDLE, "no activity")
+    return None
+
+
+def _idle_mark(p: Policy) -> float:
+    first_step = p.pause_after if p.pause_after > 0 else p.idle_timeout
+    return min(p.idle_mark_after, first_step)
+
+
+def next_deadline(record: AgentRecord, policy: Policy) -> float | None:
+    """When the agent next needs a ``Tick``, or None if no timer is due."""
+    r = record
+    if r.state is S.RESTARTING:
+        return r.restart_at
+    if r.state not in (S.RUNNING, S.IDLE, S.PAUSED) or policy.idle_timeout <= 0:
+        return None
+    if r.container_id is None:
+        return None
+    base = r.last_activity_at if r.last_activity_at is not None else r.state_since
+    steps: list[float] = []
+    if r.state is S.PAUSED:
+        if policy.idle_action == "stop":
+            steps.append(policy.idle_timeout)
+    else:
+        steps.append(policy.idle_timeout)
+        if policy.pause_after > 0:
+            steps.append(policy.pause_after)
+        if r.state is S.RUNNING:
+            steps.append(_idle_mark(policy))
+    if not steps:
+        return None
+    return base + min(steps)
+
+
+# -- crash handling ------------------------------------------------------------------
+
+
+def _crash(b: _Builder, p: Policy, exit_info: ExitInfo, reason: str) -> None:
+    """Unexpected exit: crashed → restarting (backoff) → starting, or → failed."""
+    r = b.record
+    count = r.restart_count
+    if r.running_since is not None and b.now - r.running_since >= p.restart_reset_after:
+        count = 0  # it stayed up long enough: a fresh crash, not part of a loop
+    b.go(
+        S.CRASHED,
+        reason,
+        last_exit=exit_info,
+        restart_count=count,
+        running_since=None,
+        url=None,
+        expected_exit=False,
+        liveness_failures=0,
+    )
+    if count >= p.max_restarts:
+        _fail(b, p, exit_info, reason)
+        return
+    delay = restart_delay(p, count)
+    b.set(restart_count=count + 1)
+    if delay <= 0:
+        b.go(S.STARTING, f"restart {count + 1} of {p.max_restarts}")
+        b.do(cmd.StartContainer())
+    else:
+        b.go(
+            S.RESTARTING,
+            f"restart {count + 1} of {p.max_restarts} in {delay:g}s",
+            restart_at=b.now + delay,
+        )
+
+
+def _fail(b: _Builder, p: Policy, exit_info: ExitInfo, reason: str) -> None:
+    r = b.record
+    b.go(S.FAILED, f"gave up after {r.restart_count} restarts: {reason}", restart_at=None)
+    b.do(
+        cmd.Notify(
+            "agent.failed",
+            {
+                "agent": r.name,
+                "exit_code": exit_info.exit_code,
+                "oom_killed": exit_info.oom_killed,
+                "error": exit_info.error or reason,
+                "restart_count": r.restart_count,
+                "max_restarts": p.max_restarts,
+                "log_tail": exit_info.log_tail,
+                "finished_at": exit_info.finished_at,
+            },
+        )
+    )
+
+
+def _describe_exit(exit_info: ExitInfo) -> str:
+    if exit_info.oom_killed:
+        return f"killed by the kernel OOM killer (exit code {exit_info.exit_code})"
+    if exit_info.error:
+        return exit_info.error
+    return f"exited with code {exit_info.exit_code}"
+
+
+_HANDLERS = {
+    ev.StartRequested: _on_start,
+    ev.StopRequested: _on_stop,
+    ev.PauseRequested: _on_pause,
+    ev.RestartRequested: _on_restart,
+    ev.ResetRequested: _on_reset,
+    ev.ShutdownRequested: _on_shutdown,
+    ev.ContainerCreated: _on_created,
+    ev.BecameHealthy: _on_healthy,
+    ev.StartFailed: _on_start_failed,
+    ev.ContainerExited: _on_exited,
+    ev.ContainerVanished: _on_vanished,
+    ev.ContainerObserved: _on_observed,
+    ev.Resumed: _on_resumed,
+    ev.LivenessProbed: _on_liveness,
+    ev.Activity: _on_activity,
+    ev.Tick: _on_tick,
+}

@@ -1,0 +1,177 @@
+"""The container runtime port: everything Roost asks of Docker.
+
+Invariants every implementation keeps (checked by tests/contract):
+- ``create`` never pulls; ``ensure_image`` pulls only when the image is absent and
+  raises ``ImageUnavailable`` when it cannot be had.
+- Errors are Roost's own: ``ContainerNotFound`` for a missing container,
+  ``DockerUnavailable`` when the engine cannot be reached, ``ContainerError``
+  otherwise.
+- ``remove`` and ``stop`` of a container that is already gone are no-ops.
+- ``events`` never blocks the engine: it reads continuously, reconnects on its
+  own and yields a ``gap`` event after every reconnect (events may have been
+  lost, so the caller must re-list and reconcile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+from roost.core.records import ExitInfo, SessionHealth
+
+__all__ = [
+    "ContainerInfo",
+    "ContainerRuntime",
+    "ContainerSpec",
+    "ContainerState",
+    "RuntimeEvent",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """What to create. Limits default to safe values; None means "no limit"."""
+
+    image: str
+    labels: Mapping[str, str]
+    name: str | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    command: tuple[str, ...] | None = None
+    #: container port to publish on ``publish_host`` at an ephemeral host port.
+    port: int | None = None
+    publish_host: str = "127.0.0.1"
+    network: str | None = None
+    memory: int | None = 512 * 1024 * 1024
+    #: None: same as memory (no swap).
+    memory_swap: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = 512
+    no_new_privileges: bool = True
+    #: "volume:/path[:ro]" or "/host:/path[:ro]".
+    binds: tuple[str, ...] = ()
+    #: "host:ip" entries, e.g. "host.docker.internal:host-gateway".
+    extra_hosts: tuple[str, ...] = ()
+    #: Docker HEALTHCHECK is deliberately not used for readiness (see reactor.starting).
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerInfo:
+    """One row of ``list``."""
+
+    id: str
+    name: str
+    image: str
+    labels: Mapping[str, str]
+    #: created | running | paused | restarting | removing | exited | dead
+    status: str
+    created_at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerState:
+    """What ``inspect`` tells."""
+
+    id: str
+    name: str
+    image: str
+    labels: Mapping[str, str]
+    status: str
+    running: bool
+    paused: bool
+    health: SessionHealth
+    exit: ExitInfo | None
+    started_at: str | None = None
+    #: host port published for the spec's ``port``; None when not published.
+    host_port: int | None = None
+    host_ip: str | None = None
+    #: the container's address on its first network.
+    ip_address: str | None = None
+    env: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuntimeEvent:
+    """A container event. ``kind`` is Docker's action (``die``, ``oom``, ``start``,
+    ``pause``, ``unpause``, ``stop``, ``kill``, ``destroy``, ``create``,
+    ``health_status``) or ``gap`` (the stream reconnected; re-list)."""
+
+    kind: str
+    container_id: str = ""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    exit_code: int | None = None
+    #: seconds since the epoch (Docker's timeNano / 1e9).
+    time: float = 0.0
+
+
+class ContainerRuntime(Protocol):
+    async def ping(self) -> str:
+        """Return the engine's API version; raise DockerUnavailable if unreachable."""
+        ...
+
+    async def image_exists(self, image: str) -> bool: ...
+
+    async def ensure_image(self, image: str, *, pull_timeout: float = 300.0) -> None:
+        """Pull ``image`` only if absent. ImageUnavailable if it cannot be had."""
+        ...
+
+    async def create(self, spec: ContainerSpec) -> str:
+        """Create (not start) a container; return its id."""
+        ...
+
+    async def start(self, container_id: str) -> None: ...
+
+    async def pause(self, container_id: str) -> None: ...
+
+    async def unpause(self, container_id: str) -> None: ...
+
+    async def stop(self, container_id: str, *, grace: float) -> None:
+        """SIGTERM, wait ``grace`` seconds, then SIGKILL. Gone already: no-op."""
+        ...
+
+    async def kill(self, container_id: str, *, signal: str = "SIGKILL") -> None: ...
+
+    async def remove(self, container_id: str, *, force: bool = True) -> None:
+        """Remove the container (and its anonymous volumes). Gone already: no-op."""
+        ...
+
+    async def inspect(self, container_id: str) -> ContainerState:
+        """ContainerNotFound if absent."""
+        ...
+
+    async def wait(self, container_id: str) -> int:
+        """Block until the container exits; return its exit code."""
+        ...
+
+    async def logs_tail(self, container_id: str, *, lines: int = 50) -> str: ...
+
+    async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
+        """All containers (any status) carrying every one of ``labels``."""
+        ...
+
+    def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
+        """Container events for containers carrying ``labels``, forever, reconnecting."""
+        ...
+
+    async def commit(
+        self,
+        container_id: str,
+        *,
+        repository: str,
+        tag: str,
+        labels: Mapping[str, str],
+        env: tuple[str, ...] | None = None,
+    ) -> str:
+        """Commit the container as ``repository:tag``; ``env`` replaces the image's
+        Env (used to scrub secrets). Return the image id."""
+        ...
+
+    async def remove_image(self, image: str) -> None:
+        """Remove an image; absent already: no-op."""
+        ...
+
+    async def image_size(self, image: str) -> int:
+        """Size in bytes; ContainerNotFound if absent."""
+        ...
+
+    async def close(self) -> None: ...
