@@ -1,0 +1,28 @@
+# Developer and CI entry points; each target delegates to scripts/.
+# `make test ARGS="-k echo"` passes ARGS to pytest.
+
+.PHONY: setup test lint images up bench
+
+ARGS ?=
+
+setup:
+	scripts/setup
+
+test:
+	scripts/test $(ARGS)
+
+lint:
+	scripts/lint
+
+images:
+	scripts/build-images $(ARGS)
+
+up:
+	scripts/up $(ARGS)
+
+# Every bench/bench_*.py in turn, after set-up; each prints its own ratios.
+bench: setup
+	@set -e; found=0; for script in bench/bench_*.py; do \
+		[ -e "$$script" ] || continue; found=1; \
+		echo "bench: $$script"; .venv/bin/python "$$script"; \
+	done; [ "$$found" = 1 ] || { echo "bench: no bench/bench_*.py yet" >&2; exit 1; }

@@ -1,0 +1,378 @@
+"""Mimic: the test agent that runs inside the ``roost-mimic`` image.
+
+It follows DESIGN.md's "Agent container contract" and can be told, by
+environment or by message, to misbehave the ways real agents do, so Roost's
+tests and benchmarks can provoke every lifecycle path against a real engine.
+
+Standard library only (the image holds a trimmed Debian Python and nothing
+else). Endpoints:
+
+- ``GET $HEALTH_PATH`` (default ``/health``): 200 ``{"ok": true}`` when ready;
+  503 while ``STARTUP_DELAY`` has not passed; 500 once unhealthy.
+- ``POST $MESSAGE_PATH`` (default ``/messages``): a JSON message; the reply is
+  JSON. ``{"cmd": ...}`` in the message picks a behaviour, else env ``MODE``
+  does (default ``echo``). Commands: ``echo``, ``exit`` (``code``),
+  ``unhealthy``, ``healthy``, ``hang``, ``oom``, ``sleep`` (``seconds``),
+  ``fail`` (``status``, default 500).
+- ``GET /seen``: every ``Roost-Message-Id`` received, in arrival order
+  (redeliveries included), and how many are distinct.
+- ``GET /env``: the process environment.
+- ``GET /stream?n=N&interval=S``: N chunked JSON lines, S seconds apart.
+- ``POST /sleep?seconds=S``: replies after S seconds.
+
+Environment: ``PORT`` (8000), ``HEALTH_PATH``, ``MESSAGE_PATH``, ``MODE``,
+``ROOST_AGENT``, ``STARTUP_DELAY``, ``EXIT_AFTER`` + ``EXIT_CODE``,
+``UNHEALTHY_AFTER``, ``OOM=1``, ``IGNORE_SIGTERM=1``.
+
+Invariants:
+
+- The port listens from the first moment; readiness is only ever signalled by
+  the health status (never by "port open", which Docker's proxy fakes anyway).
+- Once hung, no request gets a response again: every handler blocks forever.
+  Signals still work, so ``docker stop`` stays fast.
+- A reply to ``exit`` / ``oom`` / ``hang`` is fully written before the process
+  dies or stops answering.
+- SIGTERM exits 0 at once (unless ``IGNORE_SIGTERM=1``).
+- ``oom`` never grows past ``OOM_UNLIMITED_CAP_BYTES`` when the container has
+  no memory limit: the host is shared, only a limited cgroup may be exhausted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+MESSAGE_ID_HEADER = "Roost-Message-Id"
+OOM_CHUNK_BYTES = 10 * 1024 * 1024
+PAGE_BYTES = 4096
+OOM_UNLIMITED_CAP_BYTES = 512 * 1024 * 1024
+# Paths where a cgroup v2 / v1 container finds its own memory limit.
+CGROUP_MEMORY_LIMIT_FILES = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+# cgroup v1 reports "no limit" as a huge page-aligned number.
+CGROUP_V1_UNLIMITED_BYTES = 1 << 60
+EXIT_AFTER_REPLY_DELAY = 0.05
+COMMANDS = ("echo", "exit", "unhealthy", "healthy", "hang", "oom", "sleep", "fail")
+
+
+def _log(line: str) -> None:
+    print(f"mimic: {line}", file=sys.stdout, flush=True)
+
+
+def _optional_float(environ: Mapping[str, str], name: str) -> float | None:
+    raw = environ.get(name, "").strip()
+    return float(raw) if raw else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Behaviour chosen by the environment, read once at start."""
+
+    port: int
+    health_path: str
+    message_path: str
+    agent: str | None
+    mode: str
+    startup_delay: float
+    exit_after: float | None
+    exit_code: int
+    unhealthy_after: float | None
+    oom_at_start: bool
+    ignore_sigterm: bool
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        mode = environ.get("MODE", "echo").strip() or "echo"
+        if mode not in COMMANDS:
+            raise SystemExit(f"mimic: MODE must be one of {', '.join(COMMANDS)}, not {mode!r}")
+        return cls(
+            port=int(environ.get("PORT", "8000")),
+            health_path=environ.get("HEALTH_PATH", "/health"),
+            message_path=environ.get("MESSAGE_PATH", "/messages"),
+            agent=environ.get("ROOST_AGENT"),
+            mode=mode,
+            startup_delay=_optional_float(environ, "STARTUP_DELAY") or 0.0,
+            exit_after=_optional_float(environ, "EXIT_AFTER"),
+            exit_code=int(environ.get("EXIT_CODE", "0")),
+            unhealthy_after=_optional_float(environ, "UNHEALTHY_AFTER"),
+            oom_at_start=environ.get("OOM", "") not in ("", "0"),
+            ignore_sigterm=environ.get("IGNORE_SIGTERM", "") not in ("", "0"),
+        )
+
+
+def _exit_now(code: int) -> None:
+    _log(f"exiting with code {code}")
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _exit_soon(code: int, delay: float) -> None:
+    timer = threading.Timer(delay, _exit_now, args=(code,))
+    timer.daemon = True
+    timer.start()
+
+
+def _memory_limit_bytes() -> int | None:
+    for path in CGROUP_MEMORY_LIMIT_FILES:
+        try:
+            with open(path) as limit_file:
+                raw = limit_file.read().strip()
+        except OSError:
+            continue
+        if raw == "max":
+            return None
+        limit = int(raw)
+        return None if limit >= CGROUP_V1_UNLIMITED_BYTES else limit
+    return None
+
+
+def _allocate_until_killed() -> None:
+    """Grow resident memory until the kernel's OOM killer ends the process."""
+    cap = None if _memory_limit_bytes() is not None else OOM_UNLIMITED_CAP_BYTES
+    _log("allocating memory until OOM-killed" + (f" (no limit: capped at {cap})" if cap else ""))
+    hoard: list[bytearray] = []
+    while cap is None or len(hoard) * OOM_CHUNK_BYTES < cap:
+        chunk = bytearray(OOM_CHUNK_BYTES)
+        # bytearray memory may be lazily mapped zero pages: touch every page.
+        for offset in range(0, OOM_CHUNK_BYTES, PAGE_BYTES):
+            chunk[offset] = 1
+        hoard.append(chunk)
+    _log("allocation cap reached without a memory limit; holding the memory")
+    threading.Event().wait()
+
+
+def _start_oom() -> None:
+    threading.Thread(target=_allocate_until_killed, name="mimic-oom", daemon=True).start()
+
+
+class Mimic:
+    """The agent's mutable state, shared by all request threads."""
+
+    def __init__(self, settings: Settings, *, started_at: float) -> None:
+        self.settings = settings
+        self.started_at = started_at
+        self.hung = threading.Event()
+        self.unhealthy = threading.Event()
+        self._lock = threading.Lock()
+        self._seen_ids: list[str] = []
+        self._distinct_ids: set[str] = set()
+
+    def is_started(self) -> bool:
+        return time.monotonic() - self.started_at >= self.settings.startup_delay
+
+    def health_status(self) -> HTTPStatus:
+        if not self.is_started():
+            return HTTPStatus.SERVICE_UNAVAILABLE
+        unhealthy_after = self.settings.unhealthy_after
+        if self.unhealthy.is_set() or (
+            unhealthy_after is not None and time.monotonic() - self.started_at >= unhealthy_after
+        ):
+            return HTTPStatus.INTERNAL_SERVER_ERROR
+        return HTTPStatus.OK
+
+    def record_message_id(self, message_id: str | None) -> int:
+        """Remember an arrival; return how many distinct ids have arrived so far."""
+        with self._lock:
+            if message_id is not None:
+                self._seen_ids.append(message_id)
+                self._distinct_ids.add(message_id)
+            return len(self._distinct_ids)
+
+    def seen(self) -> dict[str, Any]:
+        with self._lock:
+            return {"ids": list(self._seen_ids), "distinct": len(self._distinct_ids)}
+
+
+class MimicServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], mimic: Mimic) -> None:
+        self.mimic = mimic
+        super().__init__(address, MimicHandler)
+
+
+class MimicHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mimic/1"
+
+    @property
+    def mimic(self) -> Mimic:
+        return cast(MimicServer, self.server).mimic
+
+    # -- plumbing -------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _log(f"{self.address_string()} {format % args}")
+
+    def _block_if_hung(self) -> None:
+        if self.mimic.hung.is_set():
+            threading.Event().wait()
+
+    def _send_json(self, status: HTTPStatus | int, payload: Any) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _query(self) -> dict[str, str]:
+        return {key: values[-1] for key, values in parse_qs(urlsplit(self.path).query).items()}
+
+    def _route(self) -> str:
+        return urlsplit(self.path).path
+
+    # -- verbs ----------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._block_if_hung()
+        route = self._route()
+        if route == self.mimic.settings.health_path:
+            status = self.mimic.health_status()
+            self._send_json(status, {"ok": status == HTTPStatus.OK})
+        elif route == "/seen":
+            self._send_json(HTTPStatus.OK, self.mimic.seen())
+        elif route == "/env":
+            self._send_json(HTTPStatus.OK, dict(os.environ))
+        elif route == "/stream":
+            query = self._query()
+            self._stream(int(query.get("n", "3")), float(query.get("interval", "0")))
+        else:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no route {route}"})
+
+    def do_POST(self) -> None:
+        self._block_if_hung()
+        route = self._route()
+        raw_body = self._read_body()
+        if route == self.mimic.settings.message_path:
+            self._handle_message(raw_body)
+        elif route == "/sleep":
+            seconds = float(self._query().get("seconds", "0"))
+            time.sleep(seconds)
+            self._send_json(HTTPStatus.OK, {"slept": seconds})
+        else:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no route {route}"})
+
+    # -- behaviours -----------------------------------------------------
+
+    def _stream(self, chunk_count: int, interval: float) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for index in range(chunk_count):
+                if index and interval > 0:
+                    time.sleep(interval)
+                data = json.dumps({"chunk": index}).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _handle_message(self, raw_body: bytes) -> None:
+        mimic = self.mimic
+        if not mimic.is_started():
+            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "starting"})
+            return
+        try:
+            message: Any = json.loads(raw_body or b"null")
+        except ValueError as exc:
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"body is not JSON: {exc}"})
+            return
+        message_id = self.headers.get(MESSAGE_ID_HEADER)
+        distinct_count = mimic.record_message_id(message_id)
+        fields: dict[str, Any] = message if isinstance(message, dict) else {}
+        command = fields.get("cmd", mimic.settings.mode)
+        if command not in COMMANDS:
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"unknown cmd {command!r}"})
+            return
+        if command == "echo":
+            self._send_json(
+                HTTPStatus.OK,
+                {
+                    "echo": message,
+                    "agent": mimic.settings.agent,
+                    "message_id": message_id,
+                    "count": distinct_count,
+                },
+            )
+        elif command == "exit":
+            code = int(fields.get("code", mimic.settings.exit_code))
+            self._send_json(HTTPStatus.OK, {"exiting": code})
+            self.close_connection = True
+            _exit_soon(code, EXIT_AFTER_REPLY_DELAY)
+        elif command == "unhealthy":
+            mimic.unhealthy.set()
+            self._send_json(HTTPStatus.OK, {"unhealthy": True})
+        elif command == "healthy":
+            mimic.unhealthy.clear()
+            self._send_json(HTTPStatus.OK, {"unhealthy": False})
+        elif command == "hang":
+            self._send_json(HTTPStatus.OK, {"hanging": True})
+            self.close_connection = True
+            mimic.hung.set()
+        elif command == "oom":
+            self._send_json(HTTPStatus.OK, {"oom": True})
+            self.close_connection = True
+            _start_oom()
+        elif command == "sleep":
+            seconds = float(fields.get("seconds", 0))
+            time.sleep(seconds)
+            self._send_json(HTTPStatus.OK, {"slept": seconds, "message_id": message_id})
+        else:  # "fail"
+            status = int(fields.get("status", HTTPStatus.INTERNAL_SERVER_ERROR))
+            self._send_json(status, {"error": "failing on request", "message_id": message_id})
+
+
+def _install_signal_handlers(settings: Settings) -> None:
+    def on_terminate(signum: int, frame: FrameType | None) -> None:
+        _log(f"received signal {signum}")
+        _exit_now(0)
+
+    if settings.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, on_terminate)
+    signal.signal(signal.SIGINT, on_terminate)
+
+
+def main() -> None:
+    settings = Settings.from_environ(os.environ)
+    mimic = Mimic(settings, started_at=time.monotonic())
+    _install_signal_handlers(settings)
+    server = MimicServer(("0.0.0.0", settings.port), mimic)
+    if settings.exit_after is not None:
+        _exit_soon(settings.exit_code, settings.exit_after)
+    if settings.oom_at_start:
+        _start_oom()
+    _log(
+        f"listening on 0.0.0.0:{settings.port} agent={settings.agent} mode={settings.mode} "
+        f"pid={os.getpid()}"
+    )
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
