@@ -1,0 +1,228 @@
+"""The library API: ``ContainerManager``, a drop-in for the code Roost replaces.
+
+It runs a whole Roost engine inside the caller's event loop (started on the
+first call), with its own state directory and instance id, so two managers in
+one process, or a manager beside a ``roost up`` daemon, never touch each
+other's containers.
+
+Semantics kept from the replaced code: construction fails with
+``ContainerError`` when Docker is unreachable; ``start_agent`` pulls the image
+only if absent, starts the container, waits until its health check answers and
+returns its URL; with ``max_restarts=1, restart_backoff=0`` one unexpected exit
+is restarted and a second marks the agent permanently failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from roost import errors
+from roost.config import AgentConfig, ResolvedAgent, Settings, parse_settings
+from roost.core import events as ev
+from roost.core.records import ExitInfo, SessionHealth
+from roost.core.states import AgentState
+from roost.engine import Engine
+
+__all__ = ["ContainerManager", "agent_name_for"]
+
+
+def agent_name_for(agent_type: str) -> str:
+    """Turn any agent type into a DNS label (the agent's name in Roost)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", agent_type.lower()).strip("-")[:63].strip("-")
+    if not name:
+        raise errors.ConfigError(f"agent type {agent_type!r} gives no usable name")
+    return name
+
+
+def _docker_ping(host: str | None) -> None:
+    """Synchronous reachability check, so construction fails like the replaced code."""
+    target = host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        if target.startswith("unix://"):
+            transport = httpx.HTTPTransport(uds=target.removeprefix("unix://"))
+            with httpx.Client(transport=transport, timeout=5.0) as client:
+                client.get("http://docker/_ping").raise_for_status()
+        else:
+            base = target.replace("tcp://", "http://", 1)
+            with httpx.Client(timeout=5.0) as client:
+                client.get(base.rstrip("/") + "/_ping").raise_for_status()
+    except (httpx.HTTPError, OSError) as exc:
+        raise errors.DockerUnavailable(
+            f"Docker is not reachable at {target}: {exc} (is dockerd running?)"
+        ) from exc
+
+
+class ContainerManager:
+    """Start agents on demand and keep them alive (library contract).
+
+    ``max_restarts``/``restart_backoff`` keep the replaced code's names; any other
+    ``[defaults]`` key can be passed in ``defaults``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_restarts: int = 3,
+        restart_backoff: float = 10.0,
+        idle_timeout: float = 0.0,
+        startup_timeout: float = 120.0,
+        docker_host: str | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        instance: str | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
+        _docker_ping(docker_host)
+        self._state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp("-roost"))
+        self._settings: Settings = parse_settings(
+            {
+                "server": {"state_dir": str(self._state_dir)},
+                "docker": {
+                    "host": docker_host or "",
+                    "instance": instance or f"lib-{secrets.token_hex(4)}",
+                },
+                "defaults": {
+                    "max_restarts": max_restarts,
+                    "restart_backoff": restart_backoff,
+                    "restart_backoff_max": max(restart_backoff, 300.0),
+                    "idle_timeout": idle_timeout,
+                    "startup_timeout": startup_timeout,
+                    **(defaults or {}),
+                },
+            },
+            file="<ContainerManager>",
+        )
+        self._engine: Engine | None = None
+        self._starting: asyncio.Lock | None = None
+        self._stopped = False
+
+    @property
+    def instance(self) -> str:
+        return self._settings.docker.instance
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    async def _ensure_engine(self) -> Engine:
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._engine is None:
+                engine = Engine(self._settings)
+                await engine.start()
+                self._engine = engine
+                self._stopped = False
+            return self._engine
+
+    def _spec(self, agent_type: str, image: str, port: int) -> ResolvedAgent:
+        name = agent_name_for(agent_type)
+        return AgentConfig(image=image, port=port).effective(self._settings.defaults, name=name)
+
+    async def _agent(self, agent_type: str, image: str, port: int) -> str:
+        engine = await self._ensure_engine()
+        spec = self._spec(agent_type, image, port)
+        actor = engine.supervisor.actors.get(spec.name)
+        if actor is None:
+            await engine.register_agent(spec, agent_id=agent_type)
+        elif actor.spec != spec:
+            actor.spec = spec  # new image/port: recreated on its next start
+            await engine.store.update_spec(spec.name, spec.model_dump(mode="json"), source="api")
+        return spec.name
+
+    async def start_agent(self, agent_type: str, *, image: str, port: int = 8000) -> str:
+        """Start (or reuse) the agent's container; return its URL once healthy."""
+        engine = await self._ensure_engine()
+        name = await self._agent(agent_type, image, port)
+        timeout = engine.supervisor.actor(name).policy.startup_timeout + 30.0
+        record = await engine.supervisor.ensure_running(
+            name, timeout=timeout, reason="start_agent", fail_fast=True
+        )
+        assert record.url is not None
+        return record.url
+
+    async def handle_container_exit(self, agent_type: str, *, image: str, port: int = 8000) -> str:
+        """React to the agent's container having exited: restart it within the
+        restart limit and return the new URL, or raise ``ContainerError`` once the
+        agent is permanently failed."""
+        engine = await self._ensure_engine()
+        name = await self._agent(agent_type, image, port)
+        actor = engine.supervisor.actor(name)
+        cid = actor.record.container_id
+        if cid is not None and actor.record.state in (AgentState.RUNNING, AgentState.IDLE):
+            # The caller may have seen the exit before Docker's event reached us.
+            try:
+                state = await engine.runtime.inspect(cid)
+            except errors.ContainerNotFound:
+                await actor.submit(ev.ContainerVanished(cid))
+            else:
+                if not state.running and state.exit is not None:
+                    await actor.submit(ev.ContainerExited(cid, state.exit))
+        if actor.record.state is AgentState.FAILED:
+            raise self._failed_error(name)
+        if actor.record.state is AgentState.STOPPED:
+            # Exit code 0 is not a crash, but the caller wants the agent back.
+            await actor.submit(ev.StartRequested("handle_container_exit"))
+        timeout = actor.policy.startup_timeout + actor.policy.restart_backoff_max + 30.0
+        try:
+            record = await engine.supervisor.ensure_running(
+                name, timeout=timeout, reason="handle_container_exit"
+            )
+        except errors.ContainerError:
+            if self.state(agent_type) is AgentState.FAILED:
+                raise self._failed_error(name) from None
+            raise
+        assert record.url is not None
+        return record.url
+
+    def _failed_error(self, name: str) -> errors.ContainerError:
+        assert self._engine is not None
+        r = self._engine.supervisor.get(name)
+        exit_info = r.last_exit
+        return errors.ContainerError(
+            f"agent {name!r} failed permanently after {r.restart_count} restarts"
+            + (f": {r.last_error or (exit_info.error if exit_info else '')}".rstrip(": ")),
+            log_tail=exit_info.log_tail if exit_info else "",
+        )
+
+    def health(self, agent_type: str) -> SessionHealth:
+        if self._engine is None:
+            return SessionHealth.UNKNOWN
+        actor = self._engine.supervisor.actors.get(agent_name_for(agent_type))
+        if actor is None:
+            return SessionHealth.UNKNOWN
+        state = actor.record.state
+        if state in (AgentState.RUNNING, AgentState.IDLE):
+            return SessionHealth.HEALTHY
+        if state in (AgentState.STARTING, AgentState.RESTARTING):
+            return SessionHealth.STARTING
+        if state in (AgentState.CRASHED, AgentState.FAILED):
+            return SessionHealth.UNHEALTHY
+        return SessionHealth.UNKNOWN
+
+    def exit_info(self, agent_type: str) -> ExitInfo | None:
+        if self._engine is None:
+            return None
+        actor = self._engine.supervisor.actors.get(agent_name_for(agent_type))
+        return actor.record.last_exit if actor is not None else None
+
+    def state(self, agent_type: str) -> AgentState | None:
+        if self._engine is None:
+            return None
+        actor = self._engine.supervisor.actors.get(agent_name_for(agent_type))
+        return actor.record.state if actor is not None else None
+
+    async def stop_all(self) -> None:
+        """Stop every agent's container and shut the engine down. Idempotent."""
+        if self._engine is None or self._stopped:
+            return
+        self._stopped = True
+        engine, self._engine = self._engine, None
+        await engine.stop(leave_running=False, remove=True)

@@ -1,0 +1,741 @@
+"""The supervisor: one serialised actor per agent, driving the pure core.
+
+Each ``AgentActor`` owns its agent's record and processes events strictly one
+at a time: ``transition`` → persist (compare-and-set) → carry out commands.
+Intent is written before anything is done, so a Roost killed at any line
+restarts from a record that says what it was doing; the reconciler finishes it.
+
+Long Docker work never blocks the actor loop:
+- the start procedure (ensure image → create → start → HTTP readiness) runs as
+  the actor's *start task*; it reports back with events and is cancelled
+  whenever the agent leaves ``starting``;
+- stops and removals run as owned background operations; a start first waits
+  for them (so a wake never races a stop of the same container).
+
+Concurrent start/wake requests merge: the second one finds the agent already
+``starting`` and simply waits for the same outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from roost import errors
+from roost.core import commands as cmd
+from roost.core import events as ev
+from roost.core import labels
+from roost.core.policy import Policy
+from roost.core.records import AgentRecord, ExitInfo, StateChange
+from roost.core.states import AgentState
+from roost.core.transition import Decision, next_deadline, transition
+from roost.ports.agent_http import AgentClient
+from roost.ports.clock import Clock
+from roost.ports.notifier import Notifier
+from roost.ports.runtime import ContainerRuntime, ContainerSpec
+from roost.ports.store import Store
+
+__all__ = ["AgentActor", "AgentSpec", "StateListener", "Supervisor"]
+
+log = logging.getLogger("roost.supervisor")
+
+S = AgentState
+#: How often readiness is polled while a container starts (millisecond granularity).
+READINESS_POLL_INTERVAL = 0.005
+#: Per-probe HTTP timeout during readiness: a listening-but-hung app must not stall us.
+READINESS_PROBE_TIMEOUT = 1.0
+LOG_TAIL_LINES = 50
+
+
+class AgentSpec(Protocol):
+    """What the supervisor needs to know of an agent's configuration."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def image(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def env(self) -> Mapping[str, str]: ...
+    @property
+    def command(self) -> tuple[str, ...] | list[str] | None: ...
+    @property
+    def memory(self) -> int: ...
+    @property
+    def cpus(self) -> float | None: ...
+    @property
+    def pids_limit(self) -> int: ...
+    @property
+    def no_new_privileges(self) -> bool: ...
+    @property
+    def health_path(self) -> str: ...
+    @property
+    def message_path(self) -> str: ...
+
+    def policy(self) -> Policy: ...
+
+    def config_hash(self) -> str: ...
+
+
+#: Called after every persisted decision: (agent record, state changes).
+StateListener = Callable[[AgentRecord, tuple[StateChange, ...]], None]
+
+
+class _Envelope:
+    __slots__ = ("event", "reply")
+
+    def __init__(self, event: ev.Event, reply: asyncio.Future[Decision] | None) -> None:
+        self.event = event
+        self.reply = reply
+
+
+class AgentActor:
+    """Owns one agent: its record, its event queue, its start/timer/liveness tasks."""
+
+    def __init__(
+        self, supervisor: Supervisor, record: AgentRecord, spec: AgentSpec, agent_id: str
+    ) -> None:
+        self.sup = supervisor
+        self.record = record
+        self.spec = spec
+        self.agent_id = agent_id
+        self.extra_env: dict[str, str] = {}
+        self.network: str | None = None
+        self.binds: tuple[str, ...] = ()
+        #: Linux needs this for ROOST_URL's default host.docker.internal to resolve.
+        self.extra_hosts: tuple[str, ...] = ("host.docker.internal:host-gateway",)
+        self._queue: asyncio.Queue[_Envelope] = asyncio.Queue()
+        self._changed = asyncio.Condition()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._start_task: asyncio.Task[None] | None = None
+        self._timer_task: asyncio.Task[None] | None = None
+        self._timer_at: float | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
+        #: Docker stop/pause/remove operations in flight (a start waits for them).
+        self._ops: set[asyncio.Task[None]] = set()
+        #: notifications in flight (nobody waits for them but shutdown).
+        self._notices: set[asyncio.Task[None]] = set()
+        self._busy = 0
+        self._last_touch_posted = 0.0
+        #: counts start attempts that ended; waiters use it to fail fast.
+        self.start_failures = 0
+        self.closed = False
+
+    # -- lifecycle of the actor itself --------------------------------------------
+
+    def run(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name=f"roost.agent[{self.name}]")
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def policy(self) -> Policy:
+        return self.spec.policy()
+
+    async def close(self) -> None:
+        """Stop the actor's tasks. Docker operations in flight are awaited."""
+        self.closed = True
+        tasks = [self._loop_task, self._start_task, self._timer_task, self._liveness_task]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+        if self._ops or self._notices:
+            await asyncio.gather(*self._ops, *self._notices, return_exceptions=True)
+
+    # -- input ----------------------------------------------------------------------
+
+    def post(self, event: ev.Event) -> None:
+        """Queue an event without waiting for it (used by watchers and timers)."""
+        if not self.closed:
+            self._queue.put_nowait(_Envelope(event, None))
+
+    async def submit(self, event: ev.Event) -> Decision:
+        """Queue an event and wait until it has been decided, persisted and acted on."""
+        if self.closed:
+            raise errors.StateError(f"agent {self.name!r} is shutting down")
+        reply: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Envelope(event, reply))
+        return await reply
+
+    def touch(self) -> None:
+        """Record activity cheaply: at most one persisted write per second."""
+        now = self.sup.clock.now()
+        if self.record.state is S.IDLE or now - self._last_touch_posted >= 1.0:
+            self._last_touch_posted = now
+            self.post(ev.Activity())
+
+    @contextlib.asynccontextmanager
+    async def busy(self) -> AsyncIterator[None]:
+        """Activity in flight (delivery, stream, lease): idling never fires meanwhile."""
+        self._busy += 1
+        self.touch()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self.touch()
+
+    @property
+    def is_busy(self) -> bool:
+        return self._busy > 0
+
+    # -- waiting --------------------------------------------------------------------
+
+    async def wait_for(self, predicate: Callable[[AgentRecord], bool], timeout: float) -> bool:
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(lambda: predicate(self.record))
+            return predicate(self.record)
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            envelope = await self._queue.get()
+            try:
+                decision = await self._handle(envelope.event)
+            except Exception as exc:
+                log.exception("agent %s: failed to handle %s", self.name, envelope.event)
+                if envelope.reply is not None and not envelope.reply.done():
+                    envelope.reply.set_exception(exc)
+                continue
+            if envelope.reply is not None and not envelope.reply.done():
+                envelope.reply.set_result(decision)
+
+    async def _handle(self, event: ev.Event) -> Decision:
+        if isinstance(event, ev.ContainerExited):
+            event = await self._enrich_exit(event)
+        now = self.sup.clock.now()
+        decision = transition(self.record, event, now=now, policy=self.policy)
+        if decision.rejected is None and decision.record != self.record:
+            # Intent first: persist before acting (compare-and-set on version).
+            self.record = await self.sup.store.update_agent(
+                decision.record, changes=decision.changes
+            )
+            decision = Decision(self.record, decision.commands, decision.changes)
+        for change in decision.changes:
+            log.info(
+                "agent %s: %s -> %s (%s)",
+                self.name,
+                change.from_state.value,
+                change.to_state.value,
+                change.reason,
+            )
+        for command in decision.commands:
+            self._execute(command)
+        if self.record.state is not S.STARTING and self._start_task is not None:
+            self._start_task.cancel()
+            self._start_task = None
+        self._reschedule()
+        self._manage_liveness()
+        if decision.changes:
+            self.sup._publish(self.record, decision.changes)
+        async with self._changed:
+            self._changed.notify_all()
+        return decision
+
+    async def _enrich_exit(self, event: ev.ContainerExited) -> ev.ContainerExited:
+        """Gather diagnostics for an unexpected exit of the current container while it
+        still exists (the crash path removes it): finished-at, OOM, error, log tail."""
+        r = self.record
+        if r.container_id != event.container_id or r.expected_exit:
+            return event
+        if r.state not in (S.STARTING, S.RUNNING, S.IDLE, S.PAUSED):
+            return event
+        rt = self.sup.runtime
+        state_res, tail_res = await asyncio.gather(
+            rt.inspect(event.container_id),
+            rt.logs_tail(event.container_id, lines=LOG_TAIL_LINES),
+            return_exceptions=True,
+        )
+        info = event.exit
+        if not isinstance(state_res, BaseException) and state_res.exit is not None:
+            found = state_res.exit
+            info = ExitInfo(
+                exit_code=found.exit_code if found.exit_code is not None else info.exit_code,
+                oom_killed=found.oom_killed or info.oom_killed,
+                error=found.error or info.error,
+                finished_at=found.finished_at or info.finished_at,
+            )
+        tail = "" if isinstance(tail_res, BaseException) else tail_res
+        return ev.ContainerExited(
+            event.container_id,
+            ExitInfo(info.exit_code, info.oom_killed, info.error, info.finished_at, tail),
+        )
+
+    # -- commands -------------------------------------------------------------------
+
+    def _execute(self, command: cmd.Command) -> None:
+        rt = self.sup.runtime
+        match command:
+            case cmd.StartContainer(replace=replace):
+                if self._start_task is not None:
+                    self._start_task.cancel()
+                self._start_task = asyncio.create_task(
+                    self._start_procedure(replace), name=f"roost.start[{self.name}]"
+                )
+            case cmd.CancelStart():
+                if self._start_task is not None:
+                    self._start_task.cancel()
+                    self._start_task = None
+            case cmd.PauseContainer(container_id=cid):
+                self._op(self._pause(cid), "pause")
+            case cmd.StopContainer(container_id=cid, timeout=grace, remove=remove):
+                self._op(self._stop(cid, grace, remove), "stop")
+            case cmd.RemoveContainer(container_id=cid):
+                self._op(rt.remove(cid, force=True), "remove")
+            case cmd.Notify(kind=kind, payload=payload):
+                self._op(self.sup.notifier.notify(kind, payload), "notify", docker=False)
+
+    def _op(self, work: Awaitable[None], what: str, *, docker: bool = True) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except errors.ContainerNotFound:
+                pass
+            except Exception:
+                log.exception("agent %s: %s failed", self.name, what)
+
+        task = asyncio.create_task(guarded(), name=f"roost.{what}[{self.name}]")
+        owner = self._ops if docker else self._notices
+        owner.add(task)
+        task.add_done_callback(owner.discard)
+
+    async def _pause(self, cid: str) -> None:
+        try:
+            await self.sup.runtime.pause(cid)
+        except errors.ContainerNotFound:
+            self.post(ev.ContainerVanished(cid))
+
+    async def _stop(self, cid: str, grace: float, remove: bool) -> None:
+        rt = self.sup.runtime
+        with contextlib.suppress(errors.ContainerNotFound):
+            state = await rt.inspect(cid)
+            if state.paused:
+                # A frozen process cannot handle SIGTERM: thaw it first.
+                await rt.unpause(cid)
+        await rt.stop(cid, grace=grace)
+        if remove:
+            await rt.remove(cid, force=True)
+
+    async def _quiesce(self) -> None:
+        """Wait for stop/remove operations in flight (never for ourselves)."""
+        current = asyncio.current_task()
+        pending = [t for t in self._ops if t is not current]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- the start procedure --------------------------------------------------------
+
+    def container_spec(self) -> ContainerSpec:
+        spec = self.spec
+        env = {
+            **dict(spec.env),
+            **self.extra_env,
+            "ROOST_AGENT": spec.name,
+            "ROOST_AGENT_ID": self.agent_id,
+            "ROOST_URL": self.sup.public_url,
+        }
+        return ContainerSpec(
+            image=spec.image,
+            labels=labels.agent_labels(self.sup.instance, spec.name, spec.config_hash()),
+            name=f"roost-{self.sup.instance}-{spec.name}-{secrets.token_hex(3)}",
+            env=env,
+            command=tuple(spec.command) if spec.command else None,
+            port=spec.port,
+            publish_host=self.sup.publish_host,
+            network=self.network or self.sup.network,
+            memory=spec.memory or None,  # 0: no limit
+            cpus=spec.cpus,
+            pids_limit=spec.pids_limit or None,
+            no_new_privileges=spec.no_new_privileges,
+            binds=self.binds,
+            extra_hosts=self.extra_hosts,
+        )
+
+    async def _start_procedure(self, replace: str | None) -> None:
+        rt = self.sup.runtime
+        cid: str | None = None
+        try:
+            await self._quiesce()
+            if replace is not None:
+                await rt.remove(replace, force=True)
+            cid = self.record.container_id
+            want_hash = self.spec.config_hash()
+            existing = None
+            if cid is not None:
+                try:
+                    existing = await rt.inspect(cid)
+                except errors.ContainerNotFound:
+                    existing = None
+                if existing is not None and existing.labels.get(labels.CONFIG_HASH) != want_hash:
+                    log.info("agent %s: spec changed; recreating its container", self.name)
+                    await rt.remove(cid, force=True)
+                    existing = None
+                if existing is not None and existing.status in ("dead", "removing"):
+                    await rt.remove(cid, force=True)
+                    existing = None
+            if existing is None:
+                await rt.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
+                cid = await rt.create(self.container_spec())
+                await self.submit(ev.ContainerCreated(cid, want_hash))
+                if self.record.container_id != cid:
+                    return  # overtaken; the actor removes the container
+                await rt.start(cid)
+            elif existing.paused:
+                await rt.unpause(existing.id)
+            elif not existing.running:
+                await rt.start(existing.id)
+            assert cid is not None
+            url = await self._wait_ready(cid)
+        except asyncio.CancelledError:
+            raise
+        except errors.ImageUnavailable as exc:
+            self._start_failed(cid, str(exc), terminal=True)
+            return
+        except errors.StartupTimeout as exc:
+            self._start_failed(cid, str(exc), tail=exc.log_tail)
+            return
+        except errors.RoostError as exc:
+            self._start_failed(cid, f"start failed: {exc}")
+            return
+        self.post(ev.BecameHealthy(cid, url))
+
+    def _start_failed(
+        self, cid: str | None, error: str, *, terminal: bool = False, tail: str = ""
+    ) -> None:
+        self.start_failures += 1
+        log.warning("agent %s: %s", self.name, error.splitlines()[0] if error else "")
+        self.post(ev.StartFailed(cid, error, ExitInfo(error=error, log_tail=tail), terminal))
+
+    async def _wait_ready(self, cid: str) -> str:
+        """Poll the health path over HTTP at millisecond granularity until it answers 200."""
+        rt = self.sup.runtime
+        clock = self.sup.clock
+        deadline = clock.monotonic() + self.policy.startup_timeout
+        state = await rt.inspect(cid)
+        if state.host_port is None:
+            raise errors.ContainerError(
+                f"agent {self.name!r}: container {cid[:12]} publishes no port {self.spec.port}"
+            )
+        host = state.host_ip if state.host_ip not in (None, "", "0.0.0.0") else "127.0.0.1"
+        url = f"http://{host}:{state.host_port}"
+        health = url + self.spec.health_path
+        last = ""
+        polls = 0
+        while True:
+            result = await self.sup.agent_client.probe(health, timeout=READINESS_PROBE_TIMEOUT)
+            if result.ok:
+                return url
+            last = result.detail
+            polls += 1
+            if polls % 100 == 0:
+                # Rarely, check that it is still alive (the die event also tells us).
+                state = await rt.inspect(cid)
+                if not state.running:
+                    raise errors.ContainerError(
+                        f"agent {self.name!r}: container exited during startup"
+                    )
+            if clock.monotonic() >= deadline:
+                tail = ""
+                with contextlib.suppress(errors.RoostError):
+                    tail = await rt.logs_tail(cid, lines=LOG_TAIL_LINES)
+                raise errors.StartupTimeout(
+                    f"agent {self.name!r} did not answer GET {self.spec.health_path} with 200 "
+                    f"within {self.policy.startup_timeout:g}s (last: {last or 'no answer'})"
+                    + (f"; log tail:\n{tail}" if tail else ""),
+                    log_tail=tail,
+                )
+            await clock.sleep(READINESS_POLL_INTERVAL)
+
+    # -- timers and liveness ----------------------------------------------------------
+
+    def _reschedule(self) -> None:
+        deadline = next_deadline(self.record, self.policy)
+        if deadline == self._timer_at and self._timer_task is not None:
+            return
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            self._timer_task = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer_task = asyncio.create_task(
+                self._timer(deadline), name=f"roost.timer[{self.name}]"
+            )
+
+    async def _timer(self, deadline: float) -> None:
+        clock = self.sup.clock
+        delay = deadline - clock.now()
+        if delay > 0:
+            await clock.sleep(delay)
+        self._timer_task = None
+        self._timer_at = None
+        self.post(ev.Tick(busy=self.is_busy))
+
+    def _manage_liveness(self) -> None:
+        live = self.record.state in (S.RUNNING, S.IDLE) and self.policy.liveness_interval > 0
+        if live and self._liveness_task is None:
+            cid, url = self.record.container_id, self.record.url
+            if cid is not None and url is not None:
+                self._liveness_task = asyncio.create_task(
+                    self._liveness(cid, url), name=f"roost.liveness[{self.name}]"
+                )
+        elif not live and self._liveness_task is not None:
+            self._liveness_task.cancel()
+            self._liveness_task = None
+
+    async def _liveness(self, cid: str, url: str) -> None:
+        interval = self.policy.liveness_interval
+        probe_timeout = max(0.05, min(interval, 5.0))
+        while True:
+            await self.sup.clock.sleep(interval)
+            result = await self.sup.agent_client.probe(
+                url + self.spec.health_path, timeout=probe_timeout
+            )
+            if result.ok and not self.record.liveness_failures:
+                continue
+            if self.record.container_id != cid:
+                return
+            self.post(ev.LivenessProbed(cid, result.ok, result.detail))
+
+
+class Supervisor:
+    """All agent actors, plus the Docker event watcher and the reconciler."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        runtime: ContainerRuntime,
+        notifier: Notifier,
+        clock: Clock,
+        agent_client: AgentClient,
+        instance: str,
+        public_url: str = "",
+        publish_host: str = "127.0.0.1",
+        network: str | None = None,
+        pull_timeout: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.notifier = notifier
+        self.clock = clock
+        self.agent_client = agent_client
+        self.instance = instance
+        self.public_url = public_url
+        self.publish_host = publish_host
+        self.network = network
+        self.pull_timeout = pull_timeout
+        self.actors: dict[str, AgentActor] = {}
+        self._listeners: list[StateListener] = []
+        self._watch_task: asyncio.Task[None] | None = None
+        self._reconcile_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._oom_seen: dict[str, float] = {}
+        self.reconciles = 0
+        self.closed = False
+
+    # -- agents -------------------------------------------------------------------
+
+    def add_actor(self, record: AgentRecord, spec: AgentSpec, *, agent_id: str = "") -> AgentActor:
+        actor = AgentActor(self, record, spec, agent_id or record.name)
+        self.actors[record.name] = actor
+        actor.run()
+        return actor
+
+    def actor(self, name: str) -> AgentActor:
+        try:
+            return self.actors[name]
+        except KeyError:
+            raise errors.NotFound(f"no agent named {name!r}") from None
+
+    async def remove_actor(self, name: str) -> None:
+        actor = self.actors.pop(name, None)
+        if actor is not None:
+            await actor.close()
+
+    def get(self, name: str) -> AgentRecord:
+        return self.actor(name).record
+
+    def records(self) -> list[AgentRecord]:
+        return [a.record for a in self.actors.values()]
+
+    async def request(self, name: str, event: ev.Event) -> AgentRecord:
+        decision = await self.actor(name).submit(event)
+        if decision.rejected is not None:
+            raise errors.StateError(decision.rejected)
+        return decision.record
+
+    async def ensure_running(
+        self, name: str, *, timeout: float, reason: str = "wake", fail_fast: bool = False
+    ) -> AgentRecord:
+        """Wake the agent if needed and wait until it answers its health check.
+
+        ``fail_fast``: raise on the first failed start attempt (library semantics)
+        instead of waiting through restarts until ``timeout``.
+        """
+        actor = self.actor(name)
+        if actor.record.state in (S.RUNNING, S.IDLE) and actor.record.url:
+            actor.touch()
+            return actor.record
+        failures_before = actor.start_failures
+        await self.request(name, ev.StartRequested(reason))
+
+        def settled(r: AgentRecord) -> bool:
+            if r.state in (S.RUNNING, S.IDLE) and r.url is not None:
+                return True
+            if r.state in (S.FAILED, S.STOPPED, S.PAUSED):
+                return True
+            return fail_fast and (
+                actor.start_failures > failures_before or r.state in (S.CRASHED, S.RESTARTING)
+            )
+
+        await actor.wait_for(settled, timeout)
+        r = actor.record
+        if r.state in (S.RUNNING, S.IDLE) and r.url is not None:
+            return r
+        detail = r.last_error or (r.last_exit and r.last_exit.error) or ""
+        tail = r.last_exit.log_tail if r.last_exit else ""
+        if r.state in (S.STARTING, S.RESTARTING, S.CRASHED) and not fail_fast:
+            raise errors.StartupTimeout(
+                f"agent {name!r} is still {r.state.value} after {timeout:g}s"
+                + (f": {detail}" if detail else ""),
+                log_tail=tail,
+            )
+        raise errors.ContainerError(
+            f"agent {name!r} did not become healthy: {r.state.value}"
+            + (f": {detail}" if detail else ""),
+            log_tail=tail,
+        )
+
+    # -- observers ------------------------------------------------------------------
+
+    def add_listener(self, listener: StateListener) -> None:
+        self._listeners.append(listener)
+
+    def _publish(self, record: AgentRecord, changes: tuple[StateChange, ...]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(record, changes)
+            except Exception:
+                log.exception("state listener failed")
+
+    # -- Docker events and reconcile ----------------------------------------------------
+
+    def start_watching(self) -> None:
+        self._watch_task = asyncio.create_task(self._watch(), name="roost.events")
+
+    async def _watch(self) -> None:
+        async for event in self.runtime.events(labels.ownership(self.instance)):
+            if event.kind == "gap":
+                log.info("docker event stream had a gap; reconciling")
+                self._spawn_reconcile()
+                continue
+            self._dispatch(event.kind, event.container_id, event.labels, event.exit_code)
+
+    def _dispatch(
+        self, kind: str, cid: str, attrs: Mapping[str, str], exit_code: int | None
+    ) -> None:
+        name = attrs.get(labels.AGENT)
+        if kind == "oom":
+            self._oom_seen[cid] = self.clock.monotonic()
+            return
+        if name is None or name not in self.actors:
+            return
+        actor = self.actors[name]
+        if kind == "die":
+            oom = self._oom_seen.pop(cid, None) is not None
+            actor.post(ev.ContainerExited(cid, ExitInfo(exit_code=exit_code, oom_killed=oom)))
+        elif kind == "destroy":
+            actor.post(ev.ContainerVanished(cid))
+
+    def _spawn_reconcile(self) -> None:
+        async def guarded() -> None:
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile after an event-stream gap failed")
+
+        task = asyncio.create_task(guarded(), name="roost.reconcile")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reconcile(self) -> None:
+        """Re-list this instance's containers and reconcile both ways (pure plan)."""
+        from roost.core.reconciling import Observed, plan_reconcile
+
+        async with self._reconcile_lock:
+            self.reconciles += 1
+            containers = await self.runtime.list(labels.ownership(self.instance))
+            observed: list[Observed] = []
+            for c in containers:
+                exit_info = None
+                if c.status in ("exited", "dead"):
+                    with contextlib.suppress(errors.ContainerNotFound):
+                        exit_info = (await self.runtime.inspect(c.id)).exit
+                observed.append(Observed(c.id, c.labels, c.status, exit_info))
+            plan = plan_reconcile(
+                {n: a.record for n, a in self.actors.items()}, observed, instance=self.instance
+            )
+            for cid in plan.orphans:
+                log.info("removing orphan container %s", cid[:12])
+                with contextlib.suppress(errors.ContainerNotFound):
+                    await self.runtime.remove(cid, force=True)
+            waits = []
+            for name, event in plan.events:
+                waits.append(self.actors[name].submit(event))
+            if waits:
+                await asyncio.gather(*waits, return_exceptions=True)
+
+    # -- shutdown -------------------------------------------------------------------
+
+    async def shutdown(self, *, leave_running: bool, remove: bool = False) -> None:
+        """Two phases: tell every agent (stop or leave running), then close actors.
+        ``remove``: also remove the stopped containers (library ``stop_all``)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(
+                a.submit(ev.ShutdownRequested(leave_running=leave_running))
+                for a in self.actors.values()
+            ),
+            return_exceptions=True,
+        )
+        await asyncio.gather(*(a.close() for a in self.actors.values()), return_exceptions=True)
+        if remove and not leave_running:
+            ids = [a.record.container_id for a in self.actors.values() if a.record.container_id]
+            await asyncio.gather(
+                *(self.runtime.remove(cid, force=True) for cid in ids if cid),
+                return_exceptions=True,
+            )
+
+
+def describe(record: AgentRecord) -> dict[str, Any]:
+    """An agent as JSON (contract: DESIGN.md "Interfaces")."""
+    return {
+        "name": record.name,
+        "state": record.state.value,
+        "container_id": record.container_id,
+        "url": record.url if record.state in (S.RUNNING, S.IDLE) else None,
+        "restart_count": record.restart_count,
+        "last_activity_at": record.last_activity_at,
+        "last_exit": record.last_exit.to_json() if record.last_exit else None,
+        "last_error": record.last_error or None,
+        "state_since": record.state_since,
+        "config_hash": record.config_hash,
+    }
