@@ -1,0 +1,211 @@
+"""Run Roost as a daemon: the engine plus the admin API under uvicorn, until a signal.
+
+Order (each step must succeed before the next, so a refusal starts nothing):
+1. read the API token; refuse (ConfigError naming ``server.listen`` and
+   ``server.token_file``) when ``listen`` is not loopback and there is none;
+2. bind the listen socket (a taken port fails here, before any container is touched);
+3. start the engine (state lock, store, Docker, reconcile);
+4. serve HTTP until SIGTERM or SIGINT (a second one forces the close of open
+   connections), or until the ``shutdown`` event is set;
+5. stop the engine: managed containers are stopped with their grace period, or
+   left running when ``docker.leave_running`` (the next start adopts them).
+
+Invariants:
+- uvicorn's own signal handling is disabled: it would re-raise the captured
+  signal after serving and kill the process before the engine has stopped.
+- Exit codes: 0 after a clean shutdown, 2 for configuration errors, 1 otherwise.
+  Refusals are one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Generator
+
+import uvicorn
+
+from roost import errors
+from roost.api.app import create_app
+from roost.config import Settings
+from roost.engine import Engine
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "bind_listen_socket", "serve"]
+
+log = logging.getLogger("roost.serving")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal capture: ``serve`` owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _fail(message: str) -> None:
+    print(f"roost: {message}", file=sys.stderr)
+
+
+def _api_token(settings: Settings) -> str | None:
+    """The token, or ConfigError when listening off loopback without one."""
+    token = settings.token()
+    if token is None and settings.requires_token():
+        file = settings.source_file or "<defaults>"
+        raise errors.ConfigError(
+            f"{file}: server.listen ({settings.server.listen}) is reachable from other "
+            "machines, so the API needs a token: set server.token_file to a file holding "
+            "one, or listen on 127.0.0.1",
+            key="server.token_file",
+            file=settings.source_file,
+        )
+    return token
+
+
+async def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` ('' is every interface). OSError if taken."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    if not infos:
+        raise OSError(f"cannot resolve {host!r}")
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+async def serve(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    listen_socket: socket.socket | None = None,
+    shutdown: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run Roost until told to stop; return the process exit code.
+
+    ``engine`` (default: built from ``settings``) and ``listen_socket`` (default:
+    bound from ``server.listen``) let tests run a daemon on fakes in-process;
+    setting ``shutdown`` stops it like SIGTERM does.
+    """
+    logging.basicConfig(level=settings.server.log_level.upper(), format=_LOG_FORMAT)
+    try:
+        token = _api_token(settings)
+    except errors.ConfigError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+
+    sock = listen_socket
+    if sock is None:
+        host, port = settings.server.listen_host, settings.server.listen_port
+        try:
+            sock = await bind_listen_socket(host, port)
+        except OSError as exc:
+            _fail(
+                f"cannot listen on {settings.server.listen} (server.listen): "
+                f"{exc.strerror or exc}; is another Roost or program using it?"
+            )
+            return EXIT_FAILURE
+
+    with contextlib.closing(sock):
+        if engine is None:
+            try:
+                engine = Engine(settings)
+            except errors.ConfigError as exc:
+                _fail(str(exc))
+                return EXIT_CONFIG
+        try:
+            await engine.start()
+        except errors.ConfigError as exc:
+            _fail(str(exc))
+            return EXIT_CONFIG
+        except errors.DockerUnavailable as exc:
+            _fail(f"{exc} (start dockerd, e.g. with scripts/setup, or set docker.host)")
+            return EXIT_FAILURE
+        except errors.RoostError as exc:
+            _fail(f"cannot start: {exc}")
+            return EXIT_FAILURE
+        try:
+            return await _run_http(settings, engine, sock, token, shutdown, handle_signals)
+        finally:
+            log.info("shutting down (leave_running=%s)", settings.docker.leave_running)
+            await engine.stop()
+            log.info("roost stopped")
+
+
+async def _run_http(
+    settings: Settings,
+    engine: Engine,
+    sock: socket.socket,
+    token: str | None,
+    shutdown: asyncio.Event | None,
+    handle_signals: bool,
+) -> int:
+    level = settings.server.log_level
+    config = uvicorn.Config(
+        create_app(engine, token=token),
+        log_level=level,
+        lifespan="off",
+        log_config=None,  # our basicConfig formats uvicorn's records too
+        access_log=level == "debug",  # the dashboard polls every 2 s
+    )
+    server = _Server(config)
+    stop = shutdown or asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("%s again: closing open connections now", signal.Signals(signum).name)
+            server.force_exit = True
+        else:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    async def stop_when_asked() -> None:
+        await stop.wait()
+        server.should_exit = True
+
+    installed: list[signal.Signals] = []
+    if handle_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+    watcher = asyncio.create_task(stop_when_asked(), name="roost.serving.shutdown")
+    log.info("roost listening on %s (dashboard /, API /api, docs /docs)", _url_of(sock))
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit:
+        # uvicorn exits the process when it cannot start serving; we still stop the engine.
+        _fail(f"the HTTP server could not start on {settings.server.listen}")
+        return EXIT_FAILURE
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+    return EXIT_OK if server.started else EXIT_FAILURE

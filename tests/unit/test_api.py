@@ -1,0 +1,304 @@
+"""The admin HTTP API, driven in-process (httpx ASGI transport) on a FakeRuntime engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from roost.api.app import ACTIONS, create_app
+from roost.engine import Engine
+from roost.testing.fake_agent_client import FakeAgentClient
+from roost.testing.fake_runtime import FakeRuntime
+from tests.conftest import make_settings, wait_until
+
+IMAGE = "roost-mimic:latest"
+TOKEN = "s3cret-token"
+
+
+class Harness:
+    def __init__(self, engine: Engine, runtime: FakeRuntime, client: httpx.AsyncClient) -> None:
+        self.engine = engine
+        self.runtime = runtime
+        self.client = client
+
+    async def agent(self, name: str) -> dict[str, Any]:
+        response = await self.client.get(f"/api/agents/{name}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+
+async def _harness(tmp_path: Path, *, token: str | None) -> AsyncIterator[Harness]:
+    settings = make_settings(
+        tmp_path,
+        "api-test",
+        agents={"echo": {"image": IMAGE}, "absent": {"image": "roost-nowhere:1"}},
+    )
+    runtime = FakeRuntime(images=[IMAGE])
+    engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime), lock=True)
+    async with engine:
+        app = create_app(engine, token=token)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
+            yield Harness(engine, runtime, client)
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Harness]:
+    async for harness in _harness(tmp_path, token=None):
+        yield harness
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Harness]:
+    async for harness in _harness(tmp_path, token=TOKEN):
+        yield harness
+
+
+async def test_healthz_reports_agent_count_and_docker_api_when_engine_started(
+    api: Harness,
+) -> None:
+    response = await api.client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"ok": True, "agents": 2, "docker_api": "1.41"}
+
+
+async def test_list_agents_returns_every_agent_sorted_when_none_started(api: Harness) -> None:
+    response = await api.client.get("/api/agents")
+    assert response.status_code == 200
+    agents = response.json()["agents"]
+    assert [a["name"] for a in agents] == ["absent", "echo"]
+    for agent in agents:
+        assert agent["state"] == "created"
+        assert agent["container_id"] is None
+        assert agent["url"] is None
+        assert agent["restart_count"] == 0
+        assert agent["last_exit"] is None
+        assert "last_activity_at" in agent
+
+
+async def test_start_returns_running_agent_with_url_when_container_healthy(api: Harness) -> None:
+    response = await api.client.post("/api/agents/echo/start")
+    assert response.status_code == 200, response.text
+    agent = response.json()
+    assert agent["state"] == "running"
+    assert agent["url"].startswith("http://127.0.0.1:")
+    state = await api.runtime.inspect(agent["container_id"])
+    assert state.running
+    assert agent["url"] == f"http://127.0.0.1:{state.host_port}"
+
+
+async def test_wake_answers_202_with_starting_agent_when_wait_false(api: Harness) -> None:
+    response = await api.client.post("/api/agents/echo/wake", params={"wait": "false"})
+    assert response.status_code == 202, response.text
+    assert response.json()["state"] == "starting"
+    await wait_until(
+        lambda: api.engine.supervisor.get("echo").state.value == "running",
+        timeout=10,
+        what="echo running",
+    )
+
+
+async def test_get_agent_includes_history_when_agent_started(api: Harness) -> None:
+    await api.client.post("/api/agents/echo/start")
+    agent = await api.agent("echo")
+    assert agent["state"] == "running"
+    steps = [(h["from"], h["to"]) for h in agent["history"]]
+    assert steps == [("created", "starting"), ("starting", "running")]
+    assert all(
+        isinstance(h["reason"], str) and isinstance(h["at"], float) for h in agent["history"]
+    )
+    assert agent["history"][0]["reason"] == "start requested via API"
+
+
+async def test_stop_pause_restart_return_resulting_state_when_running(api: Harness) -> None:
+    await api.client.post("/api/agents/echo/start")
+    paused = await api.client.post("/api/agents/echo/pause")
+    assert paused.status_code == 200
+    assert paused.json()["state"] == "paused"
+    woken = await api.client.post("/api/agents/echo/wake")
+    assert woken.status_code == 200
+    assert woken.json()["state"] == "running"
+    restarted = await api.client.post("/api/agents/echo/restart")
+    assert restarted.status_code == 200
+    assert restarted.json()["state"] == "starting"
+    await wait_until(
+        lambda: api.engine.supervisor.get("echo").state.value == "running",
+        timeout=10,
+        what="echo running after restart",
+    )
+    stopped = await api.client.post("/api/agents/echo/stop")
+    assert stopped.status_code == 200
+    assert stopped.json()["state"] == "stopped"
+    assert stopped.json()["url"] is None
+
+
+async def test_pause_is_refused_with_409_when_agent_not_running(api: Harness) -> None:
+    response = await api.client.post("/api/agents/echo/pause")
+    assert response.status_code == 409
+    body = response.json()
+    assert "only a running agent can be paused" in body["error"]
+    assert body["agent"] == "echo"
+
+
+async def test_unknown_agent_answers_404_naming_it_when_read_or_acted_on(api: Harness) -> None:
+    for method, path in [
+        ("GET", "/api/agents/nobody"),
+        ("GET", "/api/agents/nobody/logs"),
+        ("POST", "/api/agents/nobody/start"),
+        ("POST", "/api/agents/nobody/stop"),
+    ]:
+        response = await api.client.request(method, path)
+        assert response.status_code == 404, (method, path)
+        body = response.json()
+        assert body["agent"] == "nobody"
+        assert "'nobody'" in body["error"]
+
+
+async def test_unknown_action_answers_404_listing_valid_ones_when_posted(api: Harness) -> None:
+    response = await api.client.post("/api/agents/echo/explode")
+    assert response.status_code == 404
+    body = response.json()
+    assert "'explode'" in body["error"]
+    for action in ACTIONS:
+        assert action in body["error"]
+    assert body["valid_actions"] == list(ACTIONS)
+
+
+async def test_unknown_route_answers_json_error_when_requested(api: Harness) -> None:
+    response = await api.client.get("/api/nothing-here")
+    assert response.status_code == 404
+    assert response.json() == {"error": "no such route: GET /api/nothing-here"}
+
+
+async def test_start_answers_502_with_error_when_image_absent(api: Harness) -> None:
+    response = await api.client.post("/api/agents/absent/start")
+    assert response.status_code == 502, response.text
+    body = response.json()
+    assert "roost-nowhere:1" in body["error"]
+    assert body["agent"] == "absent"
+    assert "log_tail" in body
+    assert (await api.agent("absent"))["state"] == "failed"
+
+
+async def test_reset_clears_failure_when_agent_failed(api: Harness) -> None:
+    await api.client.post("/api/agents/absent/start")
+    refused = await api.client.post("/api/agents/absent/restart")
+    assert refused.status_code == 409
+    assert "reset it first" in refused.json()["error"]
+    response = await api.client.post("/api/agents/absent/reset")
+    assert response.status_code == 200
+    assert response.json()["state"] == "stopped"
+    assert response.json()["restart_count"] == 0
+
+
+async def test_invalid_query_answers_422_naming_the_parameter_when_timeout_negative(
+    api: Harness,
+) -> None:
+    response = await api.client.post("/api/agents/echo/start", params={"timeout": "-1"})
+    assert response.status_code == 422
+    assert "timeout" in response.json()["error"]
+
+
+async def test_logs_return_container_output_as_text_when_agent_has_container(
+    api: Harness,
+) -> None:
+    missing = await api.client.get("/api/agents/echo/logs")
+    assert missing.status_code == 404
+    assert "has no container" in missing.json()["error"]
+    agent = (await api.client.post("/api/agents/echo/start")).json()
+    api.runtime.log_lines[agent["container_id"]] = [f"line {i}" for i in range(5)]
+    response = await api.client.get("/api/agents/echo/logs", params={"tail": 2})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text == "line 3\nline 4\n"
+
+
+async def test_metrics_count_states_transitions_and_restarts_when_agent_crashes(
+    api: Harness,
+) -> None:
+    agent = (await api.client.post("/api/agents/echo/start")).json()
+    api.runtime.crash(agent["container_id"], exit_code=3)
+    await wait_until(
+        lambda: api.engine.supervisor.get("echo").state.value == "restarting",
+        timeout=10,
+        what="echo restarting",
+    )
+    response = await api.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'roost_agents{state="restarting"} 1.0' in text
+    assert 'roost_agents{state="created"} 1.0' in text
+    assert 'roost_agents{state="running"} 0.0' in text
+    assert 'roost_agent_transitions_total{to="running"} 1.0' in text
+    assert 'roost_agent_transitions_total{to="crashed"} 1.0' in text
+    assert "roost_restarts_total 1.0" in text
+
+
+async def test_dashboard_is_served_as_html_when_root_requested(api: Harness) -> None:
+    response = await api.client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "/api/agents" in response.text
+
+
+async def test_openapi_lists_agent_routes_when_requested(api: Harness) -> None:
+    response = await api.client.get("/openapi.json")
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["info"]["title"] == "Roost"
+    paths = schema["paths"]
+    for path in ["/healthz", "/api/agents", "/api/agents/{name}", "/api/agents/{name}/logs"]:
+        assert "get" in paths[path], path
+    for action in ACTIONS:
+        assert "post" in paths[f"/api/agents/{{name}}/{action}"], action
+
+
+async def test_api_answers_401_when_token_missing_or_wrong(secured: Harness) -> None:
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}]:
+        for method, path in [
+            ("GET", "/api/agents"),
+            ("GET", "/api/agents/echo"),
+            ("POST", "/api/agents/echo/start"),
+            ("GET", "/metrics"),
+        ]:
+            response = await secured.client.request(method, path, headers=headers)
+            assert response.status_code == 401, (headers, method, path)
+            assert "token" in response.json()["error"]
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert secured.engine.supervisor.get("echo").state.value == "created"
+
+
+async def test_api_answers_when_token_right(secured: Harness) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    response = await secured.client.get("/api/agents", headers=headers)
+    assert response.status_code == 200
+    assert len(response.json()["agents"]) == 2
+
+
+async def test_healthz_and_openapi_need_no_token_when_token_set(secured: Harness) -> None:
+    assert (await secured.client.get("/healthz")).status_code == 200
+    schema = (await secured.client.get("/openapi.json")).json()
+    assert "/api/agents" in schema["paths"]
+    assert (await secured.client.get("/docs")).status_code == 200
+
+
+async def test_unexpected_failure_answers_json_500_when_store_breaks(
+    api: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_history(name: str, *, limit: int = 100) -> list[Any]:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(api.engine.store, "history", broken_history)
+    transport = httpx.ASGITransport(
+        app=create_app(api.engine, token=None), raise_app_exceptions=False
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
+        response = await client.get("/api/agents/echo")
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error while serving GET /api/agents/echo"}
