@@ -1,0 +1,495 @@
+"""``FakeRuntime``: an in-memory ``ContainerRuntime`` that behaves like Docker.
+
+Role: lets the reactor, gateway and API be tested without a Docker Engine. It
+passes the same contract suite (tests/contract) as ``DockerRuntime``, so what
+holds against the fake holds against Docker.
+
+Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
+- Statuses are Docker's: ``created``, ``running``, ``paused``, ``exited``; a
+  paused container is still ``running`` in ``inspect``. ``exit`` is None while
+  running or never started.
+- Errors are Docker's, translated as ``DockerRuntime`` translates them:
+  ``ContainerNotFound`` for an unknown id; ``stop``/``remove`` of a gone
+  container and ``stop`` of a stopped one are no-ops; ``start`` of a running one
+  is a no-op; pausing, killing or unpausing a container in the wrong state and
+  removing a running one without ``force`` raise ``ContainerError``; ``create``
+  with a taken name raises ``Conflict`` and with an absent image
+  ``ImageUnavailable``. ``ensure_image`` pulls only images in ``pullable``.
+- Events are the ones Docker emits, in Docker's order, for each operation:
+  create; start; pause; unpause; stop → kill, die, stop (a paused one: kill,
+  unpause, die, stop); kill → kill, die; force remove of a running one → kill,
+  die, destroy; OOM → oom, die; commit of a running container → pause, commit,
+  unpause (Docker pauses it to commit). ``emit_gap`` queues a ``gap`` as after a
+  reconnect.
+- Processes are not run: ``command`` is stored, never executed. Tests make a
+  container exit with ``crash`` and give it output with ``log_lines``. Any
+  terminating signal ends the process with 128 + signal number; ``stop`` ends it
+  with ``stop_exit_code`` (an app that handles SIGTERM, 0 by default).
+- Like Docker, ``commit`` merges Env and Labels with the container's by key:
+  ``env`` replaces values, and keys it omits are kept with an empty value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import hashlib
+import itertools
+import secrets
+import signal as signals
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+
+from roost import errors
+from roost.core.records import ExitInfo, SessionHealth
+from roost.ports.runtime import ContainerInfo, ContainerSpec, ContainerState, RuntimeEvent
+
+__all__ = ["FakeRuntime"]
+
+_API_VERSION = "1.41"
+_FIRST_HOST_PORT = 32768
+#: Signals whose default action does not end a process.
+_NON_TERMINATING_SIGNALS = frozenset({"SIGCHLD", "SIGCONT", "SIGURG", "SIGWINCH"})
+_DEFAULT_IMAGE_SIZE = 2 * 1024 * 1024
+
+
+@dataclasses.dataclass(slots=True)
+class _FakeImage:
+    id: str
+    env: tuple[str, ...] = ()
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    size: int = _DEFAULT_IMAGE_SIZE
+
+
+@dataclasses.dataclass(slots=True)
+class _FakeContainer:
+    id: str
+    name: str
+    spec: ContainerSpec
+    labels: dict[str, str]
+    env: tuple[str, ...]
+    created_at: float
+    status: str = "created"
+    exit_code: int = 0
+    oom_killed: bool = False
+    started_at: str | None = None
+    finished_at: str | None = None
+    host_port: int | None = None
+    ip_address: str | None = None
+    exited: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "paused")
+
+
+@dataclasses.dataclass(slots=True)
+class _Subscriber:
+    labels: dict[str, str]
+    queue: asyncio.Queue[RuntimeEvent] = dataclasses.field(default_factory=asyncio.Queue)
+
+
+class FakeRuntime:
+    """In-memory ``ContainerRuntime``. See the module docstring for what it mirrors.
+
+    Test hooks: ``images`` (present images), ``pullable`` (what ``ensure_image``
+    can fetch), ``log_lines[container_id]``, ``stop_exit_code``, ``crash(...)``,
+    ``emit_gap()``, and ``calls`` — every operation as ``(method, container id or
+    image)`` in call order.
+    """
+
+    def __init__(
+        self,
+        *,
+        images: Iterable[str] = (),
+        pullable: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.images: set[str] = set(images)
+        self.pullable: set[str] = set(pullable)
+        self.log_lines: dict[str, list[str]] = {}
+        self.stop_exit_code = 0
+        self.calls: list[tuple[str, str]] = []
+        self.closed = False
+        self._clock = clock
+        self._containers: dict[str, _FakeContainer] = {}
+        self._image_meta: dict[str, _FakeImage] = {}
+        self._subscribers: list[_Subscriber] = []
+        self._host_ports = itertools.count(_FIRST_HOST_PORT)
+        self._addresses = itertools.count()
+
+    # -- test hooks --------------------------------------------------------------
+
+    def crash(self, container_id: str, exit_code: int = 1, *, oom: bool = False) -> None:
+        """Make a running (or paused) container exit on its own, as Docker reports
+        it: ``oom`` (when ``oom``) then ``die`` with ``exit_code``."""
+        container = self._get(container_id)
+        if not container.running:
+            raise errors.ContainerError(f"container {container_id} is not running")
+        if oom:
+            self._emit("oom", container)
+        self._exit(container, exit_code, oom_killed=oom)
+
+    def emit_gap(self) -> None:
+        """Queue a ``gap`` for every subscriber, as after an events reconnect."""
+        for subscriber in self._subscribers:
+            subscriber.queue.put_nowait(RuntimeEvent(kind="gap", time=self._clock()))
+
+    def container_spec(self, container_id: str) -> ContainerSpec:
+        """The spec a container was created from (for assertions on limits)."""
+        return self._get(container_id).spec
+
+    # -- engine and images ---------------------------------------------------------
+
+    async def ping(self) -> str:
+        self._record("ping", "")
+        return _API_VERSION
+
+    async def image_exists(self, image: str) -> bool:
+        self._record("image_exists", image)
+        return self._find_image(image) is not None
+
+    async def ensure_image(self, image: str, *, pull_timeout: float = 300.0) -> None:
+        self._record("ensure_image", image)
+        if self._find_image(image) is not None:
+            return
+        if _normalized(image) not in {_normalized(name) for name in self.pullable}:
+            raise errors.ImageUnavailable(
+                f"image {image!r} is not present and could not be pulled: "
+                "not found in any reachable registry"
+            )
+        self.images.add(image)
+
+    async def remove_image(self, image: str) -> None:
+        self._record("remove_image", image)
+        name = self._find_image(image)
+        if name is None:
+            return
+        users = [c.id for c in self._containers.values() if _normalized(c.spec.image) == name]
+        if users:
+            raise errors.ContainerError(
+                f"cannot remove image {image}: in use by container {users[0][:12]}"
+            )
+        self.images = {i for i in self.images if _normalized(i) != name}
+        self._image_meta.pop(name, None)
+
+    async def image_size(self, image: str) -> int:
+        self._record("image_size", image)
+        name = self._find_image(image)
+        if name is None:
+            raise errors.ContainerNotFound(f"cannot inspect image {image}: No such image")
+        return self._meta(name).size
+
+    # -- containers ------------------------------------------------------------------
+
+    async def create(self, spec: ContainerSpec) -> str:
+        image = self._find_image(spec.image)
+        if image is None:
+            self._record("create", "")
+            raise errors.ImageUnavailable(
+                f"image {spec.image!r} is not present (create never pulls; call ensure_image first)"
+            )
+        container_id = secrets.token_hex(32)
+        name = spec.name or f"fake_{container_id[:12]}"
+        if any(c.name == name for c in self._containers.values()):
+            self._record("create", "")
+            raise errors.Conflict(f"container name {spec.name!r} is already taken")
+        meta = self._meta(image)
+        container = _FakeContainer(
+            id=container_id,
+            name=name,
+            spec=spec,
+            labels={**meta.labels, **spec.labels},
+            env=_merged_env(meta.env, [f"{k}={v}" for k, v in spec.env.items()]),
+            created_at=self._clock(),
+        )
+        self._containers[container_id] = container
+        self._record("create", container_id)
+        self._emit("create", container)
+        return container_id
+
+    async def start(self, container_id: str) -> None:
+        self._record("start", container_id)
+        container = self._get(container_id)
+        if container.status == "running":
+            return  # Docker answers 304
+        if container.status == "paused":
+            raise errors.ContainerError(
+                f"cannot start container {container_id}: "
+                "cannot start a paused container, try unpause instead"
+            )
+        container.status = "running"
+        container.exit_code = 0
+        container.oom_killed = False
+        container.started_at = self._timestamp()
+        container.finished_at = None
+        container.exited = asyncio.Event()
+        if container.spec.port is not None:
+            container.host_port = next(self._host_ports)
+        if container.spec.network not in ("host", "none"):
+            n = next(self._addresses)
+            container.ip_address = f"172.17.{n // 254}.{n % 254 + 2}"
+        self._emit("start", container)
+
+    async def pause(self, container_id: str) -> None:
+        self._record("pause", container_id)
+        container = self._get(container_id)
+        if container.status == "paused":
+            raise errors.ContainerError(f"container {container_id} is already paused")
+        if container.status != "running":
+            raise errors.ContainerError(f"container {container_id} is not running")
+        container.status = "paused"
+        self._emit("pause", container)
+
+    async def unpause(self, container_id: str) -> None:
+        self._record("unpause", container_id)
+        container = self._get(container_id)
+        if container.status != "paused":
+            raise errors.ContainerError(f"container {container_id} is not paused")
+        container.status = "running"
+        self._emit("unpause", container)
+
+    async def stop(self, container_id: str, *, grace: float) -> None:
+        self._record("stop", container_id)
+        container = self._containers.get(container_id)
+        if container is None or not container.running:
+            return  # gone: no-op; not running: Docker answers 304
+        self._emit("kill", container, signal=str(int(signals.SIGTERM)))
+        if container.status == "paused":
+            container.status = "running"
+            self._emit("unpause", container)
+        self._exit(container, self.stop_exit_code)
+        self._emit("stop", container)
+
+    async def kill(self, container_id: str, *, signal: str = "SIGKILL") -> None:
+        self._record("kill", container_id)
+        container = self._get(container_id)
+        if not container.running:
+            raise errors.ContainerError(
+                f"cannot kill container {container_id}: container is not running"
+            )
+        number = _signal_number(signal)
+        self._emit("kill", container, signal=str(number))
+        name = signals.Signals(number).name
+        if name in _NON_TERMINATING_SIGNALS:
+            return
+        if container.status == "paused" and number != signals.SIGKILL:
+            return  # a frozen process receives the signal only when unpaused
+        self._exit(container, 128 + number)
+
+    async def remove(self, container_id: str, *, force: bool = True) -> None:
+        self._record("remove", container_id)
+        container = self._containers.get(container_id)
+        if container is None:
+            return
+        if container.running:
+            if not force:
+                raise errors.ContainerError(
+                    f"cannot remove container {container_id}: it is running "
+                    "(stop it first or force remove)"
+                )
+            self._emit("kill", container, signal=str(int(signals.SIGKILL)))
+            self._exit(container, 128 + signals.SIGKILL)
+        del self._containers[container_id]
+        self.log_lines.pop(container_id, None)
+        self._emit("destroy", container)
+
+    async def inspect(self, container_id: str) -> ContainerState:
+        self._record("inspect", container_id)
+        container = self._get(container_id)
+        exit_info = None
+        if not container.running and container.status != "created":
+            exit_info = ExitInfo(
+                exit_code=container.exit_code,
+                oom_killed=container.oom_killed,
+                finished_at=container.finished_at,
+            )
+        published = container.running and container.host_port is not None
+        return ContainerState(
+            id=container.id,
+            name=container.name,
+            image=container.spec.image,
+            labels=dict(container.labels),
+            status=container.status,
+            running=container.running,
+            paused=container.status == "paused",
+            health=SessionHealth.UNKNOWN,
+            exit=exit_info,
+            started_at=container.started_at,
+            host_port=container.host_port if published else None,
+            host_ip=container.spec.publish_host if published else None,
+            ip_address=container.ip_address if container.running else None,
+            env=container.env,
+        )
+
+    async def wait(self, container_id: str) -> int:
+        self._record("wait", container_id)
+        container = self._get(container_id)
+        if container.running:
+            await container.exited.wait()
+        return container.exit_code
+
+    async def logs_tail(self, container_id: str, *, lines: int = 50) -> str:
+        self._record("logs_tail", container_id)
+        self._get(container_id)
+        tail = self.log_lines.get(container_id, [])[-lines:] if lines > 0 else []
+        return "".join(f"{line}\n" for line in tail)
+
+    async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
+        self._record("list", "")
+        return [
+            ContainerInfo(
+                id=c.id,
+                name=c.name,
+                image=c.spec.image,
+                labels=dict(c.labels),
+                status=c.status,
+                created_at=c.created_at,
+            )
+            for c in self._containers.values()
+            if _carries(c.labels, labels)
+        ]
+
+    async def commit(
+        self,
+        container_id: str,
+        *,
+        repository: str,
+        tag: str,
+        labels: Mapping[str, str],
+        env: tuple[str, ...] | None = None,
+    ) -> str:
+        self._record("commit", container_id)
+        container = self._get(container_id)
+        was_running = container.status == "running"
+        if was_running:
+            self._emit("pause", container)
+        image_env = container.env if env is None else _replacing_env(container.env, env)
+        digest = hashlib.sha256(f"{container_id}:{repository}:{tag}:{self._clock()}".encode())
+        image = _FakeImage(
+            id=f"sha256:{digest.hexdigest()}",
+            env=image_env,
+            labels={**container.labels, **labels},
+        )
+        name = _normalized(f"{repository}:{tag}")
+        self.images.add(name)
+        self._image_meta[name] = image
+        self._emit("commit", container)
+        if was_running:
+            self._emit("unpause", container)
+        return image.id
+
+    def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
+        # Subscribed at the call, like DockerRuntime (which asks for events since then).
+        subscriber = _Subscriber(labels=dict(labels))
+        self._subscribers.append(subscriber)
+        return self._event_stream(subscriber)
+
+    async def _event_stream(self, subscriber: _Subscriber) -> AsyncIterator[RuntimeEvent]:
+        try:
+            while True:
+                yield await subscriber.queue.get()
+        finally:
+            self._subscribers.remove(subscriber)
+
+    async def close(self) -> None:
+        self._record("close", "")
+        self.closed = True
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _record(self, method: str, target: str) -> None:
+        self.calls.append((method, target))
+
+    def _get(self, container_id: str) -> _FakeContainer:
+        container = self._containers.get(container_id)
+        if container is None:
+            raise errors.ContainerNotFound(f"No such container: {container_id}")
+        return container
+
+    def _find_image(self, image: str) -> str | None:
+        """The normalized name of a present image, found by name or id."""
+        present = {_normalized(name) for name in self.images}
+        if _normalized(image) in present:
+            return _normalized(image)
+        for name, meta in self._image_meta.items():
+            if name in present and image in (meta.id, meta.id.removeprefix("sha256:")):
+                return name
+        return None
+
+    def _meta(self, name: str) -> _FakeImage:
+        return self._image_meta.get(name) or _FakeImage(id=f"sha256:{_sha(name)}")
+
+    def _exit(self, container: _FakeContainer, exit_code: int, *, oom_killed: bool = False) -> None:
+        container.status = "exited"
+        container.exit_code = exit_code
+        container.oom_killed = oom_killed
+        container.finished_at = self._timestamp()
+        container.host_port = None
+        container.exited.set()
+        self._emit("die", container, exitCode=str(exit_code))
+
+    def _emit(self, kind: str, container: _FakeContainer, **attributes: str) -> None:
+        event = RuntimeEvent(
+            kind=kind,
+            container_id=container.id,
+            labels=dict(container.labels),
+            exit_code=int(attributes["exitCode"]) if "exitCode" in attributes else None,
+            time=self._clock(),
+        )
+        for subscriber in self._subscribers:
+            if _carries(container.labels, subscriber.labels):
+                subscriber.queue.put_nowait(event)
+
+    def _timestamp(self) -> str:
+        moment = datetime.datetime.fromtimestamp(self._clock(), tz=datetime.UTC)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _carries(labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in wanted.items())
+
+
+def _normalized(image: str) -> str:
+    """``name`` → ``name:latest``, as Docker resolves references without a tag."""
+    if "@" in image:
+        return image
+    last = image.rsplit("/", 1)[-1]
+    return image if ":" in last else f"{image}:latest"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _signal_number(signal: str) -> int:
+    text = signal.strip().upper()
+    if text.isdigit():
+        return int(text)
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return int(signals.Signals[name])
+    except KeyError as exc:
+        raise errors.ContainerError(f"invalid signal: {signal}") from exc
+
+
+def _env_key(entry: str) -> str:
+    return entry.split("=", 1)[0]
+
+
+def _merged_env(base: Iterable[str], overrides: Iterable[str]) -> tuple[str, ...]:
+    """Docker's Env merge: keys of ``overrides`` replace those of ``base`` in place."""
+    merged: dict[str, str] = {_env_key(entry): entry for entry in base}
+    for entry in overrides:
+        merged[_env_key(entry)] = entry
+    return tuple(merged.values())
+
+
+def _replacing_env(current: Iterable[str], wanted: Iterable[str]) -> tuple[str, ...]:
+    """What Docker's commit produces from Env ``wanted``: keys of the container that
+    ``wanted`` omits survive, blanked (DockerRuntime sends them as ``KEY=``)."""
+    wanted = tuple(wanted)
+    wanted_keys = {_env_key(entry) for entry in wanted}
+    blanked = [f"{key}=" for key in dict.fromkeys(map(_env_key, current)) if key not in wanted_keys]
+    return (*wanted, *blanked)
