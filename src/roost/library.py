@@ -47,7 +47,11 @@ def _docker_ping(host: str | None) -> None:
     target = host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
         if target.startswith("unix://"):
-            transport = httpx.HTTPTransport(uds=target.removeprefix("unix://"))
+            path = target.removeprefix("unix://")
+            if not os.path.exists(path):
+                # Checked first: httpcore leaks the socket of a failed unix connect.
+                raise FileNotFoundError(f"no socket at {path}")
+            transport = httpx.HTTPTransport(uds=path)
             with httpx.Client(transport=transport, timeout=5.0) as client:
                 client.get("http://docker/_ping").raise_for_status()
         else:
