@@ -243,6 +243,8 @@ async def test_idle_agent_is_paused_then_stopped_and_woken_when_quiet(
         await wait_until(
             lambda: not docker_inspect(cid)["State"]["Running"], what="container stopped"
         )
+        # Roost has seen the exit it caused (until then a wake would detach and recreate)
+        await wait_until(lambda: not sup.get("sleepy").expected_exit, what="exit seen")
         assert sup.get("sleepy").restart_count == 0  # an idle stop is never a crash
         to_states = [h[1] for h in await history(engine, "sleepy")]
         assert to_states[-3:] == ["idle", "paused", "stopped"]

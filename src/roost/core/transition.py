@@ -375,8 +375,11 @@ def _on_tick(b: _Builder, e: ev.Event, p: Policy) -> str | None:
         return None
     if p.idle_timeout <= 0 or r.container_id is None:
         return None
-    quiet = b.now - (r.last_activity_at if r.last_activity_at is not None else r.state_since)
-    if quiet >= p.idle_timeout:
+    # Compare against ``base + step`` exactly as ``next_deadline`` computes it:
+    # ``now - base >= step`` can round below ``step`` at that very deadline, and
+    # a Tick at its deadline that changes nothing would spin the timer loop.
+    base = r.last_activity_at if r.last_activity_at is not None else r.state_since
+    if b.now >= base + p.idle_timeout:
         if p.idle_action == "stop":
             b.set(expected_exit=True)
             b.do(cmd.StopContainer(r.container_id, p.stop_timeout))
@@ -387,11 +390,11 @@ def _on_tick(b: _Builder, e: ev.Event, p: Policy) -> str | None:
         return None
     if r.state is S.PAUSED:
         return None
-    if 0 < p.pause_after <= quiet:
+    if p.pause_after > 0 and b.now >= base + p.pause_after:
         b.do(cmd.PauseContainer(r.container_id))
         b.go(S.PAUSED, "idle: pause_after", url=None)
         return None
-    if r.state is S.RUNNING and quiet >= _idle_mark(p):
+    if r.state is S.RUNNING and b.now >= base + _idle_mark(p):
         b.go(S.IDLE, "no activity")
     return None
 
