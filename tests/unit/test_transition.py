@@ -903,6 +903,14 @@ OBSERVED_ROWS = [
         unchanged=True,
     ),
     row(
+        "starting-exited-cleanly-finish-start",
+        starting(container_id=CUR),
+        ev.ContainerObserved(CUR, "exited", ExitInfo(exit_code=0)),
+        (),
+        (cmd.StartContainer(),),
+        unchanged=True,
+    ),
+    row(
         "starting-exited-crash",
         starting(container_id=CUR),
         ev.ContainerObserved(CUR, "exited", CRASH),

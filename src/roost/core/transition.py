@@ -300,8 +300,12 @@ def _on_observed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
         return None
     status = e.status
     if status in ("exited", "dead", "created"):
-        if r.state is S.STARTING and status == "created":
-            b.do(cmd.StartContainer())  # killed between create and start: finish it
+        never_started = status == "created"
+        # A clean old exit: Roost died between waking a stopped container and
+        # ``docker start``. Either way, finish the start instead of calling it a crash.
+        old_clean_exit = status == "exited" and e.exit is not None and e.exit.is_clean
+        if r.state is S.STARTING and (never_started or old_clean_exit):
+            b.do(cmd.StartContainer())
             return None
         _exited(b, p, e.container_id, e.exit or ExitInfo(error=f"container {status}"))
         return None
