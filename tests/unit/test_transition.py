@@ -115,6 +115,11 @@ class Row:
     unchanged: bool = False
 
 
+def at_cur(exit_info: ExitInfo) -> ExitInfo:
+    """An exit as the record keeps it: tagged with the container it belongs to."""
+    return dataclasses.replace(exit_info, container_id=CUR)
+
+
 def row(
     id_: str,
     before: AgentRecord,
@@ -661,15 +666,15 @@ EXITED_ROWS = [
         running(liveness_failures=1),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
-        fields={**CRASHED_OUT, "last_exit": CRASH},
+        (cmd.RemoveContainer(CUR, diagnose=True),),
+        fields={**CRASHED_OUT, "last_exit": at_cur(CRASH)},
     ),
     row(
         "idle-crash",
         idle(),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
         fields=CRASHED_OUT,
     ),
     row(
@@ -677,7 +682,7 @@ EXITED_ROWS = [
         starting(container_id=CUR),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
         fields=CRASHED_OUT,
     ),
     row(
@@ -685,7 +690,7 @@ EXITED_ROWS = [
         starting(container_id=CUR),
         ev.ContainerExited(CUR, CLEAN),
         ((S.CRASHED, "exited with code 0"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
     ),
     row(
         "running-clean-exit-stopped",
@@ -705,22 +710,22 @@ EXITED_ROWS = [
         running(),
         ev.ContainerExited(CUR, OOM),
         ((S.CRASHED, "killed by the kernel OOM killer (exit code 137)"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
-        fields={"last_exit": OOM},
+        (cmd.RemoveContainer(CUR, diagnose=True),),
+        fields={"last_exit": at_cur(OOM)},
     ),
     row(
         "exit-code-0-with-error-is-a-crash",
         running(),
         ev.ContainerExited(CUR, ExitInfo(exit_code=0, error="task failed")),
         ((S.CRASHED, "task failed"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
     ),
     row(
         "second-restart-doubles",
         running(restart_count=1),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(2, 20)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
         fields={"restart_count": 2, "restart_at": NOW + 20.0},
     ),
     row(
@@ -728,7 +733,7 @@ EXITED_ROWS = [
         running(restart_count=2),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(3, 40)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
         fields={"restart_count": 3, "restart_at": NOW + 40.0},
     ),
     row(
@@ -736,7 +741,7 @@ EXITED_ROWS = [
         running(restart_count=2),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(3, 25)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
         policy=dataclasses.replace(POLICY, restart_backoff_max=25.0),
         fields={"restart_at": NOW + 25.0},
     ),
@@ -749,17 +754,17 @@ EXITED_ROWS = [
             (S.FAILED, "gave up after 3 restarts: exited with code 1"),
         ),
         (
-            cmd.RemoveContainer(CUR),
+            cmd.RemoveContainer(CUR, diagnose=True),
             cmd.Notify("agent.failed", failed_payload(CRASH, "exited with code 1", 3)),
         ),
-        fields={"restart_count": 3, "container_id": None, "restart_at": None, "last_exit": CRASH},
+        fields={"restart_count": 3, "container_id": None, "restart_at": None, "last_exit": at_cur(CRASH)},
     ),
     row(
         "counter-reset-after-running-long-enough",
         running(restart_count=3, running_since=NOW - 600.0),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
         fields={"restart_count": 1, "restart_at": NOW + 10.0},
     ),
     row(
@@ -771,7 +776,7 @@ EXITED_ROWS = [
             (S.FAILED, "gave up after 3 restarts: exited with code 1"),
         ),
         (
-            cmd.RemoveContainer(CUR),
+            cmd.RemoveContainer(CUR, diagnose=True),
             cmd.Notify("agent.failed", failed_payload(CRASH, "exited with code 1", 3)),
         ),
     ),
@@ -780,7 +785,7 @@ EXITED_ROWS = [
         running(),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), (S.STARTING, "restart 1 of 1")),
-        (cmd.RemoveContainer(CUR), cmd.StartContainer()),
+        (cmd.RemoveContainer(CUR, diagnose=True), cmd.StartContainer()),
         policy=LIBRARY,
         fields={"restart_count": 1, "container_id": None, "restart_at": None},
     ),
@@ -793,7 +798,7 @@ EXITED_ROWS = [
             (S.FAILED, "gave up after 1 restarts: exited with code 1"),
         ),
         (
-            cmd.RemoveContainer(CUR),
+            cmd.RemoveContainer(CUR, diagnose=True),
             cmd.Notify("agent.failed", failed_payload(CRASH, "exited with code 1", 1, of=1)),
         ),
         policy=LIBRARY,
@@ -824,6 +829,43 @@ EXITED_ROWS = [
 
 @pytest.mark.parametrize("r", EXITED_ROWS)
 def test_container_exited_follows_table_when_in_each_state(r: Row) -> None:
+    check(r)
+
+
+DETAILS = ExitInfo(
+    exit_code=137, oom_killed=True, finished_at="2026-01-01T00:00:01Z", log_tail="last words"
+)
+
+EXIT_DETAILS_ROWS = [
+    row(
+        "details-complete-last-exit-of-that-container",
+        restarting(last_exit=at_cur(ExitInfo(exit_code=137))),
+        ev.ExitDetails(CUR, DETAILS),
+        fields={"last_exit": at_cur(DETAILS)},
+    ),
+    row(
+        "details-keep-the-die-event-exit-code",
+        restarting(last_exit=at_cur(ExitInfo(exit_code=1))),
+        ev.ExitDetails(CUR, DETAILS),
+        fields={"last_exit": at_cur(dataclasses.replace(DETAILS, exit_code=1))},
+    ),
+    row(
+        "details-of-another-container-ignored",
+        restarting(last_exit=at_cur(ExitInfo(exit_code=1))),
+        ev.ExitDetails(OLD, DETAILS),
+        unchanged=True,
+    ),
+    row(
+        "details-without-last-exit-ignored",
+        running(),
+        ev.ExitDetails(CUR, DETAILS),
+        unchanged=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("r", EXIT_DETAILS_ROWS)
+def test_exit_details_complete_last_exit_when_they_match_its_container(r: Row) -> None:
     check(r)
 
 
@@ -915,7 +957,7 @@ OBSERVED_ROWS = [
         starting(container_id=CUR),
         ev.ContainerObserved(CUR, "exited", CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
+        (cmd.RemoveContainer(CUR, diagnose=True),),
     ),
     row(
         "running-exited-clean-stopped",
@@ -929,8 +971,8 @@ OBSERVED_ROWS = [
         running(),
         ev.ContainerObserved(CUR, "dead"),
         ((S.CRASHED, "container dead"), restart_in(1, 10)),
-        (cmd.RemoveContainer(CUR),),
-        fields={"last_exit": ExitInfo(error="container dead")},
+        (cmd.RemoveContainer(CUR, diagnose=True),),
+        fields={"last_exit": at_cur(ExitInfo(error="container dead"))},
     ),
     row(
         "stopped-but-running-stopped",
@@ -1223,6 +1265,7 @@ def test_tick_follows_table_when_in_each_state(r: Row) -> None:
 
 
 ALL_ROWS = [
+    *EXIT_DETAILS_ROWS,
     *START_ROWS,
     *STOP_ROWS,
     *PAUSE_ROWS,

@@ -49,7 +49,11 @@ class StopContainer:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RemoveContainer:
+    """Remove a container. ``diagnose``: it crashed; read its exit details and log
+    tail first and report them with ``ExitDetails`` (off the restart's critical path)."""
+
     container_id: str
+    diagnose: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ __all__ = [
     "ContainerObserved",
     "ContainerVanished",
     "Event",
+    "ExitDetails",
     "LivenessProbed",
     "PauseRequested",
     "ResetRequested",
@@ -95,6 +96,15 @@ class ContainerExited:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ExitDetails:
+    """Diagnostics read from a crashed container before its removal (finished-at,
+    OOM flag, error, log tail); they complete ``last_exit`` of that container."""
+
+    container_id: str
+    exit: ExitInfo
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ContainerVanished:
     """Reconcile: the agent's container no longer exists in Docker."""
 
@@ -145,6 +155,7 @@ Event = (
     | BecameHealthy
     | StartFailed
     | ContainerExited
+    | ExitDetails
     | ContainerVanished
     | ContainerObserved
     | Resumed

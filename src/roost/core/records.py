@@ -38,6 +38,8 @@ class ExitInfo:
     error: str = ""
     finished_at: str | None = None
     log_tail: str = ""
+    #: the container this exit belongs to (not part of the JSON contract).
+    container_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {

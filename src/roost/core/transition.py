@@ -272,9 +272,29 @@ def _exited(b: _Builder, p: Policy, container_id: str, exit_info: ExitInfo) -> N
     if exit_info.is_clean and r.state is not S.STARTING:
         b.go(S.STOPPED, "exited with code 0", last_exit=exit_info, url=None, running_since=None)
         return
-    b.do(cmd.RemoveContainer(container_id))
+    b.do(cmd.RemoveContainer(container_id, diagnose=True))
     b.set(container_id=None, url=None)
+    exit_info = dataclasses.replace(exit_info, container_id=container_id)
     _crash(b, p, exit_info, _describe_exit(exit_info))
+
+
+def _on_exit_details(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.ExitDetails)
+    last = b.record.last_exit
+    if last is None or last.container_id != e.container_id:
+        return None
+    found = e.exit
+    b.set(
+        last_exit=ExitInfo(
+            exit_code=last.exit_code if last.exit_code is not None else found.exit_code,
+            oom_killed=last.oom_killed or found.oom_killed,
+            error=last.error or found.error,
+            finished_at=found.finished_at or last.finished_at,
+            log_tail=found.log_tail or last.log_tail,
+            container_id=last.container_id,
+        )
+    )
+    return None
 
 
 def _on_vanished(b: _Builder, e: ev.Event, p: Policy) -> str | None:
@@ -507,6 +527,7 @@ _HANDLERS = {
     ev.BecameHealthy: _on_healthy,
     ev.StartFailed: _on_start_failed,
     ev.ContainerExited: _on_exited,
+    ev.ExitDetails: _on_exit_details,
     ev.ContainerVanished: _on_vanished,
     ev.ContainerObserved: _on_observed,
     ev.Resumed: _on_resumed,

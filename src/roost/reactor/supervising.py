@@ -87,11 +87,18 @@ StateListener = Callable[[AgentRecord, tuple[StateChange, ...]], None]
 
 
 class _Envelope:
-    __slots__ = ("event", "reply")
+    __slots__ = ("attempt", "event", "reply")
 
-    def __init__(self, event: ev.Event, reply: asyncio.Future[Decision] | None) -> None:
+    def __init__(
+        self,
+        event: ev.Event,
+        reply: asyncio.Future[Decision] | None,
+        attempt: int | None = None,
+    ) -> None:
         self.event = event
         self.reply = reply
+        #: for reports of a start procedure: which attempt sent it.
+        self.attempt = attempt
 
 
 class AgentActor:
@@ -120,9 +127,13 @@ class AgentActor:
         self._ops: set[asyncio.Task[None]] = set()
         #: notifications in flight (nobody waits for them but shutdown).
         self._notices: set[asyncio.Task[None]] = set()
+        #: which container each Docker operation in flight is about.
+        self._op_targets: dict[asyncio.Task[None], str] = {}
         self._busy = 0
+        #: numbers start procedures; reports from superseded ones are dropped.
+        self._attempt = 0
         self._last_touch_posted = 0.0
-        #: counts start attempts that ended; waiters use it to fail fast.
+        #: start failures handled (in the record); fail-fast waiters compare it.
         self.start_failures = 0
         self.closed = False
 
@@ -157,12 +168,16 @@ class AgentActor:
         if not self.closed:
             self._queue.put_nowait(_Envelope(event, None))
 
-    async def submit(self, event: ev.Event) -> Decision:
-        """Queue an event and wait until it has been decided, persisted and acted on."""
+    async def submit(self, event: ev.Event, *, attempt: int | None = None) -> Decision:
+        """Queue an event and wait until it has been decided, persisted and acted on.
+
+        ``attempt``: the start attempt reporting it; a report from an attempt that
+        was superseded (restart, stop) is dropped and its container removed.
+        """
         if self.closed:
             raise errors.StateError(f"agent {self.name!r} is shutting down")
         reply: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Envelope(event, reply))
+        self._queue.put_nowait(_Envelope(event, reply, attempt))
         return await reply
 
     def touch(self) -> None:
@@ -187,6 +202,10 @@ class AgentActor:
     def is_busy(self) -> bool:
         return self._busy > 0
 
+    @property
+    def start_in_flight(self) -> bool:
+        return self._start_task is not None and not self._start_task.done()
+
     # -- waiting --------------------------------------------------------------------
 
     async def wait_for(self, predicate: Callable[[AgentRecord], bool], timeout: float) -> bool:
@@ -201,6 +220,13 @@ class AgentActor:
     async def _loop(self) -> None:
         while True:
             envelope = await self._queue.get()
+            if envelope.attempt is not None and envelope.attempt != self._attempt:
+                # A superseded start created a container after all: nobody owns it.
+                if isinstance(envelope.event, ev.ContainerCreated):
+                    self._op(self.sup.runtime.remove(envelope.event.container_id), "remove")
+                if envelope.reply is not None and not envelope.reply.done():
+                    envelope.reply.set_result(Decision(self.record, rejected="superseded"))
+                continue
             try:
                 decision = await self._handle(envelope.event)
             except Exception as exc:
@@ -212,10 +238,15 @@ class AgentActor:
                 envelope.reply.set_result(decision)
 
     async def _handle(self, event: ev.Event) -> Decision:
-        if isinstance(event, ev.ContainerExited):
-            event = await self._enrich_exit(event)
         now = self.sup.clock.now()
         decision = transition(self.record, event, now=now, policy=self.policy)
+        if isinstance(event, ev.ContainerExited) and _gives_up(decision):
+            # The admin's notice needs the diagnostics: read them first. Crashes
+            # that restart decide from the die event alone (restart within ms) and
+            # read them while removing the container (RemoveContainer.diagnose).
+            event = await self._enrich_exit(event)
+            now = self.sup.clock.now()
+            decision = transition(self.record, event, now=now, policy=self.policy)
         if decision.rejected is None and decision.record != self.record:
             # Intent first: persist before acting (compare-and-set on version).
             self.record = await self.sup.store.update_agent(
@@ -239,17 +270,21 @@ class AgentActor:
         self._manage_liveness()
         if decision.changes:
             self.sup._publish(self.record, decision.changes)
+        if isinstance(event, ev.StartFailed):
+            # Counted once the failure is in the record, so a fail-fast waiter
+            # never wakes before it and reports a state without the reason.
+            self.start_failures += 1
         async with self._changed:
             self._changed.notify_all()
         return decision
 
-    async def _enrich_exit(self, event: ev.ContainerExited) -> ev.ContainerExited:
+    async def _enrich_exit(
+        self, event: ev.ContainerExited, *, always: bool = False
+    ) -> ev.ContainerExited:
         """Gather diagnostics for an unexpected exit of the current container while it
         still exists (the crash path removes it): finished-at, OOM, error, log tail."""
         r = self.record
-        if r.container_id != event.container_id or r.expected_exit:
-            return event
-        if r.state not in (S.STARTING, S.RUNNING, S.IDLE, S.PAUSED):
+        if not always and (r.container_id != event.container_id or r.expected_exit):
             return event
         rt = self.sup.runtime
         state_res, tail_res = await asyncio.gather(
@@ -280,23 +315,33 @@ class AgentActor:
             case cmd.StartContainer(replace=replace):
                 if self._start_task is not None:
                     self._start_task.cancel()
+                self._attempt += 1
                 self._start_task = asyncio.create_task(
-                    self._start_procedure(replace), name=f"roost.start[{self.name}]"
+                    self._start_procedure(replace, self._attempt),
+                    name=f"roost.start[{self.name}]",
                 )
             case cmd.CancelStart():
                 if self._start_task is not None:
                     self._start_task.cancel()
                     self._start_task = None
             case cmd.PauseContainer(container_id=cid):
-                self._op(self._pause(cid), "pause")
+                self._op(self._pause(cid), "pause", container_id=cid)
             case cmd.StopContainer(container_id=cid, timeout=grace, remove=remove):
-                self._op(self._stop(cid, grace, remove), "stop")
-            case cmd.RemoveContainer(container_id=cid):
-                self._op(rt.remove(cid, force=True), "remove")
+                self._op(self._stop(cid, grace, remove), "stop", container_id=cid)
+            case cmd.RemoveContainer(container_id=cid, diagnose=diagnose):
+                work = self._diagnose_and_remove(cid) if diagnose else rt.remove(cid, force=True)
+                self._op(work, "remove", container_id=cid)
             case cmd.Notify(kind=kind, payload=payload):
                 self._op(self.sup.notifier.notify(kind, payload), "notify", docker=False)
 
-    def _op(self, work: Awaitable[None], what: str, *, docker: bool = True) -> None:
+    def _op(
+        self,
+        work: Awaitable[None],
+        what: str,
+        *,
+        docker: bool = True,
+        container_id: str | None = None,
+    ) -> None:
         async def guarded() -> None:
             try:
                 await work
@@ -309,6 +354,18 @@ class AgentActor:
         owner = self._ops if docker else self._notices
         owner.add(task)
         task.add_done_callback(owner.discard)
+        if container_id is not None:
+            self._op_targets[task] = container_id
+            task.add_done_callback(self._forget_target)
+
+    def _forget_target(self, task: asyncio.Task[None]) -> None:
+        self._op_targets.pop(task, None)
+
+    async def _diagnose_and_remove(self, cid: str) -> None:
+        """Read a crashed container's exit details and log tail, report them, remove it."""
+        event = await self._enrich_exit(ev.ContainerExited(cid, ExitInfo()), always=True)
+        self.post(ev.ExitDetails(cid, event.exit))
+        await self.sup.runtime.remove(cid, force=True)
 
     async def _pause(self, cid: str) -> None:
         try:
@@ -327,10 +384,13 @@ class AgentActor:
         if remove:
             await rt.remove(cid, force=True)
 
-    async def _quiesce(self) -> None:
-        """Wait for stop/remove operations in flight (never for ourselves)."""
-        current = asyncio.current_task()
-        pending = [t for t in self._ops if t is not current]
+    async def _quiesce(self, container_id: str | None) -> None:
+        """Wait for Docker operations in flight on ``container_id`` (the container a
+        start may reuse), so a wake never races a stop of the same container.
+        Operations on other containers (removing a crashed one) go on meanwhile."""
+        if container_id is None:
+            return
+        pending = [t for t, cid in self._op_targets.items() if cid == container_id]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
@@ -362,14 +422,15 @@ class AgentActor:
             extra_hosts=self.extra_hosts,
         )
 
-    async def _start_procedure(self, replace: str | None) -> None:
+    async def _start_procedure(self, replace: str | None, attempt: int) -> None:
         rt = self.sup.runtime
         cid: str | None = None
         try:
-            await self._quiesce()
             if replace is not None:
-                await rt.remove(replace, force=True)
+                # The old container is detached already: its removal runs beside us.
+                self._op(rt.remove(replace, force=True), "remove", container_id=replace)
             cid = self.record.container_id
+            await self._quiesce(cid)
             want_hash = self.spec.config_hash()
             existing = None
             if cid is not None:
@@ -388,7 +449,7 @@ class AgentActor:
                 await rt.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
                 async with self.sup.start_slots:
                     cid = await rt.create(self.container_spec())
-                    await self.submit(ev.ContainerCreated(cid, want_hash))
+                    await self.submit(ev.ContainerCreated(cid, want_hash), attempt=attempt)
                     if self.record.container_id != cid:
                         return  # overtaken; the actor removes the container
                     await rt.start(cid)
@@ -415,7 +476,6 @@ class AgentActor:
     def _start_failed(
         self, cid: str | None, error: str, *, terminal: bool = False, tail: str = ""
     ) -> None:
-        self.start_failures += 1
         log.warning("agent %s: %s", self.name, error.splitlines()[0] if error else "")
         self.post(ev.StartFailed(cid, error, ExitInfo(error=error, log_tail=tail), terminal))
 
@@ -692,15 +752,29 @@ class Supervisor:
             plan = plan_reconcile(
                 {n: a.record for n, a in self.actors.items()}, observed, instance=self.instance
             )
+            # A start in flight owns its agent (e.g. a reconcile after an event gap):
+            # the container it created but has not reported yet is no orphan, and
+            # resuming or re-observing would start a second one.
+            in_flight = {n for n, a in self.actors.items() if a.start_in_flight}
+            owner = {c.id: c.labels.get(labels.AGENT) for c in containers}
             for cid in plan.orphans:
+                if owner.get(cid) in in_flight:
+                    continue
                 log.info("removing orphan container %s", cid[:12])
                 with contextlib.suppress(errors.ContainerNotFound):
                     await self.runtime.remove(cid, force=True)
             waits = []
             for name, event in plan.events:
+                if name in in_flight and isinstance(event, ev.Resumed | ev.ContainerObserved):
+                    continue
                 waits.append(self.actors[name].submit(event))
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
+            # Records that got no event (e.g. restored mid-backoff, with no
+            # container) still need their timers.
+            for actor in self.actors.values():
+                if not actor.closed:
+                    actor._reschedule()
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -729,6 +803,10 @@ class Supervisor:
                 *(self.runtime.remove(cid, force=True) for cid in ids if cid),
                 return_exceptions=True,
             )
+
+
+def _gives_up(decision: Decision) -> bool:
+    return any(isinstance(c, cmd.Notify) and c.kind == "agent.failed" for c in decision.commands)
 
 
 def describe(record: AgentRecord) -> dict[str, Any]:

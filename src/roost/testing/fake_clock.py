@@ -1,8 +1,11 @@
 """A fake clock for tests: time moves only when the test says so.
 
-``advance(seconds)`` moves time forward and wakes every sleeper whose deadline
-has passed, in deadline order, letting the loop run between wake-ups so that
-work triggered by one timer is done before the next fires.
+``advance(seconds)`` first lets ready tasks run (so a sleep a task is about to
+start counts from the current time, not from after the jump), then moves time
+forward and wakes every sleeper whose deadline has passed, in deadline order,
+letting the loop run between wake-ups so that work triggered by one timer is
+done before the next fires. Only loop scheduling is settled: work waiting on a
+thread (e.g. aiosqlite) may still be in flight when ``advance`` returns.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class FakeClock:
             await asyncio.sleep(0)
 
     async def advance(self, seconds: float) -> None:
+        await self.settle()
         target = self._now + seconds
         while self._sleepers and self._sleepers[0][0] <= target:
             when, _, fut = heapq.heappop(self._sleepers)
