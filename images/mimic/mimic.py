@@ -13,7 +13,11 @@ else). Endpoints:
   JSON. ``{"cmd": ...}`` in the message picks a behaviour, else env ``MODE``
   does (default ``echo``). Commands: ``echo``, ``exit`` (``code``),
   ``unhealthy``, ``healthy``, ``hang``, ``oom``, ``sleep`` (``seconds``),
-  ``fail`` (``status``, default 500).
+  ``fail`` (``status``, default 500), ``fetch`` (``url``, optional ``method``
+  and JSON ``body``: the agent calls that URL and replies with its ``status``
+  and ``body`` — how a swarm test sees an agent reach its coordinator),
+  ``write_file`` (``path``, ``content``) and ``read_file`` (``path``; 404 when
+  absent) — how a test sees two agents share a volume.
 - ``GET /seen``: every ``Roost-Message-Id`` received, in arrival order
   (redeliveries included), and how many are distinct.
 - ``GET /env``: the process environment.
@@ -51,7 +55,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, cast
+from urllib.error import HTTPError, URLError
 from urllib.parse import parse_qs, urlsplit
+from urllib.request import Request, urlopen
 
 MESSAGE_ID_HEADER = "Roost-Message-Id"
 OOM_CHUNK_BYTES = 10 * 1024 * 1024
@@ -65,7 +71,20 @@ CGROUP_MEMORY_LIMIT_FILES = (
 # cgroup v1 reports "no limit" as a huge page-aligned number.
 CGROUP_V1_UNLIMITED_BYTES = 1 << 60
 EXIT_AFTER_REPLY_DELAY = 0.05
-COMMANDS = ("echo", "exit", "unhealthy", "healthy", "hang", "oom", "sleep", "fail")
+COMMANDS = (
+    "echo",
+    "exit",
+    "unhealthy",
+    "healthy",
+    "hang",
+    "oom",
+    "sleep",
+    "fail",
+    "fetch",
+    "write_file",
+    "read_file",
+)
+FETCH_TIMEOUT = 10.0
 
 
 def _log(line: str) -> None:
@@ -207,6 +226,9 @@ class MimicServer(ThreadingHTTPServer):
 
 class MimicHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; without TCP_NODELAY the body waits
+    # for the client's delayed ACK (~40 ms) on every kept-alive request.
+    disable_nagle_algorithm = True
     server_version = "mimic/1"
 
     @property
@@ -341,9 +363,68 @@ class MimicHandler(BaseHTTPRequestHandler):
             seconds = float(fields.get("seconds", 0))
             time.sleep(seconds)
             self._send_json(HTTPStatus.OK, {"slept": seconds, "message_id": message_id})
+        elif command == "fetch":
+            self._fetch(fields)
+        elif command == "write_file":
+            self._write_file(fields)
+        elif command == "read_file":
+            self._read_file(fields)
         else:  # "fail"
             status = int(fields.get("status", HTTPStatus.INTERNAL_SERVER_ERROR))
             self._send_json(status, {"error": "failing on request", "message_id": message_id})
+
+    def _fetch(self, fields: dict[str, Any]) -> None:
+        url = fields.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": "fetch needs an http(s) 'url'"})
+            return
+        data = None
+        headers = {}
+        if "body" in fields:
+            data = json.dumps(fields["body"]).encode()
+            headers["Content-Type"] = "application/json"
+        method = str(fields.get("method") or ("POST" if data is not None else "GET")).upper()
+        request = Request(url, data=data, headers=headers, method=method)
+        try:
+            with urlopen(request, timeout=FETCH_TIMEOUT) as response:
+                status, body = response.status, response.read()
+        except HTTPError as exc:
+            status, body = exc.code, exc.read()
+        except (URLError, OSError) as exc:
+            self._send_json(HTTPStatus.BAD_GATEWAY, {"error": f"fetch {url} failed: {exc}"})
+            return
+        self._send_json(
+            HTTPStatus.OK, {"url": url, "status": status, "body": body.decode("utf-8", "replace")}
+        )
+
+    def _write_file(self, fields: dict[str, Any]) -> None:
+        path, content = fields.get("path"), fields.get("content", "")
+        if not isinstance(path, str) or not isinstance(content, str):
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": "write_file needs 'path', 'content'"})
+            return
+        try:
+            with open(path, "w", encoding="utf-8") as target:
+                target.write(content)
+        except OSError as exc:
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
+            return
+        self._send_json(HTTPStatus.OK, {"path": path, "written": len(content)})
+
+    def _read_file(self, fields: dict[str, Any]) -> None:
+        path = fields.get("path")
+        if not isinstance(path, str):
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": "read_file needs 'path'"})
+            return
+        try:
+            with open(path, encoding="utf-8") as source:
+                content = source.read()
+        except FileNotFoundError:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no file {path}"})
+            return
+        except OSError as exc:
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
+            return
+        self._send_json(HTTPStatus.OK, {"path": path, "content": content})
 
 
 def _install_signal_handlers(settings: Settings) -> None:
