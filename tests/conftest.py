@@ -40,15 +40,21 @@ def instance() -> Iterator[str]:
     remove_instance_containers(name)
 
 
+def docker(*args: str, check: bool = True) -> str:
+    """Run the docker CLI (a test's independent view of the engine); return stdout."""
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, check=check
+    ).stdout.strip()
+
+
+def instance_containers(instance: str) -> list[str]:
+    return docker("ps", "-aq", "--filter", f"label=roost.instance={instance}", check=False).split()
+
+
 def remove_instance_containers(instance: str) -> None:
-    ids = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=roost.instance={instance}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
+    ids = instance_containers(instance)
     if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+        docker("rm", "-f", *ids, check=False)
 
 
 def make_settings(

@@ -7,7 +7,12 @@ import pytest
 
 import roost
 from roost.core.states import AgentState
-from tests.conftest import docker_inspect, remove_instance_containers, wait_until
+from tests.conftest import (
+    docker_inspect,
+    instance_containers,
+    remove_instance_containers,
+    wait_until,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -91,15 +96,7 @@ async def test_stop_all_stops_and_removes_every_container(docker_images: dict[st
     finally:
         instance = manager.instance
         await manager.stop_all()
-    import subprocess
-
-    left = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=roost.instance={instance}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert left == []
+    assert instance_containers(instance) == []
 
 
 def test_construction_fails_with_container_error_when_docker_is_unreachable(

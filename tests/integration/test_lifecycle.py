@@ -84,9 +84,7 @@ async def test_concurrent_starts_merge_into_one_container_when_agent_is_stopped(
 ) -> None:
     import asyncio
 
-    settings = make_settings(
-        tmp_path, instance, agents={"echo": {"image": docker_images["mimic"]}}
-    )
+    settings = make_settings(tmp_path, instance, agents={"echo": {"image": docker_images["mimic"]}})
     async with Engine(settings) as engine:
         records = await asyncio.gather(
             *(engine.supervisor.ensure_running("echo", timeout=30) for _ in range(5))
@@ -111,8 +109,10 @@ async def test_crash_restarts_with_backoff_when_agent_exits_nonzero(
         first = await sup.ensure_running("echo", timeout=30)
         await post(first.url + "/messages", {"cmd": "exit", "code": 3})  # type: ignore[operator]
         await wait_until(
-            lambda: sup.get("echo").state is S.RUNNING
-            and sup.get("echo").container_id != first.container_id,
+            lambda: (
+                sup.get("echo").state is S.RUNNING
+                and sup.get("echo").container_id != first.container_id
+            ),
             what="restart after the crash",
         )
         record = sup.get("echo")
@@ -208,8 +208,10 @@ async def test_unhealthy_agent_is_restarted_when_liveness_fails(
         first = await sup.ensure_running("sick", timeout=30)
         await post(first.url + "/messages", {"cmd": "unhealthy"})  # type: ignore[operator]
         await wait_until(
-            lambda: sup.get("sick").state is S.RUNNING
-            and sup.get("sick").container_id != first.container_id,
+            lambda: (
+                sup.get("sick").state is S.RUNNING
+                and sup.get("sick").container_id != first.container_id
+            ),
             what="restart of the unhealthy agent",
         )
         assert sup.get("sick").restart_count == 1
@@ -259,9 +261,7 @@ async def test_idle_agent_is_paused_then_stopped_and_woken_when_quiet(
 async def test_paused_agent_is_unpaused_when_woken(
     tmp_path: Path, instance: str, docker_images: dict[str, str]
 ) -> None:
-    settings = make_settings(
-        tmp_path, instance, agents={"nap": {"image": docker_images["mimic"]}}
-    )
+    settings = make_settings(tmp_path, instance, agents={"nap": {"image": docker_images["mimic"]}})
     async with Engine(settings) as engine:
         sup = engine.supervisor
         record = await sup.ensure_running("nap", timeout=30)
@@ -278,9 +278,7 @@ async def test_paused_agent_is_unpaused_when_woken(
 async def test_exit_zero_nobody_asked_for_is_stopped_not_crashed(
     tmp_path: Path, instance: str, docker_images: dict[str, str]
 ) -> None:
-    settings = make_settings(
-        tmp_path, instance, agents={"done": {"image": docker_images["mimic"]}}
-    )
+    settings = make_settings(tmp_path, instance, agents={"done": {"image": docker_images["mimic"]}})
     async with Engine(settings) as engine:
         sup = engine.supervisor
         record = await sup.ensure_running("done", timeout=30)

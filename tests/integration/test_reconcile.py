@@ -20,6 +20,7 @@ from roost.core.states import AgentState
 from roost.engine import Engine
 from tests.conftest import (
     container_exists,
+    docker,
     docker_inspect,
     make_settings,
     remove_instance_containers,
@@ -120,14 +121,16 @@ async def test_container_that_died_while_roost_was_down_is_handled_as_a_crash(
 ) -> None:
     agents: dict[str, dict[str, object]] = {"gamma": {"image": docker_images["mimic"]}}
     ids = await _run_and_kill(tmp_path, instance, agents, ["gamma"])
-    subprocess.run(["docker", "kill", ids["gamma"]], check=True, capture_output=True)
+    docker("kill", ids["gamma"])
 
     settings = make_settings(tmp_path, instance, agents=agents)
     async with Engine(settings) as engine:
         sup = engine.supervisor
         await wait_until(
-            lambda: sup.get("gamma").state is S.RUNNING
-            and sup.get("gamma").container_id != ids["gamma"],
+            lambda: (
+                sup.get("gamma").state is S.RUNNING
+                and sup.get("gamma").container_id != ids["gamma"]
+            ),
             what="restart of the agent that died while Roost was down",
         )
         assert sup.get("gamma").restart_count == 1
@@ -163,16 +166,14 @@ async def test_orphans_are_removed_only_for_this_instance_when_roost_starts(
             assert docker_inspect(plain)["State"]["Running"]
     finally:
         remove_instance_containers(other)
-        subprocess.run(["docker", "rm", "-f", plain], capture_output=True, check=False)
+        docker("rm", "-f", plain, check=False)
 
 
 async def test_leave_running_containers_are_adopted_on_next_start(
     tmp_path: Path, instance: str, docker_images: dict[str, str]
 ) -> None:
     agents: dict[str, dict[str, object]] = {"keep": {"image": docker_images["mimic"]}}
-    settings = make_settings(
-        tmp_path, instance, agents=agents, docker={"leave_running": True}
-    )
+    settings = make_settings(tmp_path, instance, agents=agents, docker={"leave_running": True})
     async with Engine(settings) as engine:
         first = await engine.supervisor.ensure_running("keep", timeout=30)
     assert first.container_id is not None

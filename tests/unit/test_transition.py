@@ -757,7 +757,12 @@ EXITED_ROWS = [
             cmd.RemoveContainer(CUR, diagnose=True),
             cmd.Notify("agent.failed", failed_payload(CRASH, "exited with code 1", 3)),
         ),
-        fields={"restart_count": 3, "container_id": None, "restart_at": None, "last_exit": at_cur(CRASH)},
+        fields={
+            "restart_count": 3,
+            "container_id": None,
+            "restart_at": None,
+            "last_exit": at_cur(CRASH),
+        },
     ),
     row(
         "counter-reset-after-running-long-enough",
