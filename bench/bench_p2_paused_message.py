@@ -1,0 +1,201 @@
+"""P2: a message to a paused agent → its reply, Roost vs raw unpause + direct POST.
+
+Roost runs as a child process (``roost up``) with one mimic echo agent. Each Roost
+round pauses the agent through the API (and waits until Docker reports it paused),
+then times ``POST /api/agents/echo/messages?wait=true`` until the reply arrives:
+store the message (SQLite commit), wake (state change persisted, unpause, HTTP
+readiness probe), deliver, commit the outcome, answer.
+
+Raw baseline, same run: a container created with the same body Roost sends,
+paused with aiodocker; each round times aiodocker ``unpause`` + one POST of the
+message straight to the container's published port.
+
+Rounds alternate raw / Roost after one unmeasured warm-up each. The mimic runs with
+Nagle's algorithm off in both (see ``MIMIC_NODELAY_COMMAND``: as built its replies
+wait ~40 ms for a delayed ACK).
+
+Target: Roost's median overhead ≤ 5 ms.
+
+Run: ``.venv/bin/python bench/bench_p2_paused_message.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import common
+
+TARGET_OVERHEAD = 0.005
+MIMIC_NODELAY_COMMAND = (
+    "/usr/bin/python3.11",
+    "-c",
+    "import sys; sys.path.insert(0, '/app'); import mimic; "
+    "mimic.MimicHandler.disable_nagle_algorithm = True; mimic.main()",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_config(directory: Path, instance: str, port: int) -> Path:
+    config = directory / "roost.toml"
+    config.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+state_dir = "{directory / "state"}"
+log_level = "warning"
+
+[docker]
+instance = "{instance}"
+
+[defaults]
+memory = "64m"
+idle_timeout = 3600
+stop_timeout = 1
+
+[agents.echo]
+image = "{common.MIMIC_IMAGE}"
+command = {json.dumps(list(MIMIC_NODELAY_COMMAND))}
+"""
+    )
+    return config
+
+
+async def wait_up(http: aiohttp.ClientSession, base: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with http.get(base + "/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("roost did not come up")
+        await asyncio.sleep(0.05)
+
+
+async def wait_paused(docker: aiodocker.Docker, cid: str) -> None:
+    container = docker.containers.container(cid)
+    deadline = time.monotonic() + 10
+    while not (await container.show())["State"]["Paused"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"container {cid[:12]} did not pause")
+        await asyncio.sleep(0.01)
+
+
+async def roost_round(
+    http: aiohttp.ClientSession, docker: aiodocker.Docker, base: str, cid: str, i: int
+) -> float:
+    async with http.post(base + "/api/agents/echo/pause") as response:
+        assert response.status == 200, await response.text()
+    await wait_paused(docker, cid)
+    started = time.perf_counter()
+    async with http.post(
+        base + "/api/agents/echo/messages", params={"wait": "true"}, json={"round": i}
+    ) as response:
+        body = await response.json()
+    elapsed = time.perf_counter() - started
+    assert response.status == 200, body
+    assert body["status"] == "delivered", body
+    assert body["reply"]["echo"] == {"round": i}
+    return elapsed
+
+
+async def raw_round(http: aiohttp.ClientSession, container: Any, url: str, i: int) -> float:
+    await container.pause()
+    started = time.perf_counter()
+    await container.unpause()
+    async with http.post(
+        url + "/messages",
+        data=json.dumps({"round": i}),
+        headers={"Content-Type": "application/json", "Roost-Message-Id": f"raw-{i}"},
+    ) as response:
+        body = await response.json()
+    elapsed = time.perf_counter() - started
+    assert body["echo"] == {"round": i}
+    return elapsed
+
+
+async def main() -> None:
+    args = common.parse_args(__doc__ or "")
+    rounds = 5 if args.quick else 30
+    common.ensure_images()
+    instance = common.run_id("p2")
+    raw_run = common.run_id("p2raw")
+    roost_times: list[float] = []
+    raw_times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        config = write_config(directory, instance, port)
+        async with common.cleaned_up(
+            (common.INSTANCE_LABEL, instance), (common.BENCH_LABEL, raw_run)
+        ):
+            roost = Path(sys.executable).parent / "roost"
+            with (directory / "roost.log").open("ab") as log:
+                process = await asyncio.create_subprocess_exec(
+                    str(roost), "--config", str(config), "up",
+                    stdout=log, stderr=log, env={**os.environ, "ROOST_TOKEN": ""},
+                )  # fmt: skip
+            try:
+                async with aiodocker.Docker() as docker, aiohttp.ClientSession() as http:
+                    raw_config = common.raw_create_config(raw_run, "p2raw")
+                    raw_config["Cmd"] = list(MIMIC_NODELAY_COMMAND)
+                    container = await docker.containers.create(raw_config)
+                    await container.start()
+                    binding = (await container.show())["NetworkSettings"]["Ports"]["8000/tcp"][0]
+                    raw_url = f"http://127.0.0.1:{binding['HostPort']}"
+                    await common.poll_health(http, raw_url + "/health", timeout=30)
+
+                    await wait_up(http, base)
+                    async with http.post(base + "/api/agents/echo/start") as response:
+                        cid = (await response.json())["container_id"]
+                    await raw_round(http, container, raw_url, -1)  # warm-ups
+                    await roost_round(http, docker, base, cid, -1)
+                    for i in range(rounds):
+                        raw_times.append(await raw_round(http, container, raw_url, i))
+                        roost_times.append(await roost_round(http, docker, base, cid, i))
+            finally:
+                if process.returncode is None:
+                    process.terminate()
+                await process.wait()
+                if process.returncode not in (0, -15):
+                    print((directory / "roost.log").read_text()[-3000:], file=sys.stderr)
+    raw_median, roost_median = common.median(raw_times), common.median(roost_times)
+    overhead = roost_median - raw_median
+    common.record(
+        f"P2 message to a paused agent → reply ({common.machine()})",
+        [
+            {
+                "rounds": rounds,
+                "raw unpause + POST p50": common.ms(raw_median),
+                "raw p90": common.ms(common.p90(raw_times)),
+                "Roost POST ?wait=true p50": common.ms(roost_median),
+                "Roost p90": common.ms(common.p90(roost_times)),
+                "overhead p50": common.ms(overhead),
+                "Roost / raw": f"{roost_median / raw_median:.2f}",
+                "target ≤ 5 ms": "met" if overhead <= TARGET_OVERHEAD else "MISSED",
+            }
+        ],
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,166 @@
+"""The inbox port: durable messages addressed to agents.
+
+A message is a JSON value stored before Roost acknowledges it, then delivered
+to its agent in acceptance order and answered with the agent's reply.
+
+Statuses (contract names)::
+
+    queued ──▶ delivering ──▶ delivered        (2xx: the reply is kept)
+      ▲            │  └──────▶ failed          (4xx, or too many 5xx)
+      │            ▼
+      └──────── queued (retry: 5xx, no answer; attempts counted)
+    queued / delivering ──▶ dead               (the agent went ``failed``)
+    dead ──▶ queued                            (``reset`` re-queues them)
+
+Invariants every implementation keeps:
+- ``seq`` orders messages by acceptance, per inbox, strictly increasing; a
+  re-queued message keeps its ``seq`` (it is delivered before newer ones).
+- ``enqueue`` returns only once the message is durable, and stores nothing
+  when it raises (``QueueFull``).
+- One ``idempotency_key`` per agent names at most one message, ever.
+- On ``recover`` (start-up), every ``delivering`` message becomes ``queued``
+  again: delivery is at-least-once and the agent sees the same id again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol
+
+from roost import errors
+
+__all__ = ["PENDING", "TERMINAL", "Inbox", "Message", "MessageStatus", "QueueFull"]
+
+
+class MessageStatus(enum.StrEnum):
+    QUEUED = "queued"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+#: Waiting for delivery: what ``queue_limit`` counts.
+PENDING = frozenset({MessageStatus.QUEUED, MessageStatus.DELIVERING})
+#: Nothing more happens to a message in these (``dead`` until a reset).
+TERMINAL = frozenset({MessageStatus.DELIVERED, MessageStatus.FAILED, MessageStatus.DEAD})
+
+
+class QueueFull(errors.RoostError):
+    """The agent already has ``limit`` undelivered messages; nothing was stored."""
+
+    def __init__(self, message: str, *, pending: int, limit: int) -> None:
+        super().__init__(message)
+        self.pending = pending
+        self.limit = limit
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    agent: str
+    seq: int
+    body: Any
+    status: MessageStatus
+    attempts: int = 0
+    reply: Any = None
+    error: str = ""
+    idempotency_key: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    next_attempt_at: float | None = None
+    delivered_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A message as JSON (contract: ``id``, ``agent``, ``status``, ``attempts``,
+        ``reply``, ``error``)."""
+        return {
+            "id": self.id,
+            "agent": self.agent,
+            "seq": self.seq,
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "reply": self.reply,
+            "error": self.error or None,
+            "idempotency_key": self.idempotency_key,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "next_attempt_at": self.next_attempt_at,
+            "delivered_at": self.delivered_at,
+            "body": self.body,
+        }
+
+
+class Inbox(Protocol):
+    async def open(self) -> None:
+        """Start the inbox (its schema comes with the store it shares). Idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Commit every write already accepted, then stop. Idempotent."""
+        ...
+
+    async def enqueue(
+        self,
+        agent: str,
+        body: Any,
+        *,
+        idempotency_key: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[Message, bool]:
+        """Store a message durably; return it and whether it is new.
+
+        With ``idempotency_key``, a message already stored under that key for
+        ``agent`` is returned unchanged (``False``). ``QueueFull`` when ``agent``
+        has ``limit`` pending messages (nothing stored)."""
+        ...
+
+    async def get(self, agent: str, message_id: str) -> Message | None: ...
+
+    async def list_messages(
+        self,
+        agent: str,
+        *,
+        status: MessageStatus | None = None,
+        limit: int = 100,
+        after_seq: int | None = None,
+    ) -> list[Message]:
+        """Oldest first: the newest ``limit`` messages (of ``status``), or with
+        ``after_seq`` the first ``limit`` after that seq (paging)."""
+        ...
+
+    async def next_queued(self, agent: str, *, after_seq: int, limit: int) -> list[Message]:
+        """Queued messages of ``agent`` with ``seq > after_seq``, oldest first."""
+        ...
+
+    def pending_count(self, agent: str) -> int:
+        """Queued + delivering messages of ``agent`` (what ``limit`` compares with)."""
+        ...
+
+    def mark_delivering(self, message_id: str, *, attempts: int) -> Awaitable[Any]:
+        """Record that delivery attempt ``attempts`` starts now. Queued at once, in
+        order before any later write of this inbox; it may commit later, with the
+        next write (await the result to know it is durable)."""
+        ...
+
+    async def mark_delivered(self, message: Message, reply: Any) -> None: ...
+
+    async def mark_failed(self, message: Message, error: str) -> None: ...
+
+    async def mark_retry(self, message_id: str, error: str, *, next_attempt_at: float) -> None:
+        """Back to ``queued`` after a failed attempt, with the error and when to retry."""
+        ...
+
+    async def kill_pending(self, agent: str, reason: str) -> Sequence[str]:
+        """Every queued/delivering message of ``agent`` becomes ``dead``; their ids."""
+        ...
+
+    async def requeue_dead(self, agent: str) -> Sequence[str]:
+        """Every dead message of ``agent`` becomes ``queued`` (same id and seq); their ids."""
+        ...
+
+    async def recover(self) -> list[str]:
+        """Start-up: ``delivering`` → ``queued``; the agents that have pending messages."""
+        ...

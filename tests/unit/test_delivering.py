@@ -1,0 +1,263 @@
+"""Delivery lanes on a FakeRuntime engine with a scripted agent: order, retry, 4xx,
+dead on failure, requeue on reset, recovery at start, the waking notice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roost.core import events as ev
+from roost.core.states import AgentState
+from roost.engine import Engine
+from roost.ports.agent_http import AgentResponse
+from roost.ports.inbox import Message, MessageStatus
+from roost.testing.fake_agent_client import FakeAgentClient
+from roost.testing.fake_runtime import FakeRuntime
+from tests.conftest import make_settings, wait_until
+
+IMAGE = "roost-mimic:latest"
+M = MessageStatus
+S = AgentState
+
+
+class ScriptedAgent(FakeAgentClient):
+    """Answers deliveries like an agent told what to do by the message body:
+    ``{"status": N}`` answers N; ``{"fail_first": N}`` answers 503 N times first.
+    While ``down`` every delivery finds no connection."""
+
+    def __init__(self, runtime: FakeRuntime) -> None:
+        super().__init__(runtime)
+        self.deliveries: list[tuple[str, Any]] = []
+        self.down = False
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.hold: asyncio.Event | None = None
+        self._failures: dict[str, int] = {}
+
+    async def post_json(
+        self, url: str, body: Any, *, headers: Mapping[str, str], timeout: float
+    ) -> AgentResponse:
+        if self.down or await self._serves(url) is None:
+            raise ConnectionError(f"connection refused: {url}")
+        message_id = headers["Roost-Message-Id"]
+        self.deliveries.append((message_id, body))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            fields = body if isinstance(body, dict) else {}
+            if "status" in fields:
+                return AgentResponse(fields["status"], {"error": "scripted"})
+            if self._failures.get(message_id, 0) < fields.get("fail_first", 0):
+                self._failures[message_id] = self._failures.get(message_id, 0) + 1
+                return AgentResponse(503, "busy")
+            return AgentResponse(200, {"echo": body, "message_id": message_id})
+        finally:
+            self.in_flight -= 1
+
+
+class Harness:
+    def __init__(self, engine: Engine, runtime: FakeRuntime, agent: ScriptedAgent) -> None:
+        self.engine = engine
+        self.runtime = runtime
+        self.agent = agent
+
+    async def send(self, body: Any, name: str = "echo") -> Message:
+        message, _ = await self.engine.dispatcher.submit(name, body)
+        return message
+
+    async def status(self, message: Message) -> Message:
+        stored = await self.engine.inbox.get(message.agent, message.id)
+        assert stored is not None
+        return stored
+
+    async def wait_status(self, message: Message, status: MessageStatus) -> Message:
+        async def reached() -> bool:
+            return (await self.status(message)).status is status
+
+        await wait_until(reached, timeout=10, what=f"message {message.body!r} {status.value}")
+        return await self.status(message)
+
+
+def _engine(tmp_path: Path, runtime: FakeRuntime, agent: ScriptedAgent, **defaults: Any) -> Engine:
+    settings = make_settings(
+        tmp_path,
+        "delivery-test",
+        agents={"echo": {"image": IMAGE}},
+        defaults={"max_restarts": 0, **defaults},
+    )
+    engine = Engine(settings, runtime=runtime, agent_client=agent)
+    engine.dispatcher.retry_delays = (0.01, 0.02)
+    return engine
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[Harness]:
+    runtime = FakeRuntime(images=[IMAGE])
+    agent = ScriptedAgent(runtime)
+    async with _engine(tmp_path, runtime, agent) as engine:
+        yield Harness(engine, runtime, agent)
+
+
+async def test_messages_are_delivered_in_order_when_agent_starts_asleep(fake: Harness) -> None:
+    assert fake.engine.supervisor.get("echo").state is S.CREATED
+    sent = [await fake.send({"i": i}) for i in range(30)]
+    last = await fake.wait_status(sent[-1], M.DELIVERED)
+    assert [mid for mid, _ in fake.agent.deliveries] == [m.id for m in sent]
+    assert [body["i"] for _, body in fake.agent.deliveries] == list(range(30))
+    assert last.reply == {"echo": {"i": 29}, "message_id": last.id}
+    assert last.attempts == 1
+    assert fake.engine.supervisor.get("echo").state is S.RUNNING
+    assert fake.agent.most_in_flight == 1
+
+
+async def test_server_errors_are_retried_before_later_messages_when_agent_answers_503(
+    fake: Harness,
+) -> None:
+    flaky = await fake.send({"fail_first": 2})
+    after = await fake.send({"i": "after"})
+    await fake.wait_status(after, M.DELIVERED)
+    delivered = await fake.status(flaky)
+    assert delivered.status is M.DELIVERED
+    assert delivered.attempts == 3
+    assert [mid for mid, _ in fake.agent.deliveries] == [flaky.id] * 3 + [after.id]
+
+
+async def test_client_error_fails_the_message_and_delivery_goes_on_when_agent_answers_4xx(
+    fake: Harness,
+) -> None:
+    rejected = await fake.send({"status": 422})
+    after = await fake.send({"i": 1})
+    await fake.wait_status(after, M.DELIVERED)
+    failed = await fake.status(rejected)
+    assert failed.status is M.FAILED
+    assert failed.attempts == 1
+    assert failed.error.startswith("HTTP 422")
+    assert "scripted" in failed.error
+
+
+async def test_repeated_server_errors_fail_the_message_when_limit_reached(
+    fake: Harness,
+) -> None:
+    fake.engine.dispatcher.max_server_errors = 3
+    broken = await fake.send({"status": 500})
+    failed = await fake.wait_status(broken, M.FAILED)
+    assert failed.attempts == 3
+    assert failed.error.startswith("HTTP 500")
+
+
+async def test_waiting_messages_die_and_reset_delivers_them_when_agent_fails(
+    fake: Harness,
+) -> None:
+    sup = fake.engine.supervisor
+    await sup.ensure_running("echo", timeout=5)
+    fake.agent.down = True  # deliveries find no connection: they wait, retrying
+    sent = [await fake.send({"i": i}) for i in range(3)]
+    await wait_until(
+        lambda: fake.engine.inbox.pending_count("echo") == 3, timeout=5, what="3 pending"
+    )
+    container = sup.get("echo").container_id
+    assert container is not None
+    fake.runtime.crash(container, exit_code=2)  # max_restarts 0: failed at once
+    await wait_until(lambda: sup.get("echo").state is S.FAILED, timeout=5, what="failed")
+    for message in sent:
+        dead = await fake.wait_status(message, M.DEAD)
+        assert "failed" in dead.error
+    # a message sent while the agent is failed is kept, dead, too
+    late = await fake.send({"i": 3})
+    await fake.wait_status(late, M.DEAD)
+    assert fake.engine.inbox.pending_count("echo") == 0
+
+    fake.agent.down = False
+    await sup.request("echo", ev.ResetRequested("reset requested via test"))
+    for message in [*sent, late]:
+        await fake.wait_status(message, M.DELIVERED)
+    assert [body["i"] for _, body in fake.agent.deliveries] == [0, 1, 2, 3]
+    assert sup.get("echo").state is S.RUNNING
+
+
+async def test_messages_in_flight_are_redelivered_when_engine_restarts(tmp_path: Path) -> None:
+    runtime = FakeRuntime(images=[IMAGE])
+    agent = ScriptedAgent(runtime)
+    agent.hold = asyncio.Event()  # the first delivery never finishes in this engine
+    async with _engine(tmp_path, runtime, agent) as engine:
+        sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(3)]
+        await wait_until(lambda: len(agent.deliveries) == 1, timeout=5, what="first delivery")
+
+        async def marked() -> bool:
+            stored = await engine.inbox.get("echo", sent[0].id)
+            return stored is not None and stored.status is M.DELIVERING
+
+        await wait_until(marked, timeout=5, what="delivering")
+    agent.hold = None
+    async with _engine(tmp_path, runtime, agent) as engine:
+
+        async def all_delivered() -> bool:
+            stored = [await engine.inbox.get("echo", m.id) for m in sent]
+            return all(s is not None and s.status is M.DELIVERED for s in stored)
+
+        await wait_until(all_delivered, timeout=10, what="delivered after restart")
+    ids = [mid for mid, _ in agent.deliveries]
+    # the interrupted one again (same id), then the rest, in order
+    assert ids == [sent[0].id, sent[0].id, sent[1].id, sent[2].id]
+
+
+async def test_concurrent_delivery_starts_in_order_when_max_concurrent_messages_above_one(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(images=[IMAGE])
+    agent = ScriptedAgent(runtime)
+    async with _engine(tmp_path, runtime, agent, max_concurrent_messages=3) as engine:
+        agent.hold = asyncio.Event()
+        sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(7)]
+        await wait_until(lambda: agent.in_flight == 3, timeout=5, what="3 in flight")
+        assert [mid for mid, _ in agent.deliveries] == [m.id for m in sent[:3]]
+        agent.hold.set()
+
+        async def all_delivered() -> bool:
+            return engine.inbox.pending_count("echo") == 0
+
+        await wait_until(all_delivered, timeout=10, what="all delivered")
+    assert [mid for mid, _ in agent.deliveries] == [m.id for m in sent]
+    assert agent.most_in_flight == 3
+
+
+async def test_waking_is_announced_once_when_delivery_waits_for_the_agent(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(images=[IMAGE])
+    agent = ScriptedAgent(runtime)
+    async with _engine(tmp_path, runtime, agent, waking_notice_after=0) as engine:
+        sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(3)]
+
+        async def delivered() -> bool:
+            return engine.inbox.pending_count("echo") == 0
+
+        await wait_until(delivered, timeout=10, what="delivered")
+        notices = [e for e in engine.events.recent(1000) if e.kind == "agent.waking"]
+        assert len(notices) == 1
+        assert notices[0].data["agent"] == "echo"
+        assert notices[0].data["state"] == "created"
+        assert notices[0].data["waited_ms"] >= 0
+        statuses = [
+            e.data["status"]
+            for e in engine.events.recent(1000)
+            if e.kind == "message.status" and e.data["message_id"] == sent[0].id
+        ]
+        assert statuses == ["queued", "delivered"]
+
+
+async def test_wait_final_returns_the_reply_when_message_is_delivered(fake: Harness) -> None:
+    message = await fake.send({"hello": "world"})
+    final = await fake.engine.dispatcher.wait_final("echo", message.id, 10)
+    assert final is not None
+    assert final.status is M.DELIVERED
+    assert final.reply == {"echo": {"hello": "world"}, "message_id": message.id}
+    fake.agent.down = True
+    stuck = await fake.send({"never": True})
+    assert await fake.engine.dispatcher.wait_final("echo", stuck.id, 0.05) is None

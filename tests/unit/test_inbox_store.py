@@ -1,0 +1,194 @@
+"""``SqliteInbox`` on a real SQLite file: order, idempotency, statuses, limits, reopening."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from roost.adapters.sqlite_inbox import SqliteInbox
+from roost.adapters.sqlite_store import SqliteStore
+from roost.ports.inbox import MessageStatus, QueueFull
+
+M = MessageStatus
+
+
+async def _open(path: Path) -> tuple[SqliteStore, SqliteInbox]:
+    store = SqliteStore(path)
+    await store.open()
+    inbox = SqliteInbox(store)
+    await inbox.open()
+    return store, inbox
+
+
+async def _close(store: SqliteStore, inbox: SqliteInbox) -> None:
+    await inbox.close()
+    await store.close()
+
+
+@pytest.fixture
+async def inbox(tmp_path: Path) -> AsyncIterator[SqliteInbox]:
+    store, box = await _open(tmp_path / "roost.db")
+    yield box
+    await _close(store, box)
+
+
+async def test_messages_keep_acceptance_order_when_enqueued_concurrently(
+    inbox: SqliteInbox,
+) -> None:
+    results = await asyncio.gather(*(inbox.enqueue("a", {"i": i}) for i in range(200)))
+    seqs = [message.seq for message, _ in results]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 200
+    queued = await inbox.next_queued("a", after_seq=0, limit=1000)
+    assert [m.body["i"] for m in queued] == list(range(200))
+    assert inbox.pending_count("a") == 200
+    # group commit: fewer transactions than writes
+    assert inbox.commits < inbox.writes
+
+
+async def test_next_queued_pages_after_seq_when_asked_for_a_batch(inbox: SqliteInbox) -> None:
+    for i in range(5):
+        await inbox.enqueue("a", i)
+    await inbox.enqueue("b", "other agent")
+    first = await inbox.next_queued("a", after_seq=0, limit=2)
+    rest = await inbox.next_queued("a", after_seq=first[-1].seq, limit=10)
+    assert [m.body for m in first + rest] == [0, 1, 2, 3, 4]
+    newest = await inbox.list_messages("a", limit=2)
+    assert [m.body for m in newest] == [3, 4]
+    page = await inbox.list_messages("a", limit=2, after_seq=first[0].seq)
+    assert [m.body for m in page] == [1, 2]
+
+
+async def test_same_idempotency_key_returns_one_message_when_posted_twice(
+    inbox: SqliteInbox,
+) -> None:
+    first, created = await inbox.enqueue("a", {"x": 1}, idempotency_key="k1")
+    again, created_again = await inbox.enqueue("a", {"x": 2}, idempotency_key="k1")
+    other_agent, created_other = await inbox.enqueue("b", {"x": 3}, idempotency_key="k1")
+    assert created
+    assert not created_again
+    assert created_other
+    assert again.id == first.id
+    assert again.body == {"x": 1}
+    assert other_agent.id != first.id
+    assert len(await inbox.list_messages("a")) == 1
+    assert inbox.pending_count("a") == 1
+
+
+async def test_same_idempotency_key_stores_one_row_when_posted_concurrently(
+    inbox: SqliteInbox,
+) -> None:
+    results = await asyncio.gather(
+        *(inbox.enqueue("a", {"n": n}, idempotency_key="same") for n in range(20))
+    )
+    assert len({m.id for m, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert len(await inbox.list_messages("a")) == 1
+    assert inbox.pending_count("a") == 1
+
+
+async def test_queue_full_stores_nothing_when_limit_reached(inbox: SqliteInbox) -> None:
+    for i in range(3):
+        await inbox.enqueue("a", i, limit=3)
+    with pytest.raises(QueueFull) as caught:
+        await inbox.enqueue("a", 99, limit=3)
+    assert caught.value.pending == 3
+    assert [m.body for m in await inbox.list_messages("a")] == [0, 1, 2]
+    # another agent has its own queue
+    await inbox.enqueue("b", 0, limit=3)
+
+
+async def test_statuses_follow_delivery_when_marked(inbox: SqliteInbox) -> None:
+    ok, _ = await inbox.enqueue("a", "ok")
+    bad, _ = await inbox.enqueue("a", "bad")
+    retry, _ = await inbox.enqueue("a", "retry")
+    await inbox.mark_delivering(ok.id, attempts=1)
+    got = await inbox.get("a", ok.id)
+    assert got is not None
+    assert got.status is M.DELIVERING
+    assert got.attempts == 1
+    await inbox.mark_delivered(ok, {"answer": 42})
+    await inbox.mark_failed(bad, "HTTP 400: nope")
+    await inbox.mark_delivering(retry.id, attempts=1)
+    await inbox.mark_retry(retry.id, "HTTP 503", next_attempt_at=123.0)
+
+    delivered = await inbox.get("a", ok.id)
+    assert delivered is not None
+    assert delivered.status is M.DELIVERED
+    assert delivered.reply == {"answer": 42}
+    assert delivered.delivered_at is not None
+    failed = await inbox.get("a", bad.id)
+    assert failed is not None
+    assert failed.status is M.FAILED
+    assert failed.error == "HTTP 400: nope"
+    retried = await inbox.get("a", retry.id)
+    assert retried is not None
+    assert retried.status is M.QUEUED
+    assert retried.error == "HTTP 503"
+    assert retried.next_attempt_at == 123.0
+    assert inbox.pending_count("a") == 1
+    assert [m.id for m in await inbox.list_messages("a", status=M.QUEUED)] == [retry.id]
+    assert await inbox.get("b", ok.id) is None  # ids are per agent
+
+
+async def test_dead_messages_are_requeued_in_order_when_agent_is_reset(
+    inbox: SqliteInbox,
+) -> None:
+    done, _ = await inbox.enqueue("a", 0)
+    await inbox.mark_delivered(done, "r")
+    waiting = [(await inbox.enqueue("a", i))[0] for i in range(1, 4)]
+    await inbox.mark_delivering(waiting[0].id, attempts=1)
+    killed = await inbox.kill_pending("a", "agent 'a' failed")
+    assert sorted(killed) == sorted(m.id for m in waiting)
+    assert inbox.pending_count("a") == 0
+    dead = await inbox.list_messages("a", status=M.DEAD)
+    assert [m.body for m in dead] == [1, 2, 3]
+    assert all(m.error == "agent 'a' failed" for m in dead)
+    # a late retry of a dead message does not resurrect it
+    await inbox.mark_retry(waiting[0].id, "late", next_attempt_at=0.0)
+    assert (await inbox.get("a", waiting[0].id)).status is M.DEAD  # type: ignore[union-attr]
+
+    requeued = await inbox.requeue_dead("a")
+    assert sorted(requeued) == sorted(killed)
+    assert inbox.pending_count("a") == 3
+    queued = await inbox.next_queued("a", after_seq=0, limit=10)
+    assert [m.body for m in queued] == [1, 2, 3]
+    delivered = await inbox.get("a", done.id)
+    assert delivered is not None
+    assert delivered.status is M.DELIVERED
+
+
+async def test_messages_survive_reopen_and_delivering_is_requeued_when_roost_restarts(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "roost.db"
+    store, inbox = await _open(path)
+    messages = [(await inbox.enqueue("a", {"i": i}, idempotency_key=f"k{i}"))[0] for i in range(4)]
+    await inbox.mark_delivered(messages[0], "done")
+    await inbox.mark_delivering(messages[1].id, attempts=1)
+    await _close(store, inbox)
+
+    store, inbox = await _open(path)
+    try:
+        assert inbox.pending_count("a") == 3
+        assert await inbox.recover() == ["a"]
+        queued = await inbox.next_queued("a", after_seq=0, limit=10)
+        assert [m.id for m in queued] == [m.id for m in messages[1:]]
+        assert queued[0].attempts == 1
+        again, created = await inbox.enqueue("a", "x", idempotency_key="k2")
+        assert not created
+        assert again.id == messages[2].id
+        newer, _ = await inbox.enqueue("a", "newer")
+        assert newer.seq > messages[-1].seq
+    finally:
+        await _close(store, inbox)
+
+
+async def test_body_that_is_not_json_is_refused_when_enqueued(inbox: SqliteInbox) -> None:
+    with pytest.raises(TypeError):
+        await inbox.enqueue("a", {"x": object()})
+    assert inbox.pending_count("a") == 0
+    assert await inbox.list_messages("a") == []

@@ -1,0 +1,391 @@
+"""Message and event routes on a FakeRuntime engine: accept, wait, idempotency, bad input
+(nothing stored in any refusal), and the SSE stream through a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from roost import serving
+from roost.api.app import create_app
+from roost.cli_messages import parse_sse
+from roost.engine import Engine
+from roost.testing.fake_runtime import FakeRuntime
+from tests.conftest import make_settings, wait_until
+from tests.unit.test_cli import _daemon
+from tests.unit.test_delivering import ScriptedAgent
+
+IMAGE = "roost-mimic:latest"
+TOKEN = "t0ken"
+MAX_BODY = 1000
+QUEUE_LIMIT = 3
+
+
+class Harness:
+    def __init__(self, engine: Engine, agent: ScriptedAgent, client: httpx.AsyncClient) -> None:
+        self.engine = engine
+        self.agent = agent
+        self.client = client
+
+    async def stored(self, name: str = "echo") -> list[dict[str, Any]]:
+        response = await self.client.get(f"/api/agents/{name}/messages", params={"limit": 1000})
+        assert response.status_code == 200, response.text
+        messages: list[dict[str, Any]] = response.json()["messages"]
+        return messages
+
+
+def _settings(tmp_path: Path) -> Any:
+    return make_settings(
+        tmp_path,
+        "messages-api",
+        agents={"echo": {"image": IMAGE}},
+        defaults={"queue_limit": QUEUE_LIMIT, "wait_timeout": 5},
+        server={"max_body_size": MAX_BODY},
+    )
+
+
+async def _harness(tmp_path: Path, token: str | None) -> AsyncIterator[Harness]:
+    runtime = FakeRuntime(images=[IMAGE])
+    agent = ScriptedAgent(runtime)
+    async with Engine(_settings(tmp_path), runtime=runtime, agent_client=agent) as engine:
+        engine.dispatcher.retry_delays = (0.01,)
+        transport = httpx.ASGITransport(app=create_app(engine, token=token))
+        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
+            yield Harness(engine, agent, client)
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Harness]:
+    async for harness in _harness(tmp_path, None):
+        yield harness
+
+
+async def test_post_answers_202_with_id_and_message_is_delivered_when_agent_asleep(
+    api: Harness,
+) -> None:
+    response = await api.client.post("/api/agents/echo/messages", json={"hello": 1})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["agent"] == "echo"
+    assert body["status"] == "queued"
+    assert response.headers["location"] == f"/api/agents/echo/messages/{body['id']}"
+
+    async def delivered() -> bool:
+        shown = await api.client.get(f"/api/agents/echo/messages/{body['id']}")
+        return bool(shown.json()["status"] == "delivered")
+
+    await wait_until(delivered, timeout=10, what="delivered")
+    shown = (await api.client.get(f"/api/agents/echo/messages/{body['id']}")).json()
+    assert shown["reply"] == {"echo": {"hello": 1}, "message_id": body["id"]}
+    assert shown["attempts"] == 1
+    assert shown["error"] is None
+    assert shown["body"] == {"hello": 1}
+
+
+async def test_post_with_wait_answers_200_with_reply_when_agent_replies(api: Harness) -> None:
+    response = await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true"}, json=["any", "json", 3]
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "delivered"
+    assert body["reply"] == {"echo": ["any", "json", 3], "message_id": body["id"]}
+
+
+async def test_post_with_wait_answers_202_with_id_when_reply_takes_too_long(
+    api: Harness,
+) -> None:
+    api.agent.down = True
+    response = await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true", "timeout": "0.1"}, json="x"
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] in ("queued", "delivering")
+    api.agent.down = False
+    await wait_until(
+        lambda: api.engine.inbox.pending_count("echo") == 0, timeout=10, what="delivered"
+    )
+
+
+async def test_post_with_wait_reports_failure_when_agent_rejects_the_message(
+    api: Harness,
+) -> None:
+    response = await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true"}, json={"status": 400}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "failed"
+    assert body["error"].startswith("HTTP 400")
+
+
+async def test_same_idempotency_key_returns_the_same_message_when_posted_again(
+    api: Harness,
+) -> None:
+    headers = {"Idempotency-Key": "order-17"}
+    first = await api.client.post("/api/agents/echo/messages", json={"n": 1}, headers=headers)
+    again = await api.client.post("/api/agents/echo/messages", json={"n": 2}, headers=headers)
+    assert first.status_code == 202
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    stored = await api.stored()
+    assert [m["body"] for m in stored] == [{"n": 1}]
+
+
+@pytest.mark.parametrize(
+    ("raw", "where"),
+    [
+        (b'{"a": 1,', "line 1 column 9"),
+        (b'{\n  "a": tru\n}', "line 2 column 8"),
+        (b"", "line 1 column 1"),
+        (b"NaN", "NaN is not valid JSON"),
+    ],
+)
+async def test_malformed_json_answers_400_naming_the_position_when_posted(
+    api: Harness, raw: bytes, where: str
+) -> None:
+    await api.client.post("/api/agents/echo/messages", json={"kept": True})
+    before = await api.stored()
+    response = await api.client.post(
+        "/api/agents/echo/messages", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert "not valid JSON" in body["error"]
+    assert where in body["error"]
+    assert body["agent"] == "echo"
+    assert [m["id"] for m in await api.stored()] == [m["id"] for m in before]
+
+
+async def test_body_over_limit_answers_413_when_declared_or_streamed(api: Harness) -> None:
+    await api.client.post("/api/agents/echo/messages", json={"kept": True})
+    before = await api.stored()
+    big = json.dumps({"pad": "x" * MAX_BODY}).encode()
+    declared = await api.client.post("/api/agents/echo/messages", content=big)
+    assert declared.status_code == 413, declared.text
+    assert str(MAX_BODY) in declared.json()["error"]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 100):
+            yield big[start : start + 100]
+
+    streamed = await api.client.post("/api/agents/echo/messages", content=chunks())
+    assert streamed.status_code == 413, streamed.text
+    assert [m["id"] for m in await api.stored()] == [m["id"] for m in before]
+
+
+async def test_unknown_agent_answers_404_when_message_posted_or_read(api: Harness) -> None:
+    posted = await api.client.post("/api/agents/nobody/messages", json={"x": 1})
+    assert posted.status_code == 404
+    assert posted.json()["agent"] == "nobody"
+    assert "'nobody'" in posted.json()["error"]
+    assert await api.engine.inbox.list_messages("nobody") == []
+    missing = await api.client.get("/api/agents/echo/messages/0123abcd")
+    assert missing.status_code == 404
+    assert "0123abcd" in missing.json()["error"]
+
+
+async def test_full_queue_answers_429_with_retry_after_when_limit_reached(
+    api: Harness,
+) -> None:
+    api.agent.down = True
+    for i in range(QUEUE_LIMIT):
+        accepted = await api.client.post("/api/agents/echo/messages", json={"i": i})
+        assert accepted.status_code == 202
+    before = await api.stored()
+    refused = await api.client.post("/api/agents/echo/messages", json={"i": "one too many"})
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "queue_limit" in refused.json()["error"]
+    assert [m["id"] for m in await api.stored()] == [m["id"] for m in before]
+    listing = (await api.client.get("/api/agents/echo/messages")).json()
+    assert listing["pending"] == QUEUE_LIMIT
+    # once delivered, the queue takes messages again
+    api.agent.down = False
+    await wait_until(
+        lambda: api.engine.inbox.pending_count("echo") == 0, timeout=10, what="drained"
+    )
+    again = await api.client.post("/api/agents/echo/messages", json={"i": "later"})
+    assert again.status_code == 202
+
+
+async def test_list_filters_by_status_when_asked(api: Harness) -> None:
+    await api.client.post("/api/agents/echo/messages", params={"wait": "true"}, json={"ok": 1})
+    await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true"}, json={"status": 404}
+    )
+    failed = (await api.client.get("/api/agents/echo/messages", params={"status": "failed"})).json()
+    assert [m["body"] for m in failed["messages"]] == [{"status": 404}]
+    bad = await api.client.get("/api/agents/echo/messages", params={"status": "weird"})
+    assert bad.status_code == 422
+
+
+async def test_message_routes_need_the_token_when_one_is_set(tmp_path: Path) -> None:
+    async for api in _harness(tmp_path, TOKEN):
+        refused = await api.client.post("/api/agents/echo/messages", json={"x": 1})
+        assert refused.status_code == 401
+        assert await api.engine.inbox.list_messages("echo") == []
+        events = await api.client.get("/api/events", params={"recent": "5"})
+        assert events.status_code == 401
+        allowed = await api.client.post(
+            "/api/agents/echo/messages",
+            json={"x": 1},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert allowed.status_code == 202
+
+
+async def test_recent_events_are_listed_as_json_when_recent_given(api: Harness) -> None:
+    await api.client.post("/api/agents/echo/messages", params={"wait": "true"}, json={"x": 1})
+    response = await api.client.get("/api/events", params={"recent": "100"})
+    assert response.status_code == 200
+    kinds = [e["kind"] for e in response.json()["events"]]
+    assert "agent.state" in kinds
+    assert "message.status" in kinds
+
+
+# --------------------------------------------------------------------------- SSE
+
+
+async def _read_frames(count: int, lines: AsyncIterator[str]) -> list[dict[str, str]]:
+    frames: list[dict[str, str]] = []
+    frame: dict[str, str] = {}
+    async for line in lines:
+        if not line:
+            if frame:
+                frames.append(frame)
+                frame = {}
+                if len(frames) == count:
+                    return frames
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(": ")
+        frame[key] = value
+    return frames
+
+
+async def test_event_stream_sends_frames_resumes_and_ends_when_server_stops(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(images=[IMAGE])
+    agent = ScriptedAgent(runtime)
+    settings = _settings(tmp_path)
+    engine = Engine(settings, runtime=runtime, agent_client=agent)
+    sock = await serving.bind_listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    stop = asyncio.Event()
+    server = asyncio.create_task(
+        serving.serve(
+            settings, engine=engine, listen_socket=sock, shutdown=stop, handle_signals=False
+        )
+    )
+    try:
+        await _exercise_stream(f"http://127.0.0.1:{port}", stop)
+    finally:
+        stop.set()
+        async with asyncio.timeout(15):
+            code = await server
+    assert code == serving.EXIT_OK
+
+
+async def _exercise_stream(base: str, stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        await wait_until(_answers(client), timeout=10, what="server up")
+        async with client.stream("GET", "/api/events") as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith(":")  # opened at once
+            sent = await client.post("/api/agents/echo/messages", json={"sse": 1})
+            message_id = sent.json()["id"]
+            seen: list[dict[str, str]] = []
+            while not any(
+                f["event"] == "message.status" and json.loads(f["data"])["status"] == "delivered"
+                for f in seen
+            ):
+                seen += await _read_frames(1, lines)
+        first_id = int(seen[0]["id"])
+        data = json.loads(seen[0]["data"])
+        assert data["id"] == first_id
+        assert data["kind"] == seen[0]["event"]
+        statuses = [json.loads(f["data"]) for f in seen if f["event"] == "message.status"]
+        assert [s["status"] for s in statuses] == ["queued", "delivered"]
+        assert {s["message_id"] for s in statuses} == {message_id}
+
+        # resume: everything after the first frame again, from the buffer
+        async with client.stream(
+            "GET", "/api/events", headers={"Last-Event-ID": str(first_id)}
+        ) as resumed:
+            again = await _read_frames(len(seen) - 1, resumed.aiter_lines())
+        assert [f["id"] for f in again] == [f["id"] for f in seen[1:]]
+
+        # an open stream must not keep the server from stopping
+        async with client.stream("GET", "/api/events") as open_stream:
+            open_lines = open_stream.aiter_lines()
+            await anext(open_lines)
+            stop.set()
+            rest = [line async for line in open_lines]
+            assert all(not line or line.startswith(":") for line in rest)
+
+
+def _answers(client: httpx.AsyncClient) -> Any:
+    async def check() -> bool:
+        try:
+            return (await client.get("/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+async def test_send_prints_the_reply_and_events_list_it_when_daemon_runs(
+    tmp_path: Path,
+) -> None:
+    async for daemon in _daemon(tmp_path, token=None):
+        text = await daemon.cli("send", "echo", "hello there")
+        assert text.exit_code == 0, text.output
+        assert json.loads(text.stdout)["echo"] == {"text": "hello there"}
+
+        as_json = await daemon.cli("send", "echo", '{"a": [1, 2]}', "--json")
+        assert as_json.exit_code == 0, as_json.output
+        answer = json.loads(as_json.stdout)
+        assert answer["status"] == "delivered"
+        assert answer["reply"]["echo"] == {"a": [1, 2]}
+
+        queued = await daemon.cli("send", "echo", "later", "--no-wait", "--idempotency-key", "k-1")
+        assert queued.exit_code == 0, queued.output
+        message_id = queued.stdout.strip()
+        again = await daemon.cli("send", "echo", "later", "--no-wait", "--idempotency-key", "k-1")
+        assert again.stdout.strip() == message_id
+        assert len(await daemon.engine.inbox.list_messages("echo")) == 3
+
+        unknown = await daemon.cli("send", "nobody", "hi")
+        assert unknown.exit_code == 1
+        assert "'nobody'" in unknown.stderr
+
+        events = await daemon.cli("events", "--json", "-n", "100")
+        assert events.exit_code == 0, events.output
+        listed = [json.loads(line) for line in events.stdout.splitlines()]
+        assert any(e["kind"] == "message.status" and e["message_id"] == message_id for e in listed)
+        plain = await daemon.cli("events")
+        assert plain.exit_code == 0
+        assert "agent.state" in plain.stdout
+        assert "message.status" in plain.stdout
+
+
+def test_parse_sse_yields_frames_and_skips_comments_when_stream_is_read() -> None:
+    lines = [": hello", "", "id: 7", "event: agent.state", 'data: {"a": 1}', "", "data: x", ""]
+    assert list(parse_sse(iter(lines))) == [
+        ("7", "agent.state", '{"a": 1}'),
+        (None, "message", "x"),
+    ]
