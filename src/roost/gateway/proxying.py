@@ -1,0 +1,832 @@
+"""The reverse proxy ``ANY /agents/{name}/{path}``: wake the agent, hold, forward, stream.
+
+Role: a raw ASGI layer in front of the admin API. ``GatewayMiddleware`` takes
+every request whose path starts with ``/agents/`` (HTTP and WebSocket) and hands
+everything else to the wrapped app, so the hot path skips FastAPI's routing and
+validation. ``AgentProxy`` does the work: plain HTTP over the keep-alive pool of
+``roost.gateway.upstream`` (measured: about a third of aiohttp's CPU per warm
+request), WebSockets over aiohttp.
+
+A request for an agent that is not running wakes it (``ensure_running``) and is
+held until the agent answers its health check, for at most the agent's
+``hold_timeout``. Held longer than ``waking_notice_after``, the hold announces
+``agent.waking`` (SSE and webhook) once.
+
+Invariants:
+- Answers Roost gives itself are JSON ``{"error": ..., "agent": ...}`` like the
+  admin API's: 401 (token), 404 (unknown agent), 413 (body, declared or
+  streamed, larger than ``server.max_body_size``), 503 + ``Retry-After`` (still waking after
+  ``hold_timeout``, or Roost shutting down), 502 (the agent failed or could not
+  start while the request was held, or it did not answer; the body names the
+  agent and its ``state``).
+- Every proxied answer carries ``Roost-Cold-Start`` (the state the agent was
+  woken from: ``paused``, ``stopped``, ``created``, ...; ``none`` when it was
+  already running) and ``Roost-Wake-Ms`` (time spent waking it).
+- Bodies stream both ways: the request body goes upstream as it arrives, the
+  response goes back chunk by chunk; neither is buffered whole (a response that
+  is complete on arrival is sent in one piece).
+- Hop-by-hop headers (RFC 9110 7.6.1, plus any named in ``Connection``) are
+  never forwarded, either way. ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` /
+  ``-Prefix`` are set. Upstream ``Date`` and ``Server`` are replaced by Roost's
+  own (as nginx does).
+- With an API token, a proxied request must carry it as
+  ``Authorization: Bearer <token>`` (then that header is not forwarded: it was
+  Roost's) or as ``Roost-Token: <token>`` (then ``Authorization`` goes to the
+  agent untouched). ``Roost-Token`` is never forwarded. Comparison is constant-time.
+- Activity: a proxied request, stream or WebSocket holds ``actor.busy()`` for its
+  whole life, so idling never pauses or stops an agent in the middle of one.
+- Every task is owned: waking notices are tracked and awaited by ``close``; a
+  streaming response's disconnect watcher ends with the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from yarl import URL
+
+from roost import errors
+from roost.config import ResolvedAgent
+from roost.core.states import AgentState
+from roost.gateway.upstream import (
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
+
+if TYPE_CHECKING:
+    from roost.engine import Engine
+    from roost.reactor.supervising import AgentActor
+
+__all__ = [
+    "DEFAULT_HOLD_TIMEOUT",
+    "DEFAULT_WAKING_NOTICE_AFTER",
+    "PREFIX",
+    "AgentProxy",
+    "GatewayMiddleware",
+]
+
+log = logging.getLogger("roost.gateway.proxy")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Every path under this prefix is proxied: ``/agents/{name}/{path}``.
+PREFIX = "/agents/"
+#: Used when an agent's spec does not say (specs not built from roost.toml).
+DEFAULT_HOLD_TIMEOUT = 60.0
+DEFAULT_WAKING_NOTICE_AFTER = 1.0
+#: Largest WebSocket message relayed (uvicorn's default limit, both ways).
+WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
+#: Retry-After for a request that was still waking when its hold ran out.
+RETRY_AFTER_SECONDS = 1
+#: Time to connect to an agent's port (it answered its health check, so this is short).
+CONNECT_TIMEOUT = 10.0
+CONNECTION_LIMIT = 1024
+
+_PREFIX_BYTES = PREFIX.encode()
+_AWAKE = (AgentState.RUNNING, AgentState.IDLE)
+
+# RFC 9110 7.6.1 hop-by-hop fields, and ``proxy-connection`` (a pre-standard one).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Not forwarded upstream: hop-by-hop, the client's Host (aiohttp sets the agent's),
+# forwarding headers Roost rewrites itself, and Roost's own token header.
+_REQUEST_DROP = _HOP_BY_HOP | {
+    b"host",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-prefix",
+    b"roost-token",
+}
+# Plain HTTP: the body framing is Roost's (Content-Length or chunked, set by the
+# upstream client) and ``Expect: 100-continue`` was answered by Roost's server.
+_HTTP_DROP = _REQUEST_DROP | {b"content-length", b"expect"}
+# A WebSocket handshake is made anew by aiohttp: the client's handshake fields go.
+_WEBSOCKET_DROP = _REQUEST_DROP | {
+    b"sec-websocket-key",
+    b"sec-websocket-version",
+    b"sec-websocket-extensions",
+    b"sec-websocket-protocol",
+    b"content-length",
+}
+# Not returned to the client: hop-by-hop, and Date/Server (uvicorn adds its own).
+_RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
+_VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
+
+_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+class _Refusal(Exception):
+    """An answer Roost gives itself instead of the agent's (JSON error body)."""
+
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
+        super().__init__(body.get("error", ""))
+        self.status = status
+        self.body = body
+        self.headers = tuple(headers)
+
+
+class _BodyTooLarge(Exception):
+    """The request body grew past ``server.max_body_size`` while it was read."""
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def _hold_settings(actor: AgentActor) -> tuple[float, float]:
+    spec = actor.spec
+    if isinstance(spec, ResolvedAgent):
+        return spec.hold_timeout, spec.waking_notice_after
+    return DEFAULT_HOLD_TIMEOUT, DEFAULT_WAKING_NOTICE_AFTER
+
+
+def _split_target(scope: Scope) -> tuple[str, bytes]:
+    """(agent name, upstream path with its original percent-encoding) of a proxied path."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    rest = raw[len(_PREFIX_BYTES) :] if raw.startswith(_PREFIX_BYTES) else b""
+    name, _, tail = rest.partition(b"/")
+    return name.decode("latin-1"), b"/" + tail
+
+
+def _declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    for key, value in headers:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _is_chunked(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(key == b"transfer-encoding" for key, _ in headers)
+
+
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
+class AgentProxy:
+    """Forwards HTTP and WebSocket traffic to agents, waking them first.
+
+    Owns one pooled aiohttp session (created on first use, closed by ``close``).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        token: str | None,
+        connection_limit: int = CONNECTION_LIMIT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._engine = engine
+        self._supervisor = engine.supervisor
+        self._token = token.encode("utf-8") if token else None
+        self._max_body = engine.settings.server.max_body_size
+        self._connection_limit = connection_limit
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout
+        )
+        #: plain HTTP goes through this pool; aiohttp (``_session``) carries WebSockets.
+        self._upstream = UpstreamPool(connect_timeout=connect_timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._addresses: dict[str, tuple[str, int]] = {}
+        #: agent.waking announcements in flight (awaited by ``close``).
+        self._notices: set[asyncio.Task[None]] = set()
+        #: WebSockets and streaming responses open right now.
+        self.open_streams = 0
+        self.closed = False
+
+    # -- resources --------------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._connection_limit, limit_per_host=0, enable_cleanup_closed=False
+                ),
+                # A proxy relays bytes: no decompression, no headers the client did not send.
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close upstream connections and wait for waking notices in flight."""
+        self.closed = True
+        if self._notices:
+            await asyncio.gather(*self._notices, return_exceptions=True)
+        await self._upstream.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- entry ------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ``/agents/...`` request (``scope["type"]`` http or websocket)."""
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self._http(scope, receive, send)
+
+    # -- checks shared by HTTP and WebSocket --------------------------------------------
+
+    def _authorize(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Check the token (``_Refusal`` 401 when wrong); True when ``Authorization``
+        held Roost's token, so it must not be forwarded."""
+        if self._token is None:
+            return False
+        bearer = b""
+        roost_token = b""
+        for key, value in headers:
+            if key == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    bearer = credentials.strip()
+            elif key == b"roost-token":
+                roost_token = value.strip()
+        # Always compare both (absent headers are empty tokens): timing tells nothing.
+        bearer_ok = secrets.compare_digest(bearer, self._token)
+        header_ok = secrets.compare_digest(roost_token, self._token)
+        if not (bearer_ok or header_ok):
+            raise _Refusal(
+                401,
+                {
+                    "error": "missing or wrong API token: send 'Authorization: Bearer <token>' "
+                    "(or 'Roost-Token: <token>') with the token from server.token_file"
+                },
+                [(b"www-authenticate", b"Bearer")],
+            )
+        return bearer_ok
+
+    def _actor(self, name: str) -> AgentActor:
+        actor = self._supervisor.actors.get(name)
+        if actor is None:
+            raise _Refusal(404, {"error": f"no agent named {name!r}", "agent": name})
+        return actor
+
+    async def _awake_url(self, actor: AgentActor) -> tuple[str, bytes, bytes]:
+        """(agent URL, Roost-Cold-Start, Roost-Wake-Ms): wake and hold when asleep."""
+        record = actor.record
+        if record.url is not None and record.state in _AWAKE:
+            return record.url, b"none", b"0"
+        name = actor.name
+        woken_from = record.state.value
+        if record.state is AgentState.FAILED:
+            raise _Refusal(
+                502,
+                {
+                    "error": f"agent {name!r} is failed; reset it first",
+                    "agent": name,
+                    "state": woken_from,
+                },
+            )
+        hold_timeout, notice_after = _hold_settings(actor)
+        clock = self._engine.clock
+        started = clock.monotonic()
+        notice = asyncio.get_running_loop().call_later(
+            notice_after, self._announce_waking, name, woken_from, started
+        )
+        try:
+            record = await self._supervisor.ensure_running(
+                name, timeout=hold_timeout, reason="proxied request"
+            )
+        except errors.StartupTimeout as exc:
+            raise _Refusal(
+                503,
+                {
+                    "error": f"agent {name!r} is still {actor.record.state.value} after "
+                    f"holding the request {hold_timeout:g}s (hold_timeout); retry",
+                    "agent": name,
+                    "state": actor.record.state.value,
+                    "detail": str(exc),
+                },
+                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
+            ) from exc
+        except errors.StateError as exc:
+            state = actor.record.state
+            if actor.closed or state is not AgentState.FAILED:
+                raise _Refusal(
+                    503,
+                    {"error": str(exc), "agent": name, "state": state.value},
+                    [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
+                ) from exc
+            raise _Refusal(502, {"error": str(exc), "agent": name, "state": state.value}) from exc
+        except errors.RoostError as exc:
+            raise _Refusal(
+                502,
+                {
+                    "error": f"agent {name!r} could not be woken: {exc}",
+                    "agent": name,
+                    "state": actor.record.state.value,
+                },
+            ) from exc
+        finally:
+            notice.cancel()
+        waited = clock.monotonic() - started
+        url = record.url
+        assert url is not None  # ensure_running returns only a running record with a URL
+        return url, woken_from.encode(), str(math.ceil(waited * 1000)).encode()
+
+    def _announce_waking(self, name: str, woken_from: str, started: float) -> None:
+        waited_ms = round((self._engine.clock.monotonic() - started) * 1000)
+        data = {"agent": name, "state": woken_from, "waited_ms": waited_ms}
+
+        async def announce() -> None:
+            try:
+                await self._engine.announce("agent.waking", data)
+            except Exception:
+                log.exception("agent %s: announcing agent.waking failed", name)
+
+        task = asyncio.create_task(announce(), name=f"roost.proxy.waking[{name}]")
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
+    def _forward_headers(
+        self, scope: Scope, name: str, drop: frozenset[bytes], drop_authorization: bool
+    ) -> list[tuple[bytes, bytes]]:
+        """The client's headers minus ``drop`` (and any it names in ``Connection``),
+        plus the ``X-Forwarded-*`` ones."""
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        dropped = drop
+        for key, value in headers:
+            if key == b"connection":
+                dropped = dropped | _connection_tokens(value)
+        forwarded: list[tuple[bytes, bytes]] = []
+        host = b""
+        prior_for = b""
+        for key, value in headers:
+            if key in dropped:
+                if key == b"host":
+                    host = value
+                continue
+            if key == b"authorization" and drop_authorization:
+                continue
+            if key == b"x-forwarded-for":
+                prior_for = value
+                continue
+            forwarded.append((key, value))
+        client = scope.get("client")
+        client_ip = client[0].encode() if client else b""
+        forwarded.append(
+            (b"x-forwarded-for", prior_for + b", " + client_ip if prior_for else client_ip)
+        )
+        secure = scope.get("scheme") in ("https", "wss")
+        forwarded.append((b"x-forwarded-proto", b"https" if secure else b"http"))
+        if host:
+            forwarded.append((b"x-forwarded-host", host))
+        forwarded.append((b"x-forwarded-prefix", _PREFIX_BYTES + name.encode()))
+        return forwarded
+
+    def _address(self, url: str) -> tuple[str, int]:
+        """(host, port) of an agent URL (cached: an agent's URL changes rarely)."""
+        found = self._addresses.get(url)
+        if found is None:
+            parts = urllib.parse.urlsplit(url)
+            found = (parts.hostname or "127.0.0.1", parts.port or 80)
+            if len(self._addresses) > 4096:
+                self._addresses.clear()
+            self._addresses[url] = found
+        return found
+
+    # -- HTTP -------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name, path = _split_target(scope)
+        try:
+            drop_authorization = self._authorize(scope["headers"])
+            actor = self._actor(name)
+            declared = _declared_length(scope["headers"])
+            if declared is not None and declared > self._max_body:
+                raise _Refusal(
+                    413,
+                    {
+                        "error": f"request body of {declared} bytes is larger than "
+                        f"server.max_body_size ({self._max_body} bytes)",
+                        "agent": name,
+                    },
+                )
+        except _Refusal as refusal:
+            await _send_refusal(send, refusal)
+            return
+        async with actor.busy():
+            try:
+                url, cold, wake_ms = await self._awake_url(actor)
+            except _Refusal as refusal:
+                await _send_refusal(send, refusal)
+                return
+            query: bytes = scope.get("query_string", b"")
+            target = path + b"?" + query if query else path
+            await self._forward_http(
+                scope, receive, send, actor, url, target, (cold, wake_ms), drop_authorization
+            )
+
+    async def _forward_http(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        actor: AgentActor,
+        url: str,
+        target: bytes,
+        wake: tuple[bytes, bytes],
+        drop_authorization: bool,
+    ) -> None:
+        name = actor.name
+        headers = self._forward_headers(scope, name, _HTTP_DROP, drop_authorization)
+        declared = _declared_length(scope["headers"])
+        body = _RequestBody(receive, self._max_body)
+        data: bytes | AsyncIterator[bytes] | None = None
+        if declared is not None or _is_chunked(scope["headers"]):
+            try:
+                data = await body.start()
+            except _ClientGone:
+                return
+            except _BodyTooLarge:
+                await _send_refusal(send, body.refusal(name))
+                return
+            if declared is not None and not isinstance(data, bytes):
+                headers.append((b"content-length", str(declared).encode()))
+        host, port = self._address(url)
+        method: bytes = scope["method"].encode()
+        attempts = 2 if body.replayable else 1
+        while True:
+            attempts -= 1
+            try:
+                response = await self._upstream.request(
+                    host, port, method, target, headers, data, length_given=declared is not None
+                )
+                break
+            except UpstreamDisconnected as exc:
+                # A pooled keep-alive connection the agent closed meanwhile: send it
+                # again on a fresh one when it can be replayed (its body is in memory).
+                if attempts > 0:
+                    continue
+                await self._upstream_failed(send, actor, exc)
+                return
+            except _BodyTooLarge:
+                await _send_refusal(send, body.refusal(name))
+                return
+            except (UpstreamError, OSError, TimeoutError) as exc:
+                await self._upstream_failed(send, actor, exc)
+                return
+        try:
+            finished = await self._relay(response, receive, send, body, wake)
+        except BaseException:
+            response.close()
+            raise
+        if finished:
+            await response.release()
+        else:
+            response.close()
+
+    async def _upstream_failed(self, send: Send, actor: AgentActor, exc: BaseException) -> None:
+        name = actor.name
+        detail = str(exc) or type(exc).__name__
+        log.info("agent %s: proxied request failed upstream: %s", name, detail)
+        await _send_refusal(
+            send,
+            _Refusal(
+                502,
+                {
+                    "error": f"agent {name!r} did not answer: {detail}",
+                    "agent": name,
+                    "state": actor.record.state.value,
+                },
+            ),
+        )
+
+    async def _relay(
+        self,
+        response: UpstreamResponse,
+        receive: Receive,
+        send: Send,
+        body: _RequestBody,
+        wake: tuple[bytes, bytes],
+    ) -> bool:
+        """Send the agent's answer to the client; False when it ended early."""
+        dropped = _RESPONSE_DROP
+        raw_headers = response.headers
+        for key, value in raw_headers:
+            if key.lower() == b"connection":
+                dropped = dropped | _connection_tokens(value)
+        headers = [(k, v) for k, v in raw_headers if k.lower() not in dropped]
+        headers.append((b"roost-cold-start", wake[0]))
+        headers.append((b"roost-wake-ms", wake[1]))
+        start = {"type": "http.response.start", "status": response.status, "headers": headers}
+        if response.complete:
+            # The whole answer is already here: no streaming machinery.
+            await send(start)
+            await send({"type": "http.response.body", "body": response.body(), "more_body": False})
+            return True
+        await send(start)
+        self.open_streams += 1
+        try:
+            return await self._stream(response, receive, send, body)
+        finally:
+            self.open_streams -= 1
+
+    async def _stream(
+        self, response: UpstreamResponse, receive: Receive, send: Send, body: _RequestBody
+    ) -> bool:
+        """Relay the body as it comes; False when the client left before its end."""
+
+        async def pump() -> None:
+            async for chunk in response.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        if not body.consumed:
+            # The agent answers before reading the whole upload: nothing to watch yet.
+            await pump()
+            return True
+
+        async def client_gone() -> None:
+            # After the request body, the server's receive() only returns on disconnect.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        pumping = asyncio.create_task(pump(), name="roost.proxy.stream")
+        watching = asyncio.create_task(client_gone(), name="roost.proxy.disconnect")
+        try:
+            await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, watching):
+                task.cancel()
+            await asyncio.gather(pumping, watching, return_exceptions=True)
+        if pumping.done() and not pumping.cancelled():
+            pumping.result()  # re-raise an upstream failure mid-stream
+            return True
+        return False  # the client left mid-response
+
+    # -- WebSocket --------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name, path = _split_target(scope)
+        try:
+            drop_authorization = self._authorize(scope["headers"])
+            actor = self._actor(name)
+        except _Refusal as refusal:
+            await _deny_websocket(scope, send, refusal)
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return
+        async with actor.busy():
+            try:
+                url, cold, wake_ms = await self._awake_url(actor)
+            except _Refusal as refusal:
+                await _deny_websocket(scope, send, refusal)
+                return
+            query: bytes = scope.get("query_string", b"")
+            target = "ws" + url[len("http") :] + path.decode("latin-1")
+            if query:
+                target = f"{target}?{query.decode('latin-1')}"
+            headers = [
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in self._forward_headers(scope, name, _WEBSOCKET_DROP, drop_authorization)
+            ]
+            protocols: list[str] = list(scope.get("subprotocols") or ())
+            try:
+                upstream = await self._client().ws_connect(
+                    URL(target, encoded=True),
+                    headers=headers,
+                    protocols=protocols,
+                    max_msg_size=WEBSOCKET_MAX_MESSAGE,
+                    autoclose=True,
+                    autoping=True,
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                await _deny_websocket(
+                    scope,
+                    send,
+                    _Refusal(
+                        502,
+                        {
+                            "error": f"agent {name!r} refused the WebSocket upgrade "
+                            f"(HTTP {exc.status})",
+                            "agent": name,
+                            "state": actor.record.state.value,
+                        },
+                    ),
+                )
+                return
+            except _UPSTREAM_ERRORS as exc:
+                await _deny_websocket(
+                    scope,
+                    send,
+                    _Refusal(
+                        502,
+                        {
+                            "error": f"agent {name!r} did not answer: {exc or type(exc).__name__}",
+                            "agent": name,
+                            "state": actor.record.state.value,
+                        },
+                    ),
+                )
+                return
+            self.open_streams += 1
+            try:
+                await send(
+                    {
+                        "type": "websocket.accept",
+                        "subprotocol": upstream.protocol,
+                        "headers": [(b"roost-cold-start", cold), (b"roost-wake-ms", wake_ms)],
+                    }
+                )
+                await _relay_websocket(receive, send, upstream, actor)
+            finally:
+                self.open_streams -= 1
+                await upstream.close()
+
+
+class _RequestBody:
+    """The client's request body, read from ASGI ``receive`` as upstream wants it."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._size = 0
+        #: every byte of the request body has been read (or there was none).
+        self.consumed = True
+        #: the body is held whole in memory, so the request can be sent again.
+        self.replayable = True
+        self.too_large = False
+
+    async def start(self) -> bytes | AsyncIterator[bytes]:
+        """The body whole when it came in one piece, else a stream of its chunks."""
+        self.consumed = False
+        first = await self._receive()
+        if first["type"] != "http.request":
+            raise _ClientGone
+        chunk: bytes = first.get("body", b"")
+        self._count(chunk)
+        if not first.get("more_body", False):
+            self.consumed = True
+            return chunk
+        self.replayable = False
+        return self._stream(chunk)
+
+    def _count(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self.too_large = True
+            raise _BodyTooLarge
+
+    async def _stream(self, first: bytes) -> AsyncIterator[bytes]:
+        yield first
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                raise ConnectionResetError("client disconnected while sending its body")
+            chunk: bytes = message.get("body", b"")
+            self._count(chunk)
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.consumed = True
+                return
+
+    def refusal(self, name: str) -> _Refusal:
+        return _Refusal(
+            413,
+            {
+                "error": f"request body is larger than server.max_body_size ({self._limit} bytes)",
+                "agent": name,
+            },
+        )
+
+
+async def _relay_websocket(
+    receive: Receive, send: Send, upstream: aiohttp.ClientWebSocketResponse, actor: AgentActor
+) -> None:
+    """Pump messages both ways until either side closes; then close the other."""
+
+    async def client_to_agent() -> int:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                actor.touch()
+                text = message.get("text")
+                if text is not None:
+                    await upstream.send_str(text)
+                else:
+                    await upstream.send_bytes(message.get("bytes") or b"")
+            elif kind == "websocket.disconnect":
+                code: int = message.get("code", 1000)
+                return code
+
+    async def agent_to_client() -> int:
+        async for message in upstream:
+            actor.touch()
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await send({"type": "websocket.send", "text": message.data})
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await send({"type": "websocket.send", "bytes": message.data})
+            elif message.type is aiohttp.WSMsgType.ERROR:
+                return 1011
+        return upstream.close_code or 1000
+
+    from_client = asyncio.create_task(client_to_agent(), name=f"roost.ws.in[{actor.name}]")
+    from_agent = asyncio.create_task(agent_to_client(), name=f"roost.ws.out[{actor.name}]")
+    try:
+        done, _ = await asyncio.wait((from_client, from_agent), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (from_client, from_agent):
+            task.cancel()
+        await asyncio.gather(from_client, from_agent, return_exceptions=True)
+    if from_client in done and not from_client.cancelled() and from_client.exception() is None:
+        await upstream.close(code=_close_code(from_client.result()))
+        return
+    code = 1011
+    if from_agent in done and not from_agent.cancelled() and from_agent.exception() is None:
+        code = from_agent.result()
+    with contextlib.suppress(Exception):
+        await send({"type": "websocket.close", "code": _close_code(code)})
+
+
+def _close_code(code: int) -> int:
+    """A close code that may be sent on the wire (1005/1006 are only ever reported)."""
+    return code if code in _VALID_CLOSE_CODES or 3000 <= code <= 4999 else 1000
+
+
+async def _send_refusal(send: Send, refusal: _Refusal) -> None:
+    payload = _json_bytes(refusal.body)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *refusal.headers,
+    ]
+    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+async def _deny_websocket(scope: Scope, send: Send, refusal: _Refusal) -> None:
+    """Refuse a WebSocket handshake: with the JSON answer when the server can send one."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        payload = _json_bytes(refusal.body)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *refusal.headers,
+        ]
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": refusal.status,
+                "headers": headers,
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": payload})
+        return
+    await send({"type": "websocket.close", "code": 1008 if refusal.status in (401, 404) else 1011})
+
+
+class GatewayMiddleware:
+    """ASGI: ``/agents/...`` goes to the proxy, everything else to the wrapped app."""
+
+    def __init__(self, app: ASGIApp, *, proxy: AgentProxy) -> None:
+        self.app = app
+        self.proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"].startswith(PREFIX):
+            await self.proxy(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
