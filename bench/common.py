@@ -1,0 +1,300 @@
+"""Shared helpers for the benchmarks in ``bench/``.
+
+Every benchmark compares Roost against a raw baseline measured in the same run
+(ratios hold across machines; absolute times drift). Invariants:
+
+- every container a benchmark creates carries a label with a value unique to
+  that run (``roost.instance=<run id>`` for Roost's, ``roost.bench=<run id>`` for
+  the raw baseline's) and ``cleanup`` removes them all, also on error;
+- the raw baseline creates containers with the same body Roost's Docker adapter
+  sends (image, limits, published port, security options), so the only
+  difference measured is Roost's own work;
+- durations are float seconds internally; tables print milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from roost.adapters.docker_runtime import DockerRuntime
+from roost.config import ResolvedAgent, Settings, parse_agent_config, parse_settings
+from roost.ports.runtime import ContainerSpec, ContainerState
+
+ROOT = Path(__file__).resolve().parent.parent
+MIMIC_IMAGE = "roost-mimic:latest"
+MIMIC_PORT = 8000
+#: The readiness poll period of the raw baseline (Roost polls at the same rate).
+RAW_POLL_INTERVAL = 0.005
+RAW_PROBE_TIMEOUT = 1.0
+BENCH_LABEL = "roost.bench"
+INSTANCE_LABEL = "roost.instance"
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small N: a smoke run")
+    return parser.parse_args()
+
+
+def ensure_images() -> None:
+    """Build (or find cached) the local test images; no registry is involved."""
+    subprocess.run([str(ROOT / "scripts" / "build-images")], check=True, capture_output=True)
+
+
+def run_id(prefix: str) -> str:
+    """A label value unique to this run (a DNS label, usable as a Roost instance)."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def make_settings(
+    state_dir: Path,
+    instance: str,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    docker: Mapping[str, Any] | None = None,
+) -> Settings:
+    document: dict[str, Any] = {
+        "server": {"state_dir": str(state_dir)},
+        "docker": {"instance": instance, **(docker or {})},
+        "defaults": {"memory": "64m", "startup_timeout": 60, "stop_timeout": 1, **(defaults or {})},
+    }
+    return parse_settings(document, file=str(state_dir / "roost.toml"), base_dir=state_dir)
+
+
+def agent_spec(
+    settings: Settings, name: str, *, image: str = MIMIC_IMAGE, **overrides: Any
+) -> ResolvedAgent:
+    """An agent spec as ``POST /api/agents`` would build it (defaults merged)."""
+    config = parse_agent_config({"image": image, "port": MIMIC_PORT, **overrides}, name=name)
+    return config.effective(settings.defaults, name=name)
+
+
+def raw_create_config(run: str, name: str, *, memory: int = 64 * 1024**2) -> dict[str, Any]:
+    """The create body Roost's Docker adapter sends for a mimic agent with the
+    default limits, labelled for the raw baseline instead of for Roost."""
+    port_key = f"{MIMIC_PORT}/tcp"
+    return {
+        "Image": MIMIC_IMAGE,
+        "Labels": {BENCH_LABEL: run, "roost.bench.name": name},
+        "Env": [f"ROOST_AGENT={name}", f"ROOST_AGENT_ID={name}", "ROOST_URL=http://x"],
+        "ExposedPorts": {port_key: {}},
+        "HostConfig": {
+            "PortBindings": {port_key: [{"HostIp": "127.0.0.1", "HostPort": ""}]},
+            "Memory": memory,
+            "MemorySwap": memory,
+            "PidsLimit": 512,
+            "SecurityOpt": ["no-new-privileges"],
+            "ExtraHosts": ["host.docker.internal:host-gateway"],
+        },
+    }
+
+
+class RawStart:
+    """One raw cold start: container id, base URL and ``time.time()`` marks."""
+
+    __slots__ = ("cid", "create_called", "create_returned", "ready", "start_returned", "url")
+
+    def __init__(self) -> None:
+        self.cid = ""
+        self.url = ""
+        self.create_called = self.create_returned = self.start_returned = self.ready = 0.0
+
+
+async def raw_cold_start(
+    docker: aiodocker.Docker,
+    http: aiohttp.ClientSession,
+    config: Mapping[str, Any],
+    name: str,
+    *,
+    timeout: float = 60.0,
+) -> RawStart:
+    """Raw baseline: create + start + inspect for the port + HTTP GET /health every
+    5 ms until 200."""
+    marks = RawStart()
+    marks.create_called = time.time()
+    container = await docker.containers.create(dict(config), name=name)
+    marks.create_returned = time.time()
+    marks.cid = str(container.id)
+    await container.start()
+    marks.start_returned = time.time()
+    data = await container.show()
+    binding = data["NetworkSettings"]["Ports"][f"{MIMIC_PORT}/tcp"][0]
+    marks.url = f"http://127.0.0.1:{binding['HostPort']}"
+    await poll_health(http, marks.url + "/health", timeout=timeout)
+    marks.ready = time.time()
+    return marks
+
+
+async def poll_health(http: aiohttp.ClientSession, url: str, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with http.get(
+                url, timeout=aiohttp.ClientTimeout(total=RAW_PROBE_TIMEOUT)
+            ) as response:
+                await response.read()
+                if response.status == 200:
+                    return
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout:g}s")
+        await asyncio.sleep(RAW_POLL_INTERVAL)
+
+
+async def cleanup(label: str, value: str) -> int:
+    """Force-remove every container labelled ``label=value``; return how many."""
+    async with aiodocker.Docker() as docker:
+        found = await docker.containers.list(all=True, filters={"label": [f"{label}={value}"]})
+        results = await asyncio.gather(
+            *(c.delete(force=True, v=True) for c in found), return_exceptions=True
+        )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    for failure in failed:
+        print(f"cleanup: {failure}", file=sys.stderr)
+    return len(found) - len(failed)
+
+
+@contextlib.asynccontextmanager
+async def cleaned_up(*labels: tuple[str, str]) -> Any:
+    """Remove every container carrying any of ``labels`` on the way out (errors too)."""
+    try:
+        yield
+    finally:
+        for label, value in labels:
+            removed = await asyncio.shield(cleanup(label, value))
+            print(f"cleanup: removed {removed} container(s) labelled {label}={value}")
+
+
+class Call:
+    """One runtime call Roost made: method, first argument, wall-clock call/return."""
+
+    __slots__ = ("arg", "called", "method", "returned")
+
+    def __init__(self, method: str, arg: str, called: float) -> None:
+        self.method = method
+        self.arg = arg
+        self.called = called
+        self.returned = 0.0
+
+
+class InstrumentedRuntime(DockerRuntime):
+    """The real Docker adapter, recording ``time.time()`` when Roost calls (and
+    gets back from) the calls a start or restart is made of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+        #: set whenever a call is recorded (waiters clear it before they look).
+        self.changed = asyncio.Event()
+
+    def _begin(self, method: str, arg: str) -> Call:
+        call = Call(method, arg, time.time())
+        self.calls.append(call)
+        self.changed.set()
+        return call
+
+    def _end(self, call: Call) -> None:
+        call.returned = time.time()
+        self.changed.set()
+
+    async def ensure_image(self, image: str, *, pull_timeout: float = 300.0) -> None:
+        call = self._begin("ensure_image", image)
+        try:
+            await super().ensure_image(image, pull_timeout=pull_timeout)
+        finally:
+            self._end(call)
+
+    async def create(self, spec: ContainerSpec) -> str:
+        call = self._begin("create", spec.labels.get("roost.agent", ""))
+        try:
+            cid = await super().create(spec)
+        finally:
+            self._end(call)
+        call.arg = cid
+        return cid
+
+    async def start(self, container_id: str) -> None:
+        call = self._begin("start", container_id)
+        try:
+            await super().start(container_id)
+        finally:
+            self._end(call)
+
+    async def remove(self, container_id: str, *, force: bool = True) -> None:
+        call = self._begin("remove", container_id)
+        try:
+            await super().remove(container_id, force=force)
+        finally:
+            self._end(call)
+
+    async def inspect(self, container_id: str) -> ContainerState:
+        call = self._begin("inspect", container_id)
+        try:
+            return await super().inspect(container_id)
+        finally:
+            self._end(call)
+
+    async def logs_tail(self, container_id: str, *, lines: int = 50) -> str:
+        call = self._begin("logs_tail", container_id)
+        try:
+            return await super().logs_tail(container_id, lines=lines)
+        finally:
+            self._end(call)
+
+    def first(self, method: str, *, after: float, arg: str | None = None) -> Call | None:
+        for call in self.calls:
+            if call.method == method and call.called >= after and (arg is None or call.arg == arg):
+                return call
+        return None
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def p90(values: Sequence[float]) -> float:
+    """Nearest-rank 90th percentile."""
+    ordered = sorted(values)
+    rank = max(1, -(-9 * len(ordered) // 10))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def record(name: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Print (and return) ``rows`` as a markdown table headed by ``name``."""
+    if not rows:
+        text = f"### {name}\n\n(no rows)\n"
+    else:
+        columns = list(rows[0])
+        lines = [
+            "| " + " | ".join(columns) + " |",
+            "|" + "|".join("---" for _ in columns) + "|",
+        ]
+        for row in rows:
+            lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+        text = f"### {name}\n\n" + "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
