@@ -21,6 +21,7 @@ from roost.errors import (
     StateError,
 )
 from roost.library import ContainerManager
+from roost.runner import DockerAgentRunner
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "Conflict",
     "ContainerError",
     "ContainerManager",
+    "DockerAgentRunner",
     "DockerUnavailable",
     "Engine",
     "ExitInfo",

@@ -134,12 +134,13 @@ class ApiClient:
         method: str,
         path: str,
         *,
-        params: dict[str, str] | None = None,
+        params: dict[str, str] | httpx.QueryParams | None = None,
         read_timeout: float | None = READ_TIMEOUT,
+        body: Any = None,
     ) -> httpx.Response:
         timeout = httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT)
         try:
-            response = self._http.request(method, path, params=params, timeout=timeout)
+            response = self._http.request(method, path, params=params, json=body, timeout=timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise CliError(f"no Roost answers at {self.url}; start it with `roost up`") from exc
         except httpx.TimeoutException as exc:
@@ -512,6 +513,17 @@ def doctor(as_json: bool) -> None:
                 click.echo(f"        fix: {check.fix}")
     if code:
         sys.exit(code)
+
+
+from roost.cli_jobs import jobs as _jobs_group  # noqa: E402  (registers on ``cli``)
+
+cli.add_command(_jobs_group)
+
+from roost.cli_messages import events as _events_command  # noqa: E402  (registers on ``cli``)
+from roost.cli_messages import send as _send_command  # noqa: E402
+
+cli.add_command(_send_command)
+cli.add_command(_events_command)
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ Invariants:
 - :class:`ResolvedAgent` is the agent spec after merging ``[defaults]`` with the
   agent's overrides; :meth:`ResolvedAgent.config_hash` covers only what needs a
   new container (image, port, env, command, memory, cpus, pids_limit,
-  no_new_privileges), never the idle/restart policy.
+  no_new_privileges), never the idle/restart policy; a :class:`SpawnedAgent`'s
+  hash also covers its network and volume binds.
 
 Where the file comes from (first match wins): the explicit path (``--config``),
 ``ROOST_CONFIG``, ``roost.toml`` in the working directory, built-in defaults.
@@ -58,13 +59,17 @@ __all__ = [
     "AgentConfig",
     "DefaultsConfig",
     "DockerConfig",
+    "JobsConfig",
     "NotifyConfig",
     "ResolvedAgent",
     "ServerConfig",
     "Settings",
+    "SpawnedAgent",
+    "SwarmConfig",
     "find_config_file",
     "load_settings",
     "parse_agent_config",
+    "parse_capabilities",
     "parse_settings",
     "parse_size",
     "validate_agent_name",
@@ -262,6 +267,52 @@ def _ip_address(value: object) -> str:
     return value
 
 
+_DOCKER_OBJECT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+_CAPABILITY = re.compile(r"^[^,\s]+$")
+
+
+def _docker_object_name(value: object) -> str:
+    """A network or volume name as Docker accepts it, or '' (none)."""
+    text = _text(value).strip()
+    if text and not _DOCKER_OBJECT_NAME.match(text):
+        raise ValueError(
+            f"invalid Docker name {value!r}: use letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def _absolute_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or ":" in value:
+        raise ValueError(f"must be an absolute path without ':', got {value!r}")
+    return value
+
+
+def parse_capabilities(value: object) -> tuple[str, ...]:
+    """Capabilities from ``"a, b"`` or ``["a", "b"]``: stripped, empty ones dropped,
+    duplicates removed (first kept). Raises ValueError on anything else; a
+    capability may not contain a comma or whitespace (they are passed on joined
+    by commas)."""
+    if isinstance(value, str):
+        items: list[object] = list(value.split(","))
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ValueError(f"capabilities must be 'a,b' or a list of strings, got {value!r}")
+    found: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"every capability must be a string, got {item!r}")
+        capability = item.strip()
+        if not capability:
+            continue
+        if not _CAPABILITY.match(capability):
+            raise ValueError(f"invalid capability {capability!r}: no commas or whitespace")
+        if capability not in found:
+            found.append(capability)
+    return tuple(found)
+
+
 def validate_agent_name(name: object) -> str:
     """A DNS label: 1–63 of a-z, 0-9 and '-', not starting or ending with '-'."""
     if not isinstance(name, str) or not _DNS_LABEL.match(name):
@@ -431,6 +482,85 @@ class NotifyConfig(BaseModel):
     timeout: PositiveSeconds = Field(default=5.0, description="Seconds per webhook attempt.")
 
 
+class SwarmConfig(BaseModel):
+    """``[swarm]``: how agents spawned at run time (``POST /api/agents``,
+    ``DockerAgentRunner``) are wired: one shared network, one shared volume, and
+    the coordinator they report to."""
+
+    model_config = _FROZEN
+
+    network: Annotated[str, BeforeValidator(_docker_object_name)] = Field(
+        default="roost-swarm",
+        description="Docker network every spawned agent joins (created if missing); "
+        "empty: docker.network or the default bridge.",
+    )
+    volume: Annotated[str, BeforeValidator(_docker_object_name)] = Field(
+        default="roost-swarm-data",
+        description="Docker volume shared by every spawned agent (created if missing); "
+        "empty: none.",
+    )
+    volume_path: Annotated[str, BeforeValidator(_absolute_path)] = Field(
+        default="/data", description="Where the shared volume is mounted inside the agents."
+    )
+    coordinator_url: Annotated[str, BeforeValidator(_http_url)] = Field(
+        default="",
+        description="COORDINATOR_URL given to spawned agents; empty: Roost's public URL "
+        "(server.public_url or http://host.docker.internal:<listen port>).",
+    )
+    image: Annotated[str, BeforeValidator(_image)] = Field(
+        default="roost-mimic:latest", description="Image of a spawned agent that names none."
+    )
+
+
+def _env_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError('must be a list of variable names, e.g. ["OPENAI_API_KEY"]')
+    for name in value:
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"invalid variable name {name!r}")
+    return tuple(value)
+
+
+class JobsConfig(BaseModel):
+    """``[jobs]``: one-shot job containers (``/api/jobs``, ``roost jobs``)."""
+
+    model_config = _FROZEN
+
+    max_workers: AtLeastOne = Field(
+        default=4, description="Most jobs running at once; the rest wait in FIFO order."
+    )
+    kill_grace: Seconds = Field(
+        default=15.0,
+        description="Seconds between SIGTERM and SIGKILL when a job times out or is cancelled.",
+    )
+    default_timeout: PositiveSeconds = Field(
+        default=3600.0, description="Hard time limit of a job that names none, in seconds."
+    )
+    orphan_scan_interval: PositiveSeconds = Field(
+        default=60.0,
+        description="Seconds between scans for job containers no job owns (and snapshot eviction).",
+    )
+    snapshot_ttl: Seconds = Field(
+        default=7 * 24 * 3600.0,
+        description="Seconds a snapshot image lives after it was committed; 0: no limit.",
+    )
+    snapshot_max_count: Count = Field(
+        default=20, description="Most snapshot images kept (least recently used go); 0: no limit."
+    )
+    snapshot_max_bytes: Annotated[int, BeforeValidator(parse_size)] = Field(
+        default=10 * 1024**3,
+        description="Most bytes of snapshot images kept: bytes or a size like '10g'; 0: no limit.",
+    )
+    secret_env: Annotated[tuple[str, ...], BeforeValidator(_env_names)] = Field(
+        default=(),
+        description="Env names whose values are secret besides *_KEY, *_TOKEN, *_SECRET and "
+        "*PASSWORD*: scrubbed from snapshot images and redacted from stored logs.",
+    )
+    pull_timeout: PositiveSeconds = Field(
+        default=300.0, description="Seconds allowed for pulling a job's absent image."
+    )
+
+
 class DefaultsConfig(BaseModel):
     """``[defaults]``: what every agent inherits unless it overrides it."""
 
@@ -593,13 +723,41 @@ class ResolvedAgent(BaseModel):
 
     @classmethod
     def from_json(cls, data: str | bytes | Mapping[str, Any]) -> ResolvedAgent:
-        """Inverse of ``to_json``; raises ConfigError if the stored spec is invalid."""
+        """Inverse of ``to_json``; raises ConfigError if the stored spec is invalid.
+
+        A stored spawned agent's spec (``"kind": "spawned"``) comes back as a
+        :class:`SpawnedAgent`, whichever class this is called on."""
         try:
-            if isinstance(data, Mapping):
-                return cls.model_validate(dict(data))
-            return cls.model_validate_json(data)
+            document = dict(data) if isinstance(data, Mapping) else json.loads(data)
+        except ValueError as exc:
+            raise ConfigError(f"<stored spec>: invalid JSON: {exc}") from exc
+        model: type[ResolvedAgent] = cls
+        if isinstance(document, dict) and document.get("kind") == "spawned":
+            model = SpawnedAgent
+        try:
+            return model.model_validate(document)
         except ValidationError as exc:
             raise _config_error(exc, file="<stored spec>", prefix=()) from exc
+
+
+class SpawnedAgent(ResolvedAgent):
+    """An agent spawned at run time into the swarm (``POST /api/agents``,
+    ``DockerAgentRunner.spawn``): a resolved spec plus its swarm identity and wiring.
+
+    Its ``env`` already holds ``COORDINATOR_URL``, ``AGENT_NAME``, ``AGENT_ID`` and
+    ``AGENT_CAPABILITIES`` (see ``roost.reactor.swarming``). ``network`` and
+    ``binds`` shape the container, so :meth:`config_hash` covers them; ``agent_id``
+    and ``capabilities`` reach the container only through ``env`` (hashed there).
+    """
+
+    kind: Literal["spawned"] = Field(default="spawned", description="Marks a stored spec.")
+    agent_id: str = Field(description="The agent's id in its coordinator (ROOST_AGENT_ID).")
+    capabilities: tuple[str, ...] = Field(default=(), description="What the agent can do.")
+    network: str = Field(default="", description="Docker network it joins; '': the default.")
+    binds: tuple[str, ...] = Field(default=(), description="'volume:/path' mounts.")
+
+    def container_fields(self) -> dict[str, Any]:
+        return {**super().container_fields(), "network": self.network, "binds": list(self.binds)}
 
 
 class AgentConfig(BaseModel):
@@ -677,6 +835,8 @@ class Settings(BaseModel):
     docker: DockerConfig = Field(default_factory=DockerConfig, description="[docker]")
     notify: NotifyConfig = Field(default_factory=NotifyConfig, description="[notify]")
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig, description="[defaults]")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="[jobs]")
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig, description="[swarm]")
     agents: dict[AgentName, AgentConfig] = Field(
         default_factory=dict, description="[agents.NAME] tables."
     )
@@ -722,6 +882,11 @@ class Settings(BaseModel):
     def base_dir(self) -> Path:
         """Directory relative paths are resolved against."""
         return self._base_dir if self._base_dir is not None else Path.cwd()
+
+    @property
+    def coordinator_url(self) -> str:
+        """``swarm.coordinator_url``, or Roost's own URL as containers see it."""
+        return self.swarm.coordinator_url or self.server.resolved_public_url
 
     def state_path(self) -> Path:
         """``server.state_dir`` resolved against :attr:`base_dir`."""

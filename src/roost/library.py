@@ -31,7 +31,7 @@ from roost.core.records import ExitInfo, SessionHealth
 from roost.core.states import AgentState
 from roost.engine import Engine
 
-__all__ = ["ContainerManager", "agent_name_for"]
+__all__ = ["ContainerManager", "EmbeddedEngine", "agent_name_for"]
 
 
 def agent_name_for(agent_type: str) -> str:
@@ -64,7 +64,92 @@ def _docker_ping(host: str | None) -> None:
         ) from exc
 
 
-class ContainerManager:
+class EmbeddedEngine:
+    """A whole Roost engine inside the caller's event loop, started on first use.
+
+    The shared bootstrapping of the library classes: a synchronous Docker ping at
+    construction (``ContainerError`` when unreachable, like the replaced code),
+    settings of its own (state directory, default a fresh temporary one; instance
+    id, default ``<prefix>-<random>``), and an engine that ``_ensure_engine``
+    starts once however many callers race for it.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_restarts: int,
+        restart_backoff: float,
+        idle_timeout: float,
+        startup_timeout: float,
+        docker_host: str | None,
+        state_dir: str | os.PathLike[str] | None,
+        instance: str | None,
+        defaults: dict[str, Any] | None,
+        sections: dict[str, Any] | None = None,
+        instance_prefix: str = "lib",
+    ) -> None:
+        _docker_ping(docker_host)
+        self._state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp("-roost"))
+        self._settings: Settings = parse_settings(
+            {
+                "server": {"state_dir": str(self._state_dir)},
+                "docker": {
+                    "host": docker_host or "",
+                    "instance": instance or f"{instance_prefix}-{secrets.token_hex(4)}",
+                },
+                "defaults": {
+                    "max_restarts": max_restarts,
+                    "restart_backoff": restart_backoff,
+                    "restart_backoff_max": max(restart_backoff, 300.0),
+                    "idle_timeout": idle_timeout,
+                    "startup_timeout": startup_timeout,
+                    **(defaults or {}),
+                },
+                **(sections or {}),
+            },
+            file=f"<{type(self).__name__}>",
+        )
+        self._engine: Engine | None = None
+        self._starting: asyncio.Lock | None = None
+        self._stopped = False
+
+    @property
+    def instance(self) -> str:
+        return self._settings.docker.instance
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    async def _ensure_engine(self) -> Engine:
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._engine is None:
+                engine = self._new_engine()
+                await engine.start()
+                self._engine = engine
+                self._stopped = False
+            return self._engine
+
+    def _new_engine(self) -> Engine:
+        """The engine to run; tests override this to run on a ``FakeRuntime``."""
+        return Engine(self._settings)
+
+    async def _shutdown_engine(self) -> None:
+        """Stop every container (removing them) and the engine. Idempotent."""
+        if self._engine is None or self._stopped:
+            return
+        self._stopped = True
+        engine, self._engine = self._engine, None
+        await engine.stop(leave_running=False, remove=True)
+
+
+class ContainerManager(EmbeddedEngine):
     """Start agents on demand and keep them alive (library contract).
 
     ``max_restarts``/``restart_backoff`` keep the replaced code's names; any other
@@ -83,48 +168,16 @@ class ContainerManager:
         instance: str | None = None,
         defaults: dict[str, Any] | None = None,
     ) -> None:
-        _docker_ping(docker_host)
-        self._state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp("-roost"))
-        self._settings: Settings = parse_settings(
-            {
-                "server": {"state_dir": str(self._state_dir)},
-                "docker": {
-                    "host": docker_host or "",
-                    "instance": instance or f"lib-{secrets.token_hex(4)}",
-                },
-                "defaults": {
-                    "max_restarts": max_restarts,
-                    "restart_backoff": restart_backoff,
-                    "restart_backoff_max": max(restart_backoff, 300.0),
-                    "idle_timeout": idle_timeout,
-                    "startup_timeout": startup_timeout,
-                    **(defaults or {}),
-                },
-            },
-            file="<ContainerManager>",
+        super().__init__(
+            max_restarts=max_restarts,
+            restart_backoff=restart_backoff,
+            idle_timeout=idle_timeout,
+            startup_timeout=startup_timeout,
+            docker_host=docker_host,
+            state_dir=state_dir,
+            instance=instance,
+            defaults=defaults,
         )
-        self._engine: Engine | None = None
-        self._starting: asyncio.Lock | None = None
-        self._stopped = False
-
-    @property
-    def instance(self) -> str:
-        return self._settings.docker.instance
-
-    @property
-    def engine(self) -> Engine | None:
-        return self._engine
-
-    async def _ensure_engine(self) -> Engine:
-        if self._starting is None:
-            self._starting = asyncio.Lock()
-        async with self._starting:
-            if self._engine is None:
-                engine = Engine(self._settings)
-                await engine.start()
-                self._engine = engine
-                self._stopped = False
-            return self._engine
 
     def _spec(self, agent_type: str, image: str, port: int) -> ResolvedAgent:
         name = agent_name_for(agent_type)
@@ -225,8 +278,4 @@ class ContainerManager:
 
     async def stop_all(self) -> None:
         """Stop every agent's container and shut the engine down. Idempotent."""
-        if self._engine is None or self._stopped:
-            return
-        self._stopped = True
-        engine, self._engine = self._engine, None
-        await engine.stop(leave_running=False, remove=True)
+        await self._shutdown_engine()

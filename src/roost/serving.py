@@ -33,6 +33,7 @@ from roost import errors
 from roost.api.app import create_app
 from roost.config import Settings
 from roost.engine import Engine
+from roost.gateway.proxying import GatewayMiddleware
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "bind_listen_socket", "serve"]
 
@@ -167,12 +168,17 @@ async def _run_http(
     handle_signals: bool,
 ) -> int:
     level = settings.server.log_level
+    app = create_app(engine, token=token)
     config = uvicorn.Config(
-        create_app(engine, token=token),
+        # /agents/... is served before FastAPI's per-request layers run (the hot path).
+        GatewayMiddleware(app, proxy=app.state.agent_proxy),
         log_level=level,
         lifespan="off",
         log_config=None,  # our basicConfig formats uvicorn's records too
         access_log=level == "debug",  # the dashboard polls every 2 s
+        # Roost is the edge: the proxy appends the real peer to X-Forwarded-For, so
+        # uvicorn must not replace the peer with what a loopback client claims.
+        proxy_headers=False,
     )
     server = _Server(config)
     stop = shutdown or asyncio.Event()
@@ -188,6 +194,10 @@ async def _run_http(
 
     async def stop_when_asked() -> None:
         await stop.wait()
+        # uvicorn waits for open responses to end: end the event streams (api.events) first.
+        streams = getattr(app.state, "event_streams", None)
+        if streams is not None:
+            await streams.close()
         server.should_exit = True
 
     installed: list[signal.Signals] = []

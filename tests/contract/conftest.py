@@ -7,9 +7,10 @@ few things only the backend can do (make a process crash, run out of memory,
 print log lines, drop the events connection).
 
 Invariants:
-- Every Docker container a test creates carries ``roost.instance=<random>``;
-  teardown force-removes every container with that label and every image the
-  test committed, so tests never touch other people's containers.
+- Every Docker container, network and volume a test creates carries
+  ``roost.instance=<random>``; teardown force-removes every container, network
+  and volume with that label and every image the test committed, so tests never
+  touch other people's.
 - The Docker test image ``roost-contract-busybox:latest`` is imported from
   Debian's busybox-static once per session, only when absent.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import secrets
 import shutil
 import subprocess
@@ -106,6 +108,18 @@ class Harness:
         """Break the runtime's events connection so it has to reconnect."""
         raise NotImplementedError
 
+    async def network_labels(self, name: str) -> dict[str, str] | None:
+        """The labels of network ``name``; None when there is no such network."""
+        raise NotImplementedError
+
+    async def volume_labels(self, name: str) -> dict[str, str] | None:
+        """The labels of volume ``name``; None when there is no such volume."""
+        raise NotImplementedError
+
+    async def networks_of(self, container_id: str) -> list[str]:
+        """Names of the networks a container is attached to."""
+        raise NotImplementedError
+
 
 class FakeHarness(Harness):
     kind = "fake"
@@ -137,6 +151,17 @@ class FakeHarness(Harness):
 
     async def sever_event_streams(self) -> None:
         self.runtime.emit_gap()
+
+    async def network_labels(self, name: str) -> dict[str, str] | None:
+        found = self.runtime.networks.get(name)
+        return None if found is None else dict(found[1])
+
+    async def volume_labels(self, name: str) -> dict[str, str] | None:
+        found = self.runtime.volumes.get(name)
+        return None if found is None else dict(found)
+
+    async def networks_of(self, container_id: str) -> list[str]:
+        return [self.runtime.container_spec(container_id).network or "bridge"]
 
 
 class SeverableDockerRuntime(DockerRuntime):
@@ -194,12 +219,42 @@ class DockerHarness(Harness):
         for response in self.runtime.event_responses:
             response.close()
 
+    async def network_labels(self, name: str) -> dict[str, str] | None:
+        try:
+            data = await (await self.raw.networks.get(name)).show()
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(data.get("Labels") or {})
+
+    async def volume_labels(self, name: str) -> dict[str, str] | None:
+        try:
+            data = await self.raw._query_json(f"volumes/{name}")
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(data.get("Labels") or {})
+
+    async def networks_of(self, container_id: str) -> list[str]:
+        data = await self.raw.containers.container(container_id).show()
+        return sorted(data["NetworkSettings"]["Networks"])
+
     async def clean_up(self) -> None:
         rows = await self.raw.containers.list(
             all=True, filters={"label": [f"roost.instance={self.instance}"]}
         )
         for row in rows:
             await row.delete(force=True, v=True)
+        mine = {"label": [f"roost.instance={self.instance}"]}
+        for network in await self.raw.networks.list(filters=mine):
+            with contextlib.suppress(DockerError):
+                await self.raw._query_json(f"networks/{network['Id']}", "DELETE")
+        volumes = await self.raw._query_json("volumes", params={"filters": json.dumps(mine)})
+        for volume in volumes.get("Volumes") or ():
+            with contextlib.suppress(DockerError):
+                await self.raw._query_json(f"volumes/{volume['Name']}", "DELETE")
         repository, tag = self.snapshot_reference()
         with contextlib.suppress(DockerError):
             await self.raw.images.delete(f"{repository}:{tag}", force=True)

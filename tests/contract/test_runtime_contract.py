@@ -526,6 +526,85 @@ async def test_remove_image_raises_container_error_when_image_in_use(harness: Ha
     assert not await harness.runtime.image_exists(reference)
 
 
+# -- networks and volumes --------------------------------------------------------------
+
+
+async def test_ensure_network_creates_labelled_network_when_absent(harness: Harness) -> None:
+    name = f"{harness.instance}-net"
+    assert await harness.network_labels(name) is None
+
+    network_id = await harness.runtime.ensure_network(name, labels=harness.labels)
+
+    assert re.fullmatch(r"[0-9a-f]{64}", network_id)
+    assert await harness.network_labels(name) == harness.labels
+
+
+async def test_ensure_network_keeps_existing_network_when_present(harness: Harness) -> None:
+    name = f"{harness.instance}-net"
+    first = await harness.runtime.ensure_network(name, labels=harness.labels)
+
+    again = await harness.runtime.ensure_network(name, labels={**harness.labels, "other": "x"})
+
+    assert again == first
+    assert await harness.network_labels(name) == harness.labels
+
+
+async def test_ensure_network_makes_one_network_when_called_concurrently(
+    harness: Harness,
+) -> None:
+    name = f"{harness.instance}-net"
+
+    ids = await asyncio.gather(
+        *(harness.runtime.ensure_network(name, labels=harness.labels) for _ in range(4))
+    )
+
+    assert len(set(ids)) == 1
+
+
+async def test_ensure_network_returns_predefined_network_when_name_is_bridge(
+    harness: Harness,
+) -> None:
+    network_id = await harness.runtime.ensure_network("bridge", labels=harness.labels)
+
+    assert re.fullmatch(r"[0-9a-f]{64}", network_id)
+    assert await harness.network_labels("bridge") == {}
+
+
+async def test_start_attaches_network_and_publishes_port_when_spec_names_network(
+    harness: Harness,
+) -> None:
+    name = f"{harness.instance}-net"
+    await harness.runtime.ensure_network(name, labels=harness.labels)
+
+    container_id = await harness.started(network=name, port=8000)
+    state = await harness.runtime.inspect(container_id)
+
+    assert await harness.networks_of(container_id) == [name]
+    assert state.host_port is not None
+    assert state.host_ip == "127.0.0.1"
+    assert state.ip_address is not None
+
+
+async def test_ensure_volume_creates_labelled_volume_when_absent(harness: Harness) -> None:
+    name = f"{harness.instance}-vol"
+    assert await harness.volume_labels(name) is None
+
+    created = await harness.runtime.ensure_volume(name, labels=harness.labels)
+
+    assert created == name
+    assert await harness.volume_labels(name) == harness.labels
+
+
+async def test_ensure_volume_keeps_existing_volume_when_present(harness: Harness) -> None:
+    name = f"{harness.instance}-vol"
+    await harness.runtime.ensure_volume(name, labels=harness.labels)
+
+    again = await harness.runtime.ensure_volume(name, labels={**harness.labels, "other": "x"})
+
+    assert again == name
+    assert await harness.volume_labels(name) == harness.labels
+
+
 # -- one backend's own behaviour -------------------------------------------------------
 
 

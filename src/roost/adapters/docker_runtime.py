@@ -1,6 +1,7 @@
 """``DockerRuntime``: the ``ContainerRuntime`` port over the Docker Engine API (aiodocker).
 
-Role: the only place Roost speaks to Docker about containers and images. Every
+Role: the only place Roost speaks to Docker about containers, images, networks
+and volumes. Every
 aiodocker/aiohttp error is translated here by its HTTP status (never by its text):
 
 - status 900 (aiodocker's "cannot connect"), connection errors, connect timeouts
@@ -14,6 +15,9 @@ aiodocker/aiohttp error is translated here by its HTTP status (never by its text
 Invariants:
 - ``create`` never pulls; ``ensure_image`` pulls only an absent image, and
   concurrent calls for the same image share one pull.
+- ``ensure_network`` calls for one name are serialised: Docker's
+  ``CheckDuplicate`` does not stop concurrent creates from making several
+  networks of one name. (Two processes racing can still do so.)
 - ``events`` never stops reading Docker's stream: one reader task per
   subscription drains it into a bounded queue (on overflow the backlog is
   replaced by one ``gap``), reconnects with backoff from the last event seen, and
@@ -107,6 +111,9 @@ class DockerRuntime:
         self._connector: aiohttp.BaseConnector | None = None
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._event_readers: set[asyncio.Task[None]] = set()
+        #: one lock per network name: Docker's CheckDuplicate is best effort, and
+        #: 4 concurrent creates of one name made 4 networks (dockerd 20.10).
+        self._network_locks: dict[str, asyncio.Lock] = {}
 
     # -- client lifecycle -------------------------------------------------------
 
@@ -303,6 +310,54 @@ class DockerRuntime:
 
     def _container(self, container_id: str) -> aiodocker.containers.DockerContainer:
         return self._client().containers.container(container_id)
+
+    # -- networks and volumes ---------------------------------------------------
+
+    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+        lock = self._network_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            return await self._ensure_network(name, labels)
+
+    async def _ensure_network(self, name: str, labels: Mapping[str, str]) -> str:
+        existing = await self._network_id(name)
+        if existing is not None:
+            return existing
+        config = {
+            "Name": name,
+            "Driver": "bridge",
+            "CheckDuplicate": True,
+            "Labels": dict(labels),
+        }
+        with _translated("create network", name):
+            try:
+                network = await self._client().networks.create(config)
+            except DockerError as exc:
+                if exc.status != 409:
+                    raise
+                network = None  # created by someone else between our look and create
+        if network is not None:
+            return str(network.id)
+        found = await self._network_id(name)
+        if found is None:
+            raise errors.ContainerError(f"network {name!r} conflicted on create, then vanished")
+        return found
+
+    async def _network_id(self, name: str) -> str | None:
+        try:
+            with _translated("inspect network", name):
+                network = await self._client().networks.get(name)
+        except errors.ContainerNotFound:
+            return None
+        return str(network.id)
+
+    async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:
+        # Docker's volume create is idempotent for a name: an existing volume is
+        # returned as it is (its labels are not changed).
+        # aiodocker's ``volumes.create`` is untyped; this is the same request.
+        body = json.dumps({"Name": name, "Driver": "local", "Labels": dict(labels)})
+        with _translated("create volume", name):
+            volume = await self._client()._query_json("volumes/create", "POST", data=body)
+        return str(volume["Name"])
 
     # -- events -----------------------------------------------------------------
 

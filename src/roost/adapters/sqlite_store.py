@@ -113,7 +113,33 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         ),
     ),
     # Step 2 (version 2): the durable inbox. Owned by roost.adapters.sqlite_inbox.
-    Migration("messages: durable inbox", ()),
+    Migration(
+        "messages: durable inbox",
+        (
+            # seq is the rowid: acceptance order, assigned by the one writer.
+            # No foreign key to agents: messages outlive a deleted agent (kept, listed).
+            """
+            CREATE TABLE messages (
+                seq             INTEGER PRIMARY KEY,
+                id              TEXT    NOT NULL UNIQUE,
+                agent           TEXT    NOT NULL,
+                body            TEXT    NOT NULL, -- JSON value
+                status          TEXT    NOT NULL,
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                reply           TEXT,             -- JSON value
+                error           TEXT    NOT NULL DEFAULT '',
+                idempotency_key TEXT,
+                created_at      REAL    NOT NULL,
+                updated_at      REAL    NOT NULL,
+                next_attempt_at REAL,
+                delivered_at    REAL
+            ) STRICT
+            """,
+            # NULL keys are distinct in a UNIQUE index: only given keys are unique.
+            "CREATE UNIQUE INDEX messages_by_key ON messages (agent, idempotency_key)",
+            "CREATE INDEX messages_by_status ON messages (agent, status, seq)",
+        ),
+    ),
     # Step 3 (version 3): one-shot jobs and snapshots. Owned by roost.adapters.sqlite_jobs.
     Migration(
         "jobs and snapshots",
@@ -155,7 +181,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 job_id       TEXT NOT NULL,
                 size         INTEGER NOT NULL,
                 created_at   REAL NOT NULL,
-                last_used_at REAL NOT NULL
+                last_used_at REAL NOT NULL,
+                generation   INTEGER NOT NULL DEFAULT 1  -- commits in its layer chain
             ) STRICT
             """,
             "CREATE INDEX snapshots_by_key ON snapshots (key, created_at)",

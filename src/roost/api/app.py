@@ -38,10 +38,12 @@ from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from roost import errors
+from roost.api import events, jobs, leases, messages, registry
 from roost.core import events as ev
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
 from roost.engine import Engine
+from roost.gateway import leasing, proxying
 from roost.reactor.supervising import describe
 
 __all__ = ["ACTIONS", "HISTORY_LIMIT", "ApiError", "create_app"]
@@ -413,4 +415,20 @@ def create_app(engine: Engine, *, token: str | None) -> FastAPI:
     async def get_metrics() -> Response:
         return Response(metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
+    app.include_router(registry.registry_router(engine), dependencies=guarded)
+    app.include_router(jobs.jobs_router(engine), dependencies=guarded)
+    app.include_router(messages.messages_router(engine), dependencies=guarded)
+    # Open event streams end when the server stops (serving closes them) or the engine does.
+    app.state.event_streams = event_streams = events.EventStreams()
+    engine.add_closer(event_streams.close)
+    app.include_router(events.events_router(engine, event_streams), dependencies=guarded)
+    lease_table = leasing.Leases(engine)
+    engine.add_closer(lease_table.close)
+    app.include_router(leases.lease_router(lease_table), dependencies=guarded)
+    # The reverse proxy takes /agents/... before FastAPI routes anything (hot path).
+    proxy = proxying.AgentProxy(engine, token=token)
+    engine.add_closer(proxy.close)
+    app.add_middleware(proxying.GatewayMiddleware, proxy=proxy)
+    # serving puts the gateway in front of the whole app (skipping FastAPI's own layers).
+    app.state.agent_proxy = proxy
     return app

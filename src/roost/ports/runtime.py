@@ -7,6 +7,8 @@ Invariants every implementation keeps (checked by tests/contract):
   ``DockerUnavailable`` when the engine cannot be reached, ``ContainerError``
   otherwise.
 - ``remove`` and ``stop`` of a container that is already gone are no-ops.
+- ``ensure_network`` / ``ensure_volume`` create only what is absent and never
+  change or remove an existing network or volume.
 - ``events`` never blocks the engine: it reads continuously, reconnects on its
   own and yields a ``gap`` event after every reconnect (events may have been
   lost, so the caller must re-list and reconcile).
@@ -172,6 +174,17 @@ class ContainerRuntime(Protocol):
 
     async def image_size(self, image: str) -> int:
         """Size in bytes; ContainerNotFound if absent."""
+        ...
+
+    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+        """Create the bridge network ``name`` carrying ``labels`` unless a network of
+        that name exists (then it is used as it is, labels untouched); return its id.
+        Concurrent calls for one name end with one network."""
+        ...
+
+    async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:
+        """Create the local volume ``name`` carrying ``labels`` unless it exists (then
+        it is used as it is, labels untouched); return its name."""
         ...
 
     async def close(self) -> None: ...

@@ -27,6 +27,10 @@ Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
   with ``stop_exit_code`` (an app that handles SIGTERM, 0 by default).
 - Like Docker, ``commit`` merges Env and Labels with the container's by key:
   ``env`` replaces values, and keys it omits are kept with an empty value.
+- Networks ``bridge``, ``host`` and ``none`` exist from the start;
+  ``ensure_network``/``ensure_volume`` create a labelled one only when the name
+  is absent and leave an existing one as it is (``networks``/``volumes`` hold
+  their labels for assertions).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ _FIRST_HOST_PORT = 32768
 #: Signals whose default action does not end a process.
 _NON_TERMINATING_SIGNALS = frozenset({"SIGCHLD", "SIGCONT", "SIGURG", "SIGWINCH"})
 _DEFAULT_IMAGE_SIZE = 2 * 1024 * 1024
+_PREDEFINED_NETWORKS = ("bridge", "host", "none")
 
 
 @dataclasses.dataclass(slots=True)
@@ -117,6 +122,11 @@ class FakeRuntime:
         self._image_meta: dict[str, _FakeImage] = {}
         self._subscribers: list[_Subscriber] = []
         self._host_ports = itertools.count(_FIRST_HOST_PORT)
+        #: network name → (id, labels); volume name → labels.
+        self.networks: dict[str, tuple[str, dict[str, str]]] = {
+            name: (secrets.token_hex(32), {}) for name in _PREDEFINED_NETWORKS
+        }
+        self.volumes: dict[str, dict[str, str]] = {}
         self._addresses = itertools.count()
 
     # -- test hooks --------------------------------------------------------------
@@ -392,6 +402,17 @@ class FakeRuntime:
                 yield await subscriber.queue.get()
         finally:
             self._subscribers.remove(subscriber)
+
+    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+        self._record("ensure_network", name)
+        if name not in self.networks:
+            self.networks[name] = (secrets.token_hex(32), dict(labels))
+        return self.networks[name][0]
+
+    async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:
+        self._record("ensure_volume", name)
+        self.volumes.setdefault(name, dict(labels))
+        return name
 
     async def close(self) -> None:
         self._record("close", "")
