@@ -132,6 +132,10 @@ class AgentActor:
         self._busy = 0
         #: numbers start procedures; reports from superseded ones are dropped.
         self._attempt = 0
+        #: the state before the event being handled (a wake from paused is fast).
+        self._state_before = record.state
+        #: (container id, URL) last seen healthy: a paused container keeps its port.
+        self._known_url: tuple[str, str] | None = None
         self._last_touch_posted = 0.0
         #: start failures handled (in the record); fail-fast waiters compare it.
         self.start_failures = 0
@@ -238,6 +242,7 @@ class AgentActor:
                 envelope.reply.set_result(decision)
 
     async def _handle(self, event: ev.Event) -> Decision:
+        self._state_before = self.record.state
         now = self.sup.clock.now()
         decision = transition(self.record, event, now=now, policy=self.policy)
         if isinstance(event, ev.ContainerExited) and _gives_up(decision):
@@ -261,6 +266,8 @@ class AgentActor:
                 change.to_state.value,
                 change.reason,
             )
+        if self.record.url is not None and self.record.container_id is not None:
+            self._known_url = (self.record.container_id, self.record.url)
         for command in decision.commands:
             self._execute(command)
         if self.record.state is not S.STARTING and self._start_task is not None:
@@ -317,7 +324,9 @@ class AgentActor:
                     self._start_task.cancel()
                 self._attempt += 1
                 self._start_task = asyncio.create_task(
-                    self._start_procedure(replace, self._attempt),
+                    self._start_procedure(
+                        replace, self._attempt, paused_before=self._state_before is S.PAUSED
+                    ),
                     name=f"roost.start[{self.name}]",
                 )
             case cmd.CancelStart():
@@ -422,7 +431,9 @@ class AgentActor:
             extra_hosts=self.extra_hosts,
         )
 
-    async def _start_procedure(self, replace: str | None, attempt: int) -> None:
+    async def _start_procedure(
+        self, replace: str | None, attempt: int, *, paused_before: bool = False
+    ) -> None:
         rt = self.sup.runtime
         cid: str | None = None
         try:
@@ -432,6 +443,18 @@ class AgentActor:
             cid = self.record.container_id
             await self._quiesce(cid)
             want_hash = self.spec.config_hash()
+            known = self._known_url
+            if paused_before and cid is not None and known is not None and known[0] == cid:
+                # Waking what we paused ourselves: unpause (~15 ms) and probe the URL
+                # it had, without the two inspects of the careful path below.
+                try:
+                    await rt.unpause(cid)
+                except errors.RoostError:
+                    pass  # not paused after all (or gone): take the careful path
+                else:
+                    url = await self._wait_ready(cid, known_url=known[1])
+                    self.post(ev.BecameHealthy(cid, url))
+                    return
             existing = None
             if cid is not None:
                 try:
@@ -479,18 +502,21 @@ class AgentActor:
         log.warning("agent %s: %s", self.name, error.splitlines()[0] if error else "")
         self.post(ev.StartFailed(cid, error, ExitInfo(error=error, log_tail=tail), terminal))
 
-    async def _wait_ready(self, cid: str) -> str:
+    async def _wait_ready(self, cid: str, *, known_url: str | None = None) -> str:
         """Poll the health path over HTTP at millisecond granularity until it answers 200."""
         rt = self.sup.runtime
         clock = self.sup.clock
         deadline = clock.monotonic() + self.policy.startup_timeout
-        state = await rt.inspect(cid)
-        if state.host_port is None:
-            raise errors.ContainerError(
-                f"agent {self.name!r}: container {cid[:12]} publishes no port {self.spec.port}"
-            )
-        host = state.host_ip if state.host_ip not in (None, "", "0.0.0.0") else "127.0.0.1"
-        url = f"http://{host}:{state.host_port}"
+        if known_url is not None:
+            url = known_url
+        else:
+            state = await rt.inspect(cid)
+            if state.host_port is None:
+                raise errors.ContainerError(
+                    f"agent {self.name!r}: container {cid[:12]} publishes no port {self.spec.port}"
+                )
+            host = state.host_ip if state.host_ip not in (None, "", "0.0.0.0") else "127.0.0.1"
+            url = f"http://{host}:{state.host_port}"
         health = url + self.spec.health_path
         last = ""
         polls = 0
