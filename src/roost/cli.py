@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -57,6 +57,16 @@ class CliUsageError(CliError):
     """Bad configuration or arguments (exit 2)."""
 
     exit_code = EXIT_CONFIG
+
+
+def _run_daemon(main: Coroutine[Any, Any, int]) -> int:
+    """Run the daemon on uvloop when it is installed (it comes with uvicorn[standard];
+    measured: a lower per-request cost on the proxy and message paths), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _config_failure(exc: errors.ConfigError) -> CliError:
@@ -225,7 +235,7 @@ def up() -> NoReturn:
     from roost import serving  # the server stack is only needed here
 
     settings = _context().settings()
-    code = asyncio.run(serving.serve(settings))
+    code = _run_daemon(serving.serve(settings))
     sys.exit(code)
 
 
