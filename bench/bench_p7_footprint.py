@@ -219,7 +219,10 @@ async def parent(quick: bool) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, state_dir, instance, total, running = sys.argv
-        asyncio.run(child(Path(state_dir), instance, int(total), int(running)))
+        # The same event loop as `roost up` (uvloop, installed with uvicorn[standard]).
+        import uvloop
+
+        uvloop.run(child(Path(state_dir), instance, int(total), int(running)))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N: a smoke run")
