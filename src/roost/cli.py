@@ -536,6 +536,39 @@ cli.add_command(_send_command)
 cli.add_command(_events_command)
 
 
+def _late_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        obj = ctx.find_object(CliContext)
+        if obj is not None:
+            obj.config_path = value
+            obj._settings = None
+
+
+def _accept_config_after_the_verb(command: click.Command) -> None:
+    """``roost up --config X`` works as well as ``roost --config X up``."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _accept_config_after_the_verb(sub)
+        return
+    if any(p.name == "late_config" for p in command.params):
+        return
+    command.params.append(
+        click.Option(
+            ["--config", "late_config"],
+            type=click.Path(dir_okay=False),
+            default=None,
+            expose_value=False,
+            is_eager=True,
+            callback=_late_config,
+            help="Config file (same as the option before the verb).",
+        )
+    )
+
+
+for _command in cli.commands.values():
+    _accept_config_after_the_verb(_command)
+
+
 def main() -> None:
     """Entry point of the ``roost`` script."""
     cli(prog_name="roost")

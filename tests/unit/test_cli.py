@@ -73,6 +73,25 @@ def test_config_error_exits_2_naming_the_key_when_key_unknown(tmp_path: Path, ve
     assert not (tmp_path / "state").exists()  # nothing started
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[defaults]\nidle_timeout = -5\n', "defaults.idle_timeout"),
+        ('[agents.echo]\nimage = "x"\nmemory = "12zb"\n', "agents.echo.memory"),
+        ('[agents.Not_A_Label]\nimage = "x"\n', "agents.Not_A_Label"),
+    ],
+)
+def test_up_exits_2_naming_key_and_file_when_config_is_bad_and_given_after_the_verb(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    config = write_config(tmp_path, '[server]\nstate_dir = "state"\n' + text)
+    result = invoke(["up", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert key in result.stderr
+    assert str(config) in result.stderr
+    assert not (tmp_path / "state").exists()  # nothing started
+
+
 def test_up_exits_2_naming_token_file_when_listen_is_public_without_token(
     tmp_path: Path,
 ) -> None:
