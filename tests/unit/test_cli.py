@@ -76,7 +76,7 @@ def test_config_error_exits_2_naming_the_key_when_key_unknown(tmp_path: Path, ve
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ('[defaults]\nidle_timeout = -5\n', "defaults.idle_timeout"),
+        ("[defaults]\nidle_timeout = -5\n", "defaults.idle_timeout"),
         ('[agents.echo]\nimage = "x"\nmemory = "12zb"\n', "agents.echo.memory"),
         ('[agents.Not_A_Label]\nimage = "x"\n', "agents.Not_A_Label"),
     ],
