@@ -41,7 +41,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from roost import errors
-from roost.core import events as ev
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
 from roost.ports.agent_http import AgentClient
@@ -59,8 +58,6 @@ log = logging.getLogger("roost.delivery")
 
 S = AgentState
 M = MessageStatus
-#: asleep: a new message starts waking these before it has even committed.
-_WAKE_EARLY = frozenset({S.CREATED, S.PAUSED, S.STOPPED, S.CRASHED})
 
 MESSAGE_ID_HEADER = "Roost-Message-Id"
 #: Backoff between attempts of one message (the last value repeats).
@@ -123,9 +120,6 @@ class Dispatcher:
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
         #: agents whose current wake has already been announced.
         self._announced: set[str] = set()
-        #: agents a new message started waking (state it was in, when): the lane's
-        #: waking notice reports that state, not the ``starting`` it finds.
-        self._woken_from: dict[str, tuple[AgentState, float]] = {}
         #: reset handling and notices: owned, awaited on stop.
         self._tasks: set[asyncio.Task[None]] = set()
         self._listening = False
@@ -169,20 +163,9 @@ class Dispatcher:
         if self.closed:
             raise errors.StateError("Roost is shutting down; the message was not stored")
         limits = self.limits(name)  # NotFound first: nothing stored for an unknown agent
-        actor = self.supervisor.actor(name)
-        if actor.record.state in _WAKE_EARLY and idempotency_key is None:
-            # Start waking it while the message commits (a paused agent is back in
-            # ~15 ms; the commit takes about as long under load): the lane's own
-            # wake then merges into this one.
-            self._woken_from[name] = (actor.record.state, time.monotonic())
-            actor.post(ev.StartRequested("message"))
-        try:
-            message, created = await self.inbox.enqueue(
-                name, body, idempotency_key=idempotency_key, limit=limits.queue_limit
-            )
-        except BaseException:
-            self._woken_from.pop(name, None)  # no delivery will report on that wake
-            raise
+        message, created = await self.inbox.enqueue(
+            name, body, idempotency_key=idempotency_key, limit=limits.queue_limit
+        )
         if created:
             self._status(message)
             self._lane(name).wake()
@@ -215,21 +198,13 @@ class Dispatcher:
         """``ensure_running`` with the waking notice: announce once per wake when the
         wait exceeds the agent's ``waking_notice_after``."""
         record = actor.record
-        limits = DeliveryLimits.of(actor.spec)
-        early = self._woken_from.pop(actor.name, None)
         if record.state in (S.RUNNING, S.IDLE) and record.url is not None:
             actor.touch()
-            if early is not None and time.monotonic() - early[1] >= limits.waking_notice_after:
-                # The wake ``submit`` began is over already, but it took that long.
-                # (Not marked in ``_announced``: that wake has ended.)
-                self._announce_waking(actor.name, early[0], early[1])
             return record
+        limits = DeliveryLimits.of(actor.spec)
         started = time.monotonic()
-        woken_from = record.state
-        if early is not None and record.state in (S.STARTING, S.RESTARTING):
-            woken_from, started = early  # submit began this wake (see ``submit``)
         notice = asyncio.create_task(
-            self._notice_after(actor.name, woken_from, started, limits.waking_notice_after),
+            self._notice_after(actor.name, record.state, started, limits.waking_notice_after),
             name=f"roost.waking-notice[{actor.name}]",
         )
         try:
@@ -245,9 +220,6 @@ class Dispatcher:
         if name in self._announced:
             return
         self._announced.add(name)
-        self._announce_waking(name, state, started)
-
-    def _announce_waking(self, name: str, state: AgentState, started: float) -> None:
         data = {
             "agent": name,
             "state": state.value,
