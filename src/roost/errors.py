@@ -75,9 +75,12 @@ class AlreadyRunning(StoreError):
 class ContainerError(RoostError):
     """Docker failed, or a container did not behave (library contract name)."""
 
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
+    def __init__(self, message: str, *, log_tail: str = "", status: int | None = None) -> None:
         super().__init__(message)
         self.log_tail = log_tail
+        #: the Docker API's HTTP status when Docker refused the request (e.g. 400
+        #: for a spec it rejects: retrying cannot help), else None.
+        self.status = status
 
 
 class DockerUnavailable(ContainerError):

@@ -476,6 +476,28 @@ async def test_job_fails_terminally_naming_image_when_it_cannot_be_pulled(
         assert done.container_id is None
 
 
+async def test_job_fails_at_once_when_docker_refuses_its_spec(
+    tmp_path: Path, instance: str, docker_images: dict[str, str]
+) -> None:
+    async with Engine(jobs_settings(tmp_path, instance)) as engine:
+        creates = 0
+        real_create = engine.runtime.create
+
+        async def counting_create(spec: Any) -> str:
+            nonlocal creates
+            creates += 1
+            return await real_create(spec)
+
+        engine.runtime.create = counting_create  # type: ignore[method-assign]
+        job = await engine.jobs.submit(
+            image=docker_images["busybox"], command=["true"], cpus=64.0, timeout=60
+        )
+        done = await final(engine, job.id)
+        assert done.status is J.FAILED
+        assert "CPU" in (done.error or "")  # Docker's own words: its 400 is terminal
+        assert creates == 1  # not retried: a 4xx cannot succeed the next time
+
+
 # --------------------------------------------------------------------------- HTTP API
 
 

@@ -142,6 +142,8 @@ def test_outcome_names_memory_limit_when_oom_killed() -> None:
 CLASSIFIED = [
     (errors.DockerUnavailable("engine gone"), ErrorKind.TRANSIENT),
     (errors.ContainerError("500 internal"), ErrorKind.TRANSIENT),
+    (errors.ContainerError("500 internal", status=500), ErrorKind.TRANSIENT),
+    (errors.ContainerError("range of CPUs", status=400), ErrorKind.TERMINAL),
     (errors.StoreError("locked"), ErrorKind.TRANSIENT),
     (errors.ImageUnavailable("no such image"), ErrorKind.TERMINAL),
     (errors.ContainerNotFound("no such network"), ErrorKind.TERMINAL),

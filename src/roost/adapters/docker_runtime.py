@@ -501,7 +501,7 @@ def _translated(action: str, target: object) -> Iterator[None]:
             raise errors.DockerUnavailable(message) from exc
         if exc.status == 404:
             raise errors.ContainerNotFound(message) from exc
-        raise errors.ContainerError(message) from exc
+        raise errors.ContainerError(message, status=exc.status) from exc
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
         raise errors.DockerUnavailable(f"cannot {action} {target}: {exc!r}") from exc
     except aiohttp.ClientError as exc:

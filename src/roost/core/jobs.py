@@ -203,7 +203,7 @@ class ErrorKind(enum.StrEnum):
 
 def classify_error(exc: BaseException) -> ErrorKind:
     """Transient: the engine is unreachable (``DockerUnavailable``), a Docker error
-    without a more specific meaning (``ContainerError``: 5xx), or the state
+    without a more specific meaning (``ContainerError`` other than a 4xx), or the state
     database failed (``StoreError``). Everything else is terminal: a missing image
     (``ImageUnavailable``), something the spec names that does not exist
     (``NotFound``: a network), a conflict, and any error Roost did not expect."""
@@ -212,6 +212,8 @@ def classify_error(exc: BaseException) -> ErrorKind:
     if isinstance(exc, errors.DockerUnavailable | errors.StoreError):
         return ErrorKind.TRANSIENT
     if isinstance(exc, errors.ContainerError):
+        if exc.status is not None and 400 <= exc.status < 500:
+            return ErrorKind.TERMINAL  # Docker refused the spec (e.g. 400 cpus > host's)
         return ErrorKind.TRANSIENT
     return ErrorKind.TERMINAL
 
