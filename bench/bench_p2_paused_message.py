@@ -10,9 +10,7 @@ Raw baseline, same run: a container created with the same body Roost sends,
 paused with aiodocker; each round times aiodocker ``unpause`` + one POST of the
 message straight to the container's published port.
 
-Rounds alternate raw / Roost after one unmeasured warm-up each. The mimic runs with
-Nagle's algorithm off in both (see ``MIMIC_NODELAY_COMMAND``: as built its replies
-wait ~40 ms for a delayed ACK).
+Rounds alternate raw / Roost after one unmeasured warm-up each.
 
 Target: Roost's median overhead ≤ 5 ms.
 
@@ -23,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -36,33 +32,14 @@ import aiohttp
 import common
 
 TARGET_OVERHEAD = 0.005
-MIMIC_NODELAY_COMMAND = (
-    "/usr/bin/python3.11",
-    "-c",
-    "import sys; sys.path.insert(0, '/app'); import mimic; "
-    "mimic.MimicHandler.disable_nagle_algorithm = True; mimic.main()",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_config(directory: Path, instance: str, port: int) -> Path:
-    config = directory / "roost.toml"
-    config.write_text(
+    return common.write_roost_config(
+        directory,
+        instance,
+        port,
         f"""
-[server]
-listen = "127.0.0.1:{port}"
-state_dir = "{directory / "state"}"
-log_level = "warning"
-
-[docker]
-instance = "{instance}"
-
 [defaults]
 memory = "64m"
 idle_timeout = 3600
@@ -70,24 +47,8 @@ stop_timeout = 1
 
 [agents.echo]
 image = "{common.MIMIC_IMAGE}"
-command = {json.dumps(list(MIMIC_NODELAY_COMMAND))}
-"""
+""",
     )
-    return config
-
-
-async def wait_up(http: aiohttp.ClientSession, base: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with http.get(base + "/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("roost did not come up")
-        await asyncio.sleep(0.05)
 
 
 async def wait_paused(docker: aiodocker.Docker, cid: str) -> None:
@@ -142,29 +103,23 @@ async def main() -> None:
     raw_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        port = free_port()
+        port = common.free_port()
         base = f"http://127.0.0.1:{port}"
         config = write_config(directory, instance, port)
         async with common.cleaned_up(
             (common.INSTANCE_LABEL, instance), (common.BENCH_LABEL, raw_run)
         ):
-            roost = Path(sys.executable).parent / "roost"
-            with (directory / "roost.log").open("ab") as log:
-                process = await asyncio.create_subprocess_exec(
-                    str(roost), "--config", str(config), "up",
-                    stdout=log, stderr=log, env={**os.environ, "ROOST_TOKEN": ""},
-                )  # fmt: skip
+            process = await common.start_roost(config, directory / "roost.log")
             try:
                 async with aiodocker.Docker() as docker, aiohttp.ClientSession() as http:
                     raw_config = common.raw_create_config(raw_run, "p2raw")
-                    raw_config["Cmd"] = list(MIMIC_NODELAY_COMMAND)
                     container = await docker.containers.create(raw_config)
                     await container.start()
                     binding = (await container.show())["NetworkSettings"]["Ports"]["8000/tcp"][0]
                     raw_url = f"http://127.0.0.1:{binding['HostPort']}"
                     await common.poll_health(http, raw_url + "/health", timeout=30)
 
-                    await wait_up(http, base)
+                    await common.wait_roost_up(http, base)
                     async with http.post(base + "/api/agents/echo/start") as response:
                         cid = (await response.json())["container_id"]
                     await raw_round(http, container, raw_url, -1)  # warm-ups

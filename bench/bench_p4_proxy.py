@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,23 +46,6 @@ WRK_THREADS = 2
 NGINX = "/usr/sbin/nginx"
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-
-#: The mimic with Nagle's algorithm off. As built, it writes headers and body in two
-#: send()s; with Nagle on, the body waits for the client's (delayed, ~40 ms) ACK of
-#: the headers, which would swamp everything measured here (wrk direct p50 ≈ 45 ms).
-MIMIC_NODELAY_COMMAND = (
-    "/usr/bin/python3.11",
-    "-c",
-    "import sys; sys.path.insert(0, '/app'); import mimic; "
-    "mimic.MimicHandler.disable_nagle_algorithm = True; mimic.main()",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def need(tool: str) -> str:
@@ -205,7 +187,6 @@ memory = "128m"
 [agents.echo]
 image = "{common.MIMIC_IMAGE}"
 env = {{ MODE = "echo" }}
-command = {json.dumps(list(MIMIC_NODELAY_COMMAND))}
 """,
         encoding="utf-8",
     )
@@ -225,7 +206,7 @@ def main(quick: bool) -> None:
         open(Path(tmp_name) / "roost.log", "wb") as roost_log,
     ):
         tmp = Path(tmp_name)
-        roost_port = free_port()
+        roost_port = common.free_port()
         roost_url = f"http://127.0.0.1:{roost_port}"
         # `roost up`, exactly as deployed (its own process, its own event loop).
         roost = subprocess.Popen(
@@ -244,7 +225,7 @@ def main(quick: bool) -> None:
         nginx: subprocess.Popen[bytes] | None = None
         try:
             direct_url = asyncio.run(start_agent(roost_url, roost))
-            nginx_port = free_port()
+            nginx_port = common.free_port()
             (tmp / "body").mkdir()
             nginx = subprocess.Popen(
                 [NGINX, "-c", str(nginx_config(tmp, nginx_port, direct_url)), "-p", str(tmp)],

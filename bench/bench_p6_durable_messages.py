@@ -16,10 +16,6 @@ deliveries in ``seq`` order, but four are in flight at once, so arrival order at
 the agent may differ locally; its row reports the share of ids that arrived in
 order (longest in-order subsequence) instead of a strict check.
 
-The agent runs the mimic with Nagle's algorithm off (see ``MIMIC_NODELAY_COMMAND``):
-as built the mimic writes headers and body in two send()s and every reply waits
-~40 ms for a delayed ACK, for Roost and the raw baseline alike.
-
 Target: ≥ 2000 messages/s accepted and delivered, order kept.
 
 Run: ``.venv/bin/python bench/bench_p6_durable_messages.py [--quick]``
@@ -29,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -43,34 +37,14 @@ import common
 TARGET_RATE = 2000.0
 CONCURRENCY = 64
 POLL_INTERVAL = 0.01
-MIMIC_NODELAY_COMMAND = (
-    "/usr/bin/python3.11",
-    "-c",
-    "import sys; sys.path.insert(0, '/app'); import mimic; "
-    "mimic.MimicHandler.disable_nagle_algorithm = True; mimic.main()",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_config(directory: Path, instance: str, port: int) -> Path:
-    config = directory / "roost.toml"
-    config.write_text(
+    return common.write_roost_config(
+        directory,
+        instance,
+        port,
         f"""
-[server]
-listen = "127.0.0.1:{port}"
-state_dir = "{directory / "state"}"
-log_level = "warning"
-max_body_size = "64k"
-
-[docker]
-instance = "{instance}"
-
 [defaults]
 memory = "128m"
 idle_timeout = 3600
@@ -78,45 +52,15 @@ stop_timeout = 1
 
 [agents.echo]
 image = "{common.MIMIC_IMAGE}"
-command = {json.dumps(list(MIMIC_NODELAY_COMMAND))}
 queue_limit = 1000000
 
 [agents.echo4]
 image = "{common.MIMIC_IMAGE}"
-command = {json.dumps(list(MIMIC_NODELAY_COMMAND))}
 queue_limit = 1000000
 max_concurrent_messages = 4
-"""
+""",
+        server='max_body_size = "64k"',
     )
-    return config
-
-
-async def start_roost(config: Path, log: Path) -> asyncio.subprocess.Process:
-    roost = Path(sys.executable).parent / "roost"
-    with log.open("ab") as output:
-        return await asyncio.create_subprocess_exec(
-            str(roost),
-            "--config",
-            str(config),
-            "up",
-            stdout=output,
-            stderr=output,
-            env={**os.environ, "ROOST_TOKEN": ""},
-        )
-
-
-async def wait_up(http: aiohttp.ClientSession, base: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with http.get(base + "/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("roost did not come up")
-        await asyncio.sleep(0.05)
 
 
 async def raw_sequential(http: aiohttp.ClientSession, url: str, count: int) -> float:
@@ -241,14 +185,14 @@ async def main() -> None:
     measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        base = f"http://127.0.0.1:{free_port()}"
+        base = f"http://127.0.0.1:{common.free_port()}"
         config = write_config(directory, instance, int(base.rsplit(":", 1)[1]))
         async with common.cleaned_up((common.INSTANCE_LABEL, instance)):
-            process = await start_roost(config, directory / "roost.log")
+            process = await common.start_roost(config, directory / "roost.log")
             connector = aiohttp.TCPConnector(limit=CONCURRENCY + 4)
             try:
                 async with aiohttp.ClientSession(connector=connector) as http:
-                    await wait_up(http, base)
+                    await common.wait_roost_up(http, base)
                     for agent in ("echo", "echo4"):
                         measured[agent] = await measure(http, base, agent, count, raw_count)
             finally:

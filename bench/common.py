@@ -20,6 +20,7 @@ import contextlib
 import os
 import platform
 import secrets
+import socket
 import statistics
 import subprocess
 import sys
@@ -262,6 +263,67 @@ class InstrumentedRuntime(DockerRuntime):
             if call.method == method and call.called >= after and (arg is None or call.arg == arg):
                 return call
         return None
+
+
+# -- a `roost up` daemon, exactly as deployed (own process, own event loop) ------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_roost_config(
+    directory: Path, instance: str, port: int, body: str, *, server: str = ""
+) -> Path:
+    """``directory/roost.toml`` listening on ``port`` with ``body`` (defaults, agents)."""
+    config = directory / "roost.toml"
+    config.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+state_dir = "{directory / "state"}"
+log_level = "warning"
+{server}
+
+[docker]
+instance = "{instance}"
+
+{body}
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+async def start_roost(config: Path, log: Path) -> asyncio.subprocess.Process:
+    roost = Path(sys.executable).parent / "roost"
+    with log.open("ab") as output:
+        return await asyncio.create_subprocess_exec(
+            str(roost),
+            "--config",
+            str(config),
+            "up",
+            stdout=output,
+            stderr=output,
+            env={**os.environ, "ROOST_TOKEN": ""},
+        )
+
+
+async def wait_roost_up(http: aiohttp.ClientSession, base: str, *, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with http.get(base + "/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"roost did not answer {base}/healthz within {timeout:g}s")
+        await asyncio.sleep(0.05)
 
 
 def median(values: Sequence[float]) -> float:

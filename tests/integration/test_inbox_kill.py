@@ -26,15 +26,6 @@ MESSAGES = 1000
 #: Each message makes the agent sleep this long, so delivery lags acceptance and
 #: most messages are still queued when Roost is killed.
 AGENT_DELAY = 0.005
-#: The mimic with Nagle's algorithm off: as built it writes a reply's headers and
-#: body in two send()s, so each reply waits ~40 ms for a delayed ACK (1000 messages
-#: would take ~45 s). Same agent code, same behaviour otherwise.
-MIMIC_NODELAY_COMMAND = [
-    "/usr/bin/python3.11",
-    "-c",
-    "import sys; sys.path.insert(0, '/app'); import mimic; "
-    "mimic.MimicHandler.disable_nagle_algorithm = True; mimic.main()",
-]
 
 
 def _free_port() -> int:
@@ -64,7 +55,6 @@ idle_timeout = 3600
 
 [agents.echo]
 image = "{image}"
-command = {json.dumps(MIMIC_NODELAY_COMMAND)}
 """
     )
     return config
