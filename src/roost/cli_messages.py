@@ -31,8 +31,6 @@ __all__ = ["events", "message_body", "parse_sse", "send"]
 
 #: Seconds the CLI waits beyond the reply timeout it asked the daemon for.
 WAIT_MARGIN = 10.0
-#: The daemon's default ``wait_timeout``, used to size the read timeout.
-DEFAULT_WAIT = 30.0
 RECONNECT_DELAY = 1.0
 
 
@@ -108,7 +106,8 @@ def send(
     params: dict[str, str] = {} if no_wait else {"wait": "true"}
     if timeout is not None and not no_wait:
         params["timeout"] = f"{timeout:g}"
-    read_timeout = cli.READ_TIMEOUT if no_wait else (timeout or DEFAULT_WAIT) + WAIT_MARGIN
+    # Without --timeout the daemon applies the agent's wait_timeout, unknown here.
+    read_timeout = cli.READ_TIMEOUT if no_wait else (timeout + WAIT_MARGIN if timeout else None)
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     client, url = _session(read_timeout)
     path = f"/api/agents/{name}/messages"

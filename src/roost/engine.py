@@ -46,7 +46,7 @@ from roost.reactor import swarming
 from roost.reactor.delivering import Dispatcher
 from roost.reactor.eventing import EventHub
 from roost.reactor.jobbing import JobRunner
-from roost.reactor.supervising import Supervisor, describe
+from roost.reactor.supervising import Supervisor
 
 __all__ = ["Engine"]
 
@@ -80,10 +80,14 @@ class Engine:
         self.clock: Clock = clock or SystemClock()
         self.agent_client: AgentClient = agent_client or AiohttpAgentClient()
         self.docker_api_version = ""
+        #: every lifecycle change, message status change and notice, for SSE.
+        self.events = EventHub()
         self.supervisor = Supervisor(
             store=self.store,
             runtime=self.runtime,
-            notifier=self.notifier,
+            # The supervisor's notices (agent.failed) reach the event stream and the
+            # webhook alike, with the same payload.
+            notifier=_Announcer(self),
             clock=self.clock,
             agent_client=self.agent_client,
             instance=settings.docker.instance,
@@ -92,8 +96,6 @@ class Engine:
             network=settings.docker.network or None,
             pull_timeout=settings.docker.pull_timeout,
         )
-        #: every lifecycle change, message status change and notice, for SSE.
-        self.events = EventHub()
         self.supervisor.add_listener(self._publish_changes)
         if job_store is None:
             if not isinstance(self.store, SqliteStore):
@@ -156,6 +158,8 @@ class Engine:
         except BaseException:
             await self.dispatcher.stop()
             await self.jobs.stop(leave_running=True)
+            # Actors and the event watcher may exist already: stop them, touch nothing.
+            await self.supervisor.shutdown(leave_running=True)
             await self._close_resources()
             raise
         self._started = True
@@ -206,7 +210,6 @@ class Engine:
     # -- events -----------------------------------------------------------------------
 
     def _publish_changes(self, record: AgentRecord, changes: tuple[StateChange, ...]) -> None:
-        agent = describe(record)
         for change in changes:
             self.events.publish(
                 "agent.state",
@@ -216,12 +219,10 @@ class Engine:
                     "to": change.to_state.value,
                     "reason": change.reason,
                     "restart_count": record.restart_count,
-                    "container_id": agent["container_id"],
+                    "container_id": record.container_id,
                 },
                 at=change.at,
             )
-            if change.to_state.value == "failed":
-                self.events.publish("agent.failed", {"agent": record.name, "reason": change.reason})
 
     def _publish_job(self, job: Job) -> None:
         self.events.publish(
@@ -325,3 +326,13 @@ class Engine:
 
 def _spec_json(spec: ResolvedAgent) -> dict[str, Any]:
     return spec.model_dump(mode="json")
+
+
+class _Announcer:
+    """The supervisor's ``Notifier``: ``Engine.announce`` (event stream + webhook)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def notify(self, kind: str, payload: dict[str, Any]) -> None:
+        await self._engine.announce(kind, payload)

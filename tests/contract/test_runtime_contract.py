@@ -179,31 +179,35 @@ async def test_pause_and_unpause_toggle_status_when_running(harness: Harness) ->
 async def test_pause_raises_container_error_when_not_running(harness: Harness) -> None:
     container_id = await harness.runtime.create(harness.spec())
 
-    with pytest.raises(errors.ContainerError):
+    with pytest.raises(errors.ContainerError) as caught:
         await harness.runtime.pause(container_id)
+    assert caught.value.status == 409  # Docker's HTTP status
 
 
 async def test_pause_raises_container_error_when_already_paused(harness: Harness) -> None:
     container_id = await harness.started()
     await harness.runtime.pause(container_id)
 
-    with pytest.raises(errors.ContainerError):
+    with pytest.raises(errors.ContainerError) as caught:
         await harness.runtime.pause(container_id)
+    assert caught.value.status == 409  # Docker's HTTP status
 
 
 async def test_unpause_raises_container_error_when_not_paused(harness: Harness) -> None:
     container_id = await harness.started()
 
-    with pytest.raises(errors.ContainerError):
+    with pytest.raises(errors.ContainerError) as caught:
         await harness.runtime.unpause(container_id)
+    assert caught.value.status == 500  # Docker's HTTP status
 
 
 async def test_start_raises_container_error_when_paused(harness: Harness) -> None:
     container_id = await harness.started()
     await harness.runtime.pause(container_id)
 
-    with pytest.raises(errors.ContainerError):
+    with pytest.raises(errors.ContainerError) as caught:
         await harness.runtime.start(container_id)
+    assert caught.value.status == 409  # Docker's HTTP status
 
 
 async def test_stop_exits_with_exit_info_when_running(harness: Harness) -> None:
@@ -257,8 +261,9 @@ async def test_kill_exits_with_137_when_running(harness: Harness) -> None:
 async def test_kill_raises_container_error_when_not_running(harness: Harness) -> None:
     container_id = await harness.runtime.create(harness.spec())
 
-    with pytest.raises(errors.ContainerError):
+    with pytest.raises(errors.ContainerError) as caught:
         await harness.runtime.kill(container_id)
+    assert caught.value.status == 409  # Docker's HTTP status
 
 
 async def test_restart_after_exit_runs_again_when_started(harness: Harness) -> None:
@@ -287,8 +292,9 @@ async def test_remove_raises_container_error_when_running_and_not_forced(
 ) -> None:
     container_id = await harness.started()
 
-    with pytest.raises(errors.ContainerError):
+    with pytest.raises(errors.ContainerError) as caught:
         await harness.runtime.remove(container_id, force=False)
+    assert caught.value.status == 409  # Docker's HTTP status
 
     assert (await harness.runtime.inspect(container_id)).running
 
@@ -518,8 +524,9 @@ async def test_remove_image_raises_container_error_when_image_in_use(harness: Ha
     reference = f"{repository}:{tag}"
     user = await harness.runtime.create(harness.spec(image=reference))
 
-    with pytest.raises(errors.ContainerError):
+    with pytest.raises(errors.ContainerError) as caught:
         await harness.runtime.remove_image(reference)
+    assert caught.value.status == 409  # Docker's HTTP status
 
     await harness.runtime.remove(user)
     await harness.runtime.remove_image(reference)

@@ -192,3 +192,23 @@ async def test_body_that_is_not_json_is_refused_when_enqueued(inbox: SqliteInbox
         await inbox.enqueue("a", {"x": object()})
     assert inbox.pending_count("a") == 0
     assert await inbox.list_messages("a") == []
+
+
+async def test_close_commits_a_lazy_write_and_returns_when_one_is_still_queued(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "roost.db"
+    store, inbox = await _open(path)
+    message, _ = await inbox.enqueue("a", {"i": 1})
+    inbox.mark_delivering(message.id, attempts=1)  # lazy: not awaited, still queued
+    async with asyncio.timeout(10):  # a hang here was a bug: close waited forever
+        await _close(store, inbox)
+
+    store, inbox = await _open(path)
+    try:
+        stored = await inbox.get("a", message.id)
+        assert stored is not None
+        assert stored.status is M.DELIVERING
+        assert stored.attempts == 1
+    finally:
+        await _close(store, inbox)

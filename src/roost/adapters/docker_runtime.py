@@ -11,6 +11,8 @@ aiodocker/aiohttp error is translated here by its HTTP status (never by its text
 - 409 on ``create`` with a name → ``Conflict`` (name taken); any other 409/500
   (pause a stopped container, kill an exited one, remove a running one without
   force) → ``ContainerError``: the container's state does not allow it.
+  ``ContainerError.status`` carries Docker's HTTP status (a 4xx means the request
+  itself was refused: retrying cannot help).
 
 Invariants:
 - ``create`` never pulls; ``ensure_image`` pulls only an absent image, and

@@ -350,8 +350,12 @@ class SqliteInbox:
             batch, self._queue = self._queue, []
             if batch:
                 await self._commit(batch)
-            elif self._closing:
+            # Closing: ``close`` woke us once; whatever is still queued (a lazy write
+            # that arrived meanwhile) is committed before the loop ends.
+            if self._closing and not self._queue:
                 return
+            if self._closing:
+                self._wakeup.set()
 
     async def _commit(self, batch: list[_Write]) -> None:
         work = [(w.sql, w.params, w.returning) for w in batch]

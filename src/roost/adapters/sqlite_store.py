@@ -4,8 +4,10 @@ Role: durable intent and history. Docker is the truth about what runs; this
 file is the truth about what Roost meant to happen and why.
 
 Invariants:
-- Every write is one ``BEGIN IMMEDIATE … COMMIT`` transaction on the single
-  writer connection, and writers are serialised by an ``asyncio.Lock``; a write
+- Every write of this class is one ``BEGIN IMMEDIATE … COMMIT`` transaction on
+  its writer connection, serialised by an ``asyncio.Lock`` (the inbox writes the
+  same file through a connection of its own; SQLite's write lock and
+  ``busy_timeout`` serialise the two); a write
   that fails (Conflict, NotFound, SQLite error, cancellation) is rolled back,
   so nothing already stored is lost or half-changed.
 - ``update_agent`` is compare-and-set on ``version``: ``UPDATE … WHERE name=?
@@ -70,8 +72,8 @@ class Migration:
     statements: tuple[str, ...]
 
 
-#: Append-only. Never edit a step that has shipped; add the next one (e.g.
-#: ``Migration("messages: durable inbox", (...))`` becomes version 2).
+#: Append-only. Never edit a step that has shipped; add the next one as the last
+#: entry (its index + 1 is the version it produces).
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
         "agents and their state history",

@@ -40,7 +40,6 @@ from roost import errors
 from roost.core.labels import CONFIG_HASH, JOB, PROJECT, SNAPSHOT, ownership
 
 __all__ = [
-    "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "LOG_TAIL_LINES",
     "MAX_SNAPSHOT_GENERATIONS",
@@ -104,8 +103,6 @@ class JobStatus(enum.StrEnum):
 FINAL_STATUSES = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELLED}
 )
-#: A job in one of these may still get (or has) a container.
-ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 
 _TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
@@ -205,7 +202,8 @@ def classify_error(exc: BaseException) -> ErrorKind:
     """Transient: the engine is unreachable (``DockerUnavailable``), a Docker error
     without a more specific meaning (``ContainerError`` other than a 4xx), or the state
     database failed (``StoreError``). Everything else is terminal: a missing image
-    (``ImageUnavailable``), something the spec names that does not exist
+    (``ImageUnavailable``), a container that never became healthy (``StartupTimeout``),
+    a spec Docker refused (4xx), something the spec names that does not exist
     (``NotFound``: a network), a conflict, and any error Roost did not expect."""
     if isinstance(exc, errors.ImageUnavailable | errors.StartupTimeout):
         return ErrorKind.TERMINAL

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ACTIVE_STATES", "ASLEEP_STATES", "AgentState"]
+__all__ = ["ACTIVE_STATES", "AgentState"]
 
 
 class AgentState(enum.StrEnum):
@@ -21,7 +21,3 @@ class AgentState(enum.StrEnum):
 
 #: States in which the agent has (or is getting) a live container that answers.
 ACTIVE_STATES = frozenset({AgentState.RUNNING, AgentState.IDLE})
-#: States from which a message or request wakes the agent.
-ASLEEP_STATES = frozenset(
-    {AgentState.CREATED, AgentState.PAUSED, AgentState.STOPPED, AgentState.CRASHED}
-)

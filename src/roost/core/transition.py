@@ -43,10 +43,6 @@ class Decision:
     #: set when the event was a request the current state refuses.
     rejected: str | None = None
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.changes)
-
 
 class _Builder:
     """Accumulates a record, commands and state changes for one decision."""

@@ -201,7 +201,8 @@ def _json_bytes(body: dict[str, Any]) -> bytes:
 class AgentProxy:
     """Forwards HTTP and WebSocket traffic to agents, waking them first.
 
-    Owns one pooled aiohttp session (created on first use, closed by ``close``).
+    Owns a keep-alive ``UpstreamPool`` for plain HTTP and an aiohttp session for
+    WebSockets (both created on first use, closed by ``close``).
     """
 
     def __init__(

@@ -30,13 +30,14 @@ from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core import labels
 from roost.core.policy import Policy
+from roost.core.reconciling import Observed, plan_reconcile
 from roost.core.records import AgentRecord, ExitInfo, StateChange
 from roost.core.states import AgentState
 from roost.core.transition import Decision, next_deadline, transition
 from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
-from roost.ports.runtime import ContainerRuntime, ContainerSpec
+from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
 
 __all__ = ["AgentActor", "AgentSpec", "StateListener", "Supervisor"]
@@ -113,7 +114,6 @@ class AgentActor:
         self.record = record
         self.spec = spec
         self.agent_id = agent_id
-        self.extra_env: dict[str, str] = {}
         self.network: str | None = None
         self.binds: tuple[str, ...] = ()
         #: Linux needs this for ROOST_URL's default host.docker.internal to resolve.
@@ -414,7 +414,6 @@ class AgentActor:
         spec = self.spec
         env = {
             **dict(spec.env),
-            **self.extra_env,
             "ROOST_AGENT": spec.name,
             "ROOST_AGENT_ID": self.agent_id,
             "ROOST_URL": self.sup.public_url,
@@ -646,7 +645,7 @@ class Supervisor:
         #: when the liveness loop's current sleep ends (None: not sleeping).
         self._liveness_wake_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._oom_seen: dict[str, float] = {}
+        self._oom_seen: set[str] = set()
         self.reconciles = 0
         self.closed = False
 
@@ -780,10 +779,13 @@ class Supervisor:
     # -- Docker events and reconcile ----------------------------------------------------
 
     def start_watching(self) -> None:
-        self._watch_task = asyncio.create_task(self._watch(), name="roost.events")
+        # Subscribe now, before the reconcile lists containers: DockerRuntime asks
+        # for events since this call, so nothing between the two is lost.
+        events = self.runtime.events(labels.ownership(self.instance))
+        self._watch_task = asyncio.create_task(self._watch(events), name="roost.events")
 
-    async def _watch(self) -> None:
-        async for event in self.runtime.events(labels.ownership(self.instance)):
+    async def _watch(self, events: AsyncIterator[RuntimeEvent]) -> None:
+        async for event in events:
             if event.kind == "gap":
                 log.info("docker event stream had a gap; reconciling")
                 self._spawn_reconcile()
@@ -794,14 +796,15 @@ class Supervisor:
         self, kind: str, cid: str, attrs: Mapping[str, str], exit_code: int | None
     ) -> None:
         name = attrs.get(labels.AGENT)
-        if kind == "oom":
-            self._oom_seen[cid] = self.clock.monotonic()
-            return
         if name is None or name not in self.actors:
+            return  # job containers carry our labels too: the job runner watches those
+        if kind == "oom":
+            self._oom_seen.add(cid)  # Docker sends oom just before the die it causes
             return
         actor = self.actors[name]
         if kind == "die":
-            oom = self._oom_seen.pop(cid, None) is not None
+            oom = cid in self._oom_seen
+            self._oom_seen.discard(cid)
             actor.post(ev.ContainerExited(cid, ExitInfo(exit_code=exit_code, oom_killed=oom)))
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
@@ -819,8 +822,6 @@ class Supervisor:
 
     async def reconcile(self) -> None:
         """Re-list this instance's containers and reconcile both ways (pure plan)."""
-        from roost.core.reconciling import Observed, plan_reconcile
-
         async with self._reconcile_lock:
             self.reconciles += 1
             containers = await self.runtime.list(labels.ownership(self.instance))

@@ -179,7 +179,7 @@ class FakeRuntime:
         users = [c.id for c in self._containers.values() if _normalized(c.spec.image) == name]
         if users:
             raise errors.ContainerError(
-                f"cannot remove image {image}: in use by container {users[0][:12]}"
+                f"cannot remove image {image}: in use by container {users[0][:12]}", status=409
             )
         self.images = {i for i in self.images if _normalized(i) != name}
         self._image_meta.pop(name, None)
@@ -227,7 +227,8 @@ class FakeRuntime:
         if container.status == "paused":
             raise errors.ContainerError(
                 f"cannot start container {container_id}: "
-                "cannot start a paused container, try unpause instead"
+                "cannot start a paused container, try unpause instead",
+                status=409,
             )
         container.status = "running"
         container.exit_code = 0
@@ -246,9 +247,9 @@ class FakeRuntime:
         self._record("pause", container_id)
         container = self._get(container_id)
         if container.status == "paused":
-            raise errors.ContainerError(f"container {container_id} is already paused")
+            raise errors.ContainerError(f"container {container_id} is already paused", status=409)
         if container.status != "running":
-            raise errors.ContainerError(f"container {container_id} is not running")
+            raise errors.ContainerError(f"container {container_id} is not running", status=409)
         container.status = "paused"
         self._emit("pause", container)
 
@@ -256,7 +257,8 @@ class FakeRuntime:
         self._record("unpause", container_id)
         container = self._get(container_id)
         if container.status != "paused":
-            raise errors.ContainerError(f"container {container_id} is not paused")
+            # Docker answers 500 here, not 409 (measured on dockerd 20.10).
+            raise errors.ContainerError(f"container {container_id} is not paused", status=500)
         container.status = "running"
         self._emit("unpause", container)
 
@@ -277,7 +279,7 @@ class FakeRuntime:
         container = self._get(container_id)
         if not container.running:
             raise errors.ContainerError(
-                f"cannot kill container {container_id}: container is not running"
+                f"cannot kill container {container_id}: container is not running", status=409
             )
         number = _signal_number(signal)
         self._emit("kill", container, signal=str(number))
@@ -297,7 +299,8 @@ class FakeRuntime:
             if not force:
                 raise errors.ContainerError(
                     f"cannot remove container {container_id}: it is running "
-                    "(stop it first or force remove)"
+                    "(stop it first or force remove)",
+                    status=409,
                 )
             self._emit("kill", container, signal=str(int(signals.SIGKILL)))
             self._exit(container, 128 + signals.SIGKILL)
