@@ -119,7 +119,7 @@ async def main() -> None:
                     raw_url = f"http://127.0.0.1:{binding['HostPort']}"
                     await common.poll_health(http, raw_url + "/health", timeout=30)
 
-                    await common.wait_roost_up(http, base)
+                    await common.poll_health(http, base + "/healthz", timeout=30)
                     async with http.post(base + "/api/agents/echo/start") as response:
                         cid = (await response.json())["container_id"]
                     await raw_round(http, container, raw_url, -1)  # warm-ups

@@ -7,12 +7,12 @@ so the baseline is Docker's ``timeNano`` of the ``die`` event. The engine runs o
 an ``InstrumentedRuntime`` (the real Docker adapter recording ``time.time()`` at
 each call), which tells when Roost:
 
-- began handling the exit (its ``inspect`` of the dead container, the first
-  thing the actor does with a ``die``: it gathers exit diagnostics);
-- issued the restart: the ``remove`` of the old container and the ``create`` of
-  the new one (both are reported).
+- issued the restart: the ``create`` of the new container (the transition decides
+  from the ``die`` event alone);
+- read the dead container's diagnostics (``inspect`` + log tail) and then issued
+  its ``remove``: off the restart's critical path, reported for information.
 
-Target: die → restart issued ≤ 10 ms with zero backoff.
+Target: die → restart issued (the ``create``) ≤ 10 ms with zero backoff.
 
 Run: ``.venv/bin/python bench/bench_p3_restart.py [--quick]``
 """
@@ -184,7 +184,7 @@ async def main(quick: bool) -> None:
             }
         )
     common.record(f"P3 container exit → restart issued ({rounds} crashes, backoff 0)", table)
-    for key in ("die → remove issued", "die → create issued"):
+    for key in ("die → create issued",):  # the restart; the remove is diagnostics-first
         value = common.median([r[key] for r in rows])
         met = "met" if value <= TARGET else f"MISSED by {common.ms(value - TARGET)} ms"
         print(f"{key}: median {common.ms(value)} ms; target ≤ {common.ms(TARGET)} ms: {met}")

@@ -192,7 +192,7 @@ async def main() -> None:
             connector = aiohttp.TCPConnector(limit=CONCURRENCY + 4)
             try:
                 async with aiohttp.ClientSession(connector=connector) as http:
-                    await common.wait_roost_up(http, base)
+                    await common.poll_health(http, base + "/healthz", timeout=30)
                     for agent in ("echo", "echo4"):
                         measured[agent] = await measure(http, base, agent, count, raw_count)
             finally:

@@ -312,20 +312,6 @@ async def start_roost(config: Path, log: Path) -> asyncio.subprocess.Process:
         )
 
 
-async def wait_roost_up(http: aiohttp.ClientSession, base: str, *, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with http.get(base + "/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"roost did not answer {base}/healthz within {timeout:g}s")
-        await asyncio.sleep(0.05)
-
-
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
