@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +24,14 @@ from roost.config import Settings, parse_settings
 ROOT = Path(__file__).resolve().parent.parent
 MIMIC_IMAGE = "roost-mimic:latest"
 BUSYBOX_IMAGE = "roost-busybox:latest"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @pytest.fixture(scope="session")

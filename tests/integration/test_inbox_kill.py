@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -26,13 +25,6 @@ MESSAGES = 1000
 #: Each message makes the agent sleep this long, so delivery lags acceptance and
 #: most messages are still queued when Roost is killed.
 AGENT_DELAY = 0.005
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _write_config(tmp_path: Path, instance: str, port: int, image: str) -> Path:
@@ -104,7 +96,7 @@ async def _messages(client: httpx.AsyncClient) -> list[dict[str, Any]]:
 async def test_every_message_arrives_in_order_when_roost_is_killed_mid_delivery(
     tmp_path: Path, instance: str, docker_images: dict[str, str]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     config = _write_config(tmp_path, instance, port, docker_images["mimic"])
     log = tmp_path / "roost.log"
     base = f"http://127.0.0.1:{port}"

@@ -21,7 +21,7 @@ from roost.config import Settings
 from roost.engine import Engine
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_runtime import FakeRuntime
-from tests.conftest import make_settings, wait_until
+from tests.conftest import free_port, make_settings, wait_until
 
 IMAGE = "roost-mimic:latest"
 VERBS = ["up", "ps", "start", "stop", "pause", "wake", "restart", "reset", "logs", "doctor"]
@@ -37,13 +37,6 @@ def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "roost.toml"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------- offline

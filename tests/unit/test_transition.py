@@ -1295,12 +1295,6 @@ def test_tables_cover_every_event_type_when_collected() -> None:
     assert covered == set(typing.get_args(ev.Event))
 
 
-def test_transition_is_pure_when_called_twice() -> None:
-    for param in ALL_ROWS:
-        r = param.values[0]
-        assert decide(r) == decide(r)
-
-
 # -- next_deadline ---------------------------------------------------------------------
 
 DEADLINE_ROWS = [

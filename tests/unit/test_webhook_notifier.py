@@ -8,7 +8,6 @@ import datetime as dt
 import enum
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from roost.adapters.webhook_notifier import LogNotifier, MultiNotifier, WebhookNotifier
 from roost.core.records import ExitInfo
+from tests.conftest import free_port
 
 NOTIFY_LOGGER = "roost.notify"
 
@@ -111,13 +111,6 @@ def make(closing: list[WebhookNotifier], url: str, **kwargs: Any) -> WebhookNoti
 
 def notify_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [record for record in caplog.records if record.name == NOTIFY_LOGGER]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --------------------------------------------------------------------------- delivery

@@ -1,0 +1,113 @@
+"""`roost up` as deployed: a real daemon process, stopped by SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import docker_inspect, free_port, wait_until
+
+pytestmark = pytest.mark.docker
+
+
+def write_config(tmp_path: Path, instance: str, port: int, *, leave_running: bool) -> Path:
+    config = tmp_path / "roost.toml"
+    config.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+state_dir = "state"
+
+[docker]
+instance = "{instance}"
+leave_running = {"true" if leave_running else "false"}
+
+[defaults]
+memory = "96m"
+stop_timeout = 5
+
+[agents.echo]
+image = "roost-mimic:latest"
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+@asynccontextmanager
+async def roost_up(config: Path, port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    roost = Path(sys.executable).parent / "roost"
+    process = await asyncio.create_subprocess_exec(
+        str(roost),
+        "--config",
+        str(config),
+        "up",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def answers() -> bool:
+            try:
+                async with httpx.AsyncClient() as client:
+                    return (await client.get(f"http://127.0.0.1:{port}/healthz")).is_success
+            except httpx.HTTPError:
+                return False
+
+        await wait_until(answers, what="roost up answering /healthz")
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def api(port: int, method: str, path: str) -> Any:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        response = await client.request(method, path)
+        response.raise_for_status()
+        return response.json()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_stops_agents_with_grace_and_exits_0_when_roost_up_runs(
+    tmp_path: Path, instance: str, docker_images: dict[str, str], signum: signal.Signals
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, instance, port, leave_running=False)
+    async with roost_up(config, port) as process:
+        agent = await api(port, "POST", "/api/agents/echo/start")
+        cid = agent["container_id"]
+        assert docker_inspect(cid)["State"]["Running"]
+        process.send_signal(signum)
+        assert await asyncio.wait_for(process.wait(), timeout=60) == 0
+    state = docker_inspect(cid)["State"]
+    assert not state["Running"]
+    assert state["ExitCode"] == 0  # SIGTERM handled by the agent: stopped with grace
+
+
+async def test_leave_running_keeps_agents_up_and_next_roost_adopts_them_when_signalled(
+    tmp_path: Path, instance: str, docker_images: dict[str, str]
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, instance, port, leave_running=True)
+    async with roost_up(config, port) as process:
+        cid = (await api(port, "POST", "/api/agents/echo/start"))["container_id"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=60) == 0
+    assert docker_inspect(cid)["State"]["Running"]
+    async with roost_up(config, port) as process:
+        agent = await api(port, "GET", "/api/agents/echo")
+        assert agent["state"] == "running"
+        assert agent["container_id"] == cid  # adopted, not restarted
+        assert agent["restart_count"] == 0
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=60) == 0
