@@ -33,7 +33,6 @@ from roost import errors
 from roost.api.app import create_app
 from roost.config import Settings
 from roost.engine import Engine
-from roost.gateway.proxying import GatewayMiddleware
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "bind_listen_socket", "serve"]
 
@@ -168,10 +167,9 @@ async def _run_http(
     handle_signals: bool,
 ) -> int:
     level = settings.server.log_level
-    app = create_app(engine, token=token)
+    gateway = create_app(engine, token=token)
     config = uvicorn.Config(
-        # /agents/... is served before FastAPI's per-request layers run (the hot path).
-        GatewayMiddleware(app, proxy=app.state.agent_proxy),
+        gateway,
         log_level=level,
         lifespan="off",
         log_config=None,  # our basicConfig formats uvicorn's records too
@@ -195,9 +193,7 @@ async def _run_http(
     async def stop_when_asked() -> None:
         await stop.wait()
         # uvicorn waits for open responses to end: end the event streams (api.events) first.
-        streams = getattr(app.state, "event_streams", None)
-        if streams is not None:
-            await streams.close()
+        await gateway.app.state.event_streams.close()
         server.should_exit = True
 
     installed: list[signal.Signals] = []

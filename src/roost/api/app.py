@@ -263,8 +263,11 @@ class _Metrics(Collector):
 # --------------------------------------------------------------------------- app
 
 
-def create_app(engine: Engine, *, token: str | None) -> FastAPI:
-    """The admin API over ``engine`` (which the caller starts and stops)."""
+def create_app(engine: Engine, *, token: str | None) -> proxying.GatewayMiddleware[FastAPI]:
+    """Roost's whole HTTP surface over ``engine`` (which the caller starts and stops):
+    the reverse proxy takes ``/agents/...`` before FastAPI routes anything (the hot
+    path skips FastAPI's per-request layers); everything else is the admin API
+    (``.app``, the FastAPI instance). Serving and tests use exactly this."""
     supervisor = engine.supervisor
     metrics = _Metrics(engine)
     supervisor.add_listener(metrics.on_change)
@@ -425,10 +428,6 @@ def create_app(engine: Engine, *, token: str | None) -> FastAPI:
     lease_table = leasing.Leases(engine)
     engine.add_closer(lease_table.close)
     app.include_router(leases.lease_router(lease_table), dependencies=guarded)
-    # The reverse proxy takes /agents/... before FastAPI routes anything (hot path).
     proxy = proxying.AgentProxy(engine, token=token)
     engine.add_closer(proxy.close)
-    app.add_middleware(proxying.GatewayMiddleware, proxy=proxy)
-    # serving puts the gateway in front of the whole app (skipping FastAPI's own layers).
-    app.state.agent_proxy = proxy
-    return app
+    return proxying.GatewayMiddleware(app, proxy=proxy)

@@ -49,7 +49,7 @@ import math
 import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -819,10 +819,13 @@ async def _deny_websocket(scope: Scope, send: Send, refusal: _Refusal) -> None:
     await send({"type": "websocket.close", "code": 1008 if refusal.status in (401, 404) else 1011})
 
 
-class GatewayMiddleware:
+_App = TypeVar("_App", bound=ASGIApp)
+
+
+class GatewayMiddleware(Generic[_App]):
     """ASGI: ``/agents/...`` goes to the proxy, everything else to the wrapped app."""
 
-    def __init__(self, app: ASGIApp, *, proxy: AgentProxy) -> None:
+    def __init__(self, app: _App, *, proxy: AgentProxy) -> None:
         self.app = app
         self.proxy = proxy
 
