@@ -28,7 +28,7 @@ from roost import errors
 from roost.config import AgentConfig, ResolvedAgent, Settings, parse_settings
 from roost.core import events as ev
 from roost.core.records import ExitInfo, SessionHealth
-from roost.core.states import AgentState
+from roost.core.states import ACTIVE_STATES, AgentState
 from roost.engine import Engine
 
 __all__ = ["ContainerManager", "EmbeddedEngine", "agent_name_for"]
@@ -213,7 +213,7 @@ class ContainerManager(EmbeddedEngine):
         name = await self._agent(agent_type, image, port)
         actor = engine.supervisor.actor(name)
         cid = actor.record.container_id
-        if cid is not None and actor.record.state in (AgentState.RUNNING, AgentState.IDLE):
+        if cid is not None and actor.record.state in ACTIVE_STATES:
             # The caller may have seen the exit before Docker's event reached us.
             try:
                 state = await engine.runtime.inspect(cid)
@@ -256,7 +256,7 @@ class ContainerManager(EmbeddedEngine):
         if actor is None:
             return SessionHealth.UNKNOWN
         state = actor.record.state
-        if state in (AgentState.RUNNING, AgentState.IDLE):
+        if state in ACTIVE_STATES:
             return SessionHealth.HEALTHY
         if state in (AgentState.STARTING, AgentState.RESTARTING):
             return SessionHealth.STARTING

@@ -31,7 +31,7 @@ from typing import Any
 from roost import errors
 from roost.config import SpawnedAgent
 from roost.core import labels
-from roost.core.states import AgentState
+from roost.core.states import ACTIVE_STATES
 from roost.engine import Engine
 from roost.library import EmbeddedEngine
 from roost.reactor import swarming
@@ -236,7 +236,7 @@ class DockerAgentRunner(EmbeddedEngine):
             actor = engine.supervisor.actors[name]
             record = actor.record
             spec = actor.spec
-            live = record.state in (AgentState.RUNNING, AgentState.IDLE)
+            live = record.state in ACTIVE_STATES
             rows.append(
                 {
                     "container_id": record.container_id,

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from roost.core.states import AgentState
+from roost.core.states import ACTIVE_STATES, AgentState
 
 __all__ = ["AgentRecord", "ExitInfo", "SessionHealth", "StateChange"]
 
@@ -91,6 +91,11 @@ class AgentRecord:
 
     def replace(self, **changes: Any) -> AgentRecord:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def awake(self) -> bool:
+        """Healthy and reachable: running or idle, with a URL."""
+        return self.state in ACTIVE_STATES and self.url is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

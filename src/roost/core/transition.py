@@ -25,7 +25,7 @@ from roost.core import events as ev
 from roost.core.backoff import restart_delay
 from roost.core.policy import Policy
 from roost.core.records import AgentRecord, ExitInfo, StateChange
-from roost.core.states import AgentState
+from roost.core.states import ACTIVE_STATES, AgentState
 
 __all__ = ["Decision", "next_deadline", "transition"]
 
@@ -133,7 +133,7 @@ def _on_pause(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     r = b.record
     if r.state is S.PAUSED:
         return None
-    if r.state not in (S.RUNNING, S.IDLE) or r.container_id is None:
+    if r.state not in ACTIVE_STATES or r.container_id is None:
         return f"agent {r.name!r} is {r.state.value}; only a running agent can be paused"
     b.go(S.PAUSED, e.reason, url=None)
     b.do(cmd.PauseContainer(r.container_id))
@@ -328,7 +328,7 @@ def _on_observed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     # running or paused
     if r.state is S.STARTING:
         b.do(cmd.StartContainer())  # killed mid-start: finish the readiness wait
-    elif r.state in (S.RUNNING, S.IDLE):
+    elif r.state in ACTIVE_STATES:
         if status == "paused":
             b.go(S.STARTING, "adopted paused container; resuming", url=None)
             b.do(cmd.StartContainer())
@@ -350,7 +350,7 @@ def _on_resumed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
 def _on_liveness(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     assert isinstance(e, ev.LivenessProbed)
     r = b.record
-    if r.container_id != e.container_id or r.state not in (S.RUNNING, S.IDLE):
+    if r.container_id != e.container_id or r.state not in ACTIVE_STATES:
         return None
     if e.ok:
         if r.liveness_failures:

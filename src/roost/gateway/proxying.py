@@ -56,7 +56,7 @@ from yarl import URL
 
 from roost import errors
 from roost.config import ResolvedAgent
-from roost.core.states import AgentState
+from roost.core.states import ACTIVE_STATES, AgentState
 from roost.gateway.upstream import (
     UpstreamDisconnected,
     UpstreamError,
@@ -98,7 +98,6 @@ CONNECT_TIMEOUT = 10.0
 CONNECTION_LIMIT = 1024
 
 _PREFIX_BYTES = PREFIX.encode()
-_AWAKE = (AgentState.RUNNING, AgentState.IDLE)
 
 # RFC 9110 7.6.1 hop-by-hop fields, and ``proxy-connection`` (a pre-standard one).
 _HOP_BY_HOP = frozenset(
@@ -305,7 +304,7 @@ class AgentProxy:
     async def _awake_url(self, actor: AgentActor) -> tuple[str, bytes, bytes]:
         """(agent URL, Roost-Cold-Start, Roost-Wake-Ms): wake and hold when asleep."""
         record = actor.record
-        if record.url is not None and record.state in _AWAKE:
+        if record.url is not None and record.state in ACTIVE_STATES:
             return record.url, b"none", b"0"
         name = actor.name
         woken_from = record.state.value

@@ -42,7 +42,7 @@ from typing import Any
 
 from roost import errors
 from roost.core.records import AgentRecord, StateChange
-from roost.core.states import AgentState
+from roost.core.states import ACTIVE_STATES, AgentState
 from roost.ports.agent_http import AgentClient
 from roost.ports.inbox import TERMINAL, Inbox, Message, MessageStatus
 from roost.reactor.supervising import AgentActor, Supervisor
@@ -198,7 +198,7 @@ class Dispatcher:
         """``ensure_running`` with the waking notice: announce once per wake when the
         wait exceeds the agent's ``waking_notice_after``."""
         record = actor.record
-        if record.state in (S.RUNNING, S.IDLE) and record.url is not None:
+        if record.awake:
             actor.touch()
             return record
         limits = DeliveryLimits.of(actor.spec)
@@ -235,7 +235,7 @@ class Dispatcher:
             return  # shutting down: what is left is resumed by the next start
         name = record.name
         for change in changes:
-            if change.to_state in (S.RUNNING, S.IDLE):
+            if change.to_state in ACTIVE_STATES:
                 self._announced.discard(name)
             if change.to_state is S.FAILED:
                 lane = self._lanes.get(name)

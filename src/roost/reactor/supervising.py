@@ -32,7 +32,7 @@ from roost.core import labels
 from roost.core.policy import Policy
 from roost.core.reconciling import Observed, plan_reconcile
 from roost.core.records import AgentRecord, ExitInfo, StateChange
-from roost.core.states import AgentState
+from roost.core.states import ACTIVE_STATES, AgentState
 from roost.core.transition import Decision, next_deadline, transition
 from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
@@ -575,7 +575,7 @@ class AgentActor:
 
     def _manage_liveness(self) -> None:
         """Keep this agent in (or out of) the supervisor's batched liveness probing."""
-        live = self.record.state in (S.RUNNING, S.IDLE) and self.policy.liveness_interval > 0
+        live = self.record.state in ACTIVE_STATES and self.policy.liveness_interval > 0
         cid, url = self.record.container_id, self.record.url
         if live and cid is not None and url is not None:
             if self._probe_target is None or self._probe_target[0] != cid:
@@ -689,14 +689,14 @@ class Supervisor:
         instead of waiting through restarts until ``timeout``.
         """
         actor = self.actor(name)
-        if actor.record.state in (S.RUNNING, S.IDLE) and actor.record.url:
+        if actor.record.awake:
             actor.touch()
             return actor.record
         failures_before = actor.start_failures
         await self.request(name, ev.StartRequested(reason))
 
         def settled(r: AgentRecord) -> bool:
-            if r.state in (S.RUNNING, S.IDLE) and r.url is not None:
+            if r.awake:
                 return True
             if r.state in (S.FAILED, S.STOPPED, S.PAUSED):
                 return True
@@ -706,7 +706,7 @@ class Supervisor:
 
         await actor.wait_for(settled, timeout)
         r = actor.record
-        if r.state in (S.RUNNING, S.IDLE) and r.url is not None:
+        if r.awake:
             return r
         detail = r.last_error or (r.last_exit and r.last_exit.error) or ""
         tail = r.last_exit.log_tail if r.last_exit else ""
@@ -901,7 +901,7 @@ def describe(record: AgentRecord) -> dict[str, Any]:
         "name": record.name,
         "state": record.state.value,
         "container_id": record.container_id,
-        "url": record.url if record.state in (S.RUNNING, S.IDLE) else None,
+        "url": record.url if record.state in ACTIVE_STATES else None,
         "restart_count": record.restart_count,
         "last_activity_at": record.last_activity_at,
         "last_exit": record.last_exit.to_json() if record.last_exit else None,
