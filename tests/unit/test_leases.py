@@ -157,6 +157,20 @@ async def test_post_lease_answers_400_when_body_is_malformed_json(api: Harness) 
     assert "JSON" in response.json()["error"]
 
 
+async def test_post_lease_answers_413_and_holds_nothing_when_body_is_too_large(
+    api: Harness,
+) -> None:
+    response = await api.client.post(
+        "/api/agents/echo/leases",
+        content=b'{"ttl": 5, "holder": "' + b"x" * 10_000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert "4096" in response.json()["error"]
+    listed = await api.client.get("/api/agents/echo/leases")
+    assert listed.json()["leases"] == []
+
+
 async def test_post_lease_answers_400_naming_field_when_field_unknown(api: Harness) -> None:
     response = await api.take(ttl=5, ttll=6)
     assert response.status_code == 400

@@ -26,18 +26,26 @@ from roost.gateway.leasing import MAX_TTL, Leases, validate_ttl
 __all__ = ["MAX_HOLDER_LENGTH", "lease_router"]
 
 MAX_HOLDER_LENGTH = 200
+#: A lease request is a few fields; anything bigger is refused unread (413).
+MAX_LEASE_BODY = 4096
 
 
 class _BadBody(Exception):
-    pass
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _bad_request(name: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "agent": name}, status_code=400)
+def _bad_request(name: str, exc: _BadBody) -> JSONResponse:
+    return JSONResponse({"error": str(exc), "agent": name}, status_code=exc.status)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_LEASE_BODY:
+            raise _BadBody(f"lease request body exceeds {MAX_LEASE_BODY} bytes", status=413)
     try:
         body = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:
@@ -76,7 +84,7 @@ def lease_router(leases: Leases, *, dependencies: Sequence[Depends] = ()) -> API
             if unknown:
                 raise _BadBody(f"unknown field(s) {', '.join(unknown)}; expected ttl, holder")
         except _BadBody as exc:
-            return _bad_request(name, str(exc))
+            return _bad_request(name, exc)
         lease = await leases.grant(name, ttl, holder=holder)
         return JSONResponse(lease.to_json(), status_code=201)
 
@@ -92,7 +100,7 @@ def lease_router(leases: Leases, *, dependencies: Sequence[Depends] = ()) -> API
         try:
             ttl = _ttl_of(await _json_object(request))
         except _BadBody as exc:
-            return _bad_request(name, str(exc))
+            return _bad_request(name, exc)
         lease = await leases.renew(name, lease_id, ttl)
         return JSONResponse(lease.to_json())
 
