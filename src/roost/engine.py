@@ -33,7 +33,6 @@ from roost.adapters.state_lock import StateDirLock
 from roost.adapters.system_clock import SystemClock
 from roost.adapters.webhook_notifier import WebhookNotifier
 from roost.config import ResolvedAgent, Settings, SpawnedAgent
-from roost.core import labels
 from roost.core.records import AgentRecord, StateChange
 from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
@@ -43,9 +42,11 @@ from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
 from roost.reactor import swarming
+from roost.reactor.agents import Agents
 from roost.reactor.delivering import Dispatcher
 from roost.reactor.eventing import EventHub
 from roost.reactor.jobbing import JobRunner
+from roost.reactor.leasing import Leases
 from roost.reactor.supervising import Supervisor
 
 __all__ = ["Engine"]
@@ -81,7 +82,7 @@ class Engine:
         self.agent_client: AgentClient = agent_client or AiohttpAgentClient()
         self.docker_api_version = ""
         #: every lifecycle change, message status change and notice, for SSE.
-        self.events = EventHub()
+        self.events = EventHub(clock=self.clock)
         self.supervisor = Supervisor(
             store=self.store,
             runtime=self.runtime,
@@ -97,6 +98,15 @@ class Engine:
             pull_timeout=settings.docker.pull_timeout,
         )
         self.supervisor.add_listener(self._publish_changes)
+        #: the one door into the agents for every front end (see reactor.agents).
+        self.agents = Agents(
+            supervisor=self.supervisor,
+            store=self.store,
+            runtime=self.runtime,
+            clock=self.clock,
+            announce=self.announce,
+            instance=settings.docker.instance,
+        )
         if job_store is None:
             if not isinstance(self.store, SqliteStore):
                 raise TypeError("Engine: pass job_store= when store is not a SqliteStore")
@@ -120,13 +130,15 @@ class Engine:
         #: durable messages (same SQLite file) and their delivery lanes (reactor.delivering).
         self.inbox: Inbox = inbox
         self.dispatcher = Dispatcher(
-            supervisor=self.supervisor,
+            agents=self.agents,
             inbox=inbox,
             agent_client=self.agent_client,
+            clock=self.clock,
             publish=self.events.publish,
-            announce=self.announce,
         )
-        #: front-end components' close (proxy session, leases), run first on stop.
+        #: leases that keep agents awake (in memory; ended first on stop).
+        self.leases = Leases(self.agents, clock=self.clock, events=self.events)
+        #: front-end components' close (proxy session, event streams), run first on stop.
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._started = False
         self._closed = False
@@ -174,7 +186,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for closer in reversed(self._closers):
+        for closer in (*reversed(self._closers), self.leases.close):
             try:
                 await closer()
             except Exception:
@@ -184,11 +196,12 @@ class Engine:
             await self.dispatcher.stop()
             await self.jobs.stop(leave_running=leave)
             await self.supervisor.shutdown(leave_running=leave, remove=remove)
+            await self.agents.close()
         await self._close_resources()
 
     def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Have ``stop`` call ``closer`` first (front ends built on the engine, e.g. the
-        gateway's proxy session and leases, which the engine cannot import)."""
+        proxy's connections and open event streams, which the engine cannot import)."""
         self._closers.append(closer)
 
     async def _close_resources(self) -> None:
@@ -264,64 +277,16 @@ class Engine:
             except errors.ConfigError as exc:
                 log.error("agent %s: stored spec is invalid, skipping it: %s", name, exc)
                 continue
+            agent_id = ""
             if isinstance(spec, SpawnedAgent):
+                agent_id = spec.agent_id
                 try:
                     await swarming.ensure_swarm_resources(
                         self.runtime, spec, instance=self.settings.docker.instance
                     )
                 except errors.RoostError as exc:
                     log.error("agent %s: cannot prepare its network/volume: %s", name, exc)
-            self._add_actor(leftover.record, spec)
-
-    def _add_actor(self, record: AgentRecord, spec: ResolvedAgent, *, agent_id: str = "") -> None:
-        if not isinstance(spec, SpawnedAgent):
-            self.supervisor.add_actor(record, spec, agent_id=agent_id)
-            return
-        actor = self.supervisor.add_actor(record, spec, agent_id=agent_id or spec.agent_id)
-        # Set before the actor's loop first runs (add_actor only schedules it).
-        actor.network = spec.network or None
-        actor.binds = spec.binds
-
-    async def register_agent(self, spec: ResolvedAgent, *, agent_id: str = "") -> AgentRecord:
-        """Add an agent at run time (persisted; behaves like a configured one).
-
-        A ``SpawnedAgent``'s network and volume are created first when absent, so a
-        failure there registers nothing. Conflict if the name is taken."""
-        if spec.name in self.supervisor.actors:
-            raise errors.Conflict(f"an agent named {spec.name!r} already exists")
-        if isinstance(spec, SpawnedAgent):
-            await swarming.ensure_swarm_resources(
-                self.runtime, spec, instance=self.settings.docker.instance
-            )
-        record = await self.store.insert_agent(
-            AgentRecord(name=spec.name, state_since=self.clock.now()),
-            _spec_json(spec),
-            source="api",
-        )
-        self._add_actor(record, spec, agent_id=agent_id)
-        return record
-
-    async def delete_agent(self, name: str) -> None:
-        """Stop (SIGTERM, ``stop_timeout``, SIGKILL) and remove the agent's container,
-        and forget the agent. NotFound if there is no such agent.
-
-        The agent is forgotten before its container goes: if Docker fails here, the
-        error propagates and the container is an orphan that the next reconcile
-        removes. Every container labelled for the agent is removed, not only the
-        recorded one: a start cut short by the removal may have created one that
-        was not recorded yet."""
-        actor = self.supervisor.actor(name)
-        grace = actor.policy.stop_timeout
-        await self.supervisor.remove_actor(name)
-        recorded = actor.record.container_id
-        await self.store.delete_agent(name)
-        found = await self.runtime.list(
-            {**labels.ownership(self.settings.docker.instance), labels.AGENT: name}
-        )
-        ids = {c.id for c in found} | ({recorded} if recorded is not None else set())
-        for container_id in sorted(ids):
-            await self.runtime.stop(container_id, grace=grace)
-            await self.runtime.remove(container_id, force=True)
+            self.supervisor.add_actor(leftover.record, spec, agent_id=agent_id)
 
 
 def _spec_json(spec: ResolvedAgent) -> dict[str, Any]:

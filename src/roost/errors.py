@@ -1,6 +1,8 @@
 """Roost's exception tree. Every error Roost raises on purpose is one of these.
 
     RoostError
+    ├── Refusal                an answer Roost gives a client itself: an HTTP status and a
+    │                          message (401 token, 413 body, 400 bad JSON, 503 still waking ...)
     ├── ConfigError            bad configuration; names the key and the file (CLI exit 2)
     ├── StateError             an operation that the agent's state does not allow
     ├── NotFound               an agent, message, job or container that does not exist
@@ -15,6 +17,9 @@
 
 Third-party errors (aiodocker, sqlite) are translated at the adapter boundary by
 meaning (HTTP 404 → NotFound, 409 → Conflict) with ``raise ... from exc``.
+
+Every error reaches an HTTP client as one JSON shape, ``{"error": message, ...}``
+(``roost.api.errors``); ``http_status`` maps each class to its status.
 """
 
 from __future__ import annotations
@@ -28,15 +33,38 @@ __all__ = [
     "DockerUnavailable",
     "ImageUnavailable",
     "NotFound",
+    "Refusal",
     "RoostError",
     "StartupTimeout",
     "StateError",
     "StoreError",
+    "http_status",
 ]
 
 
 class RoostError(Exception):
     """Root of every error Roost raises on purpose."""
+
+
+class Refusal(RoostError):
+    """An answer Roost gives a client itself instead of doing what was asked.
+
+    ``status`` is the HTTP status; ``extra`` goes into the JSON body beside
+    ``error`` (e.g. ``agent``, ``state``); ``headers`` are sent with it (e.g.
+    ``Retry-After``, ``WWW-Authenticate``)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: object,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+        self.extra = extra
 
 
 class ConfigError(RoostError):
@@ -93,3 +121,26 @@ class ImageUnavailable(ContainerError):
 
 class StartupTimeout(ContainerError):
     """The container did not answer its health check within ``startup_timeout``."""
+
+
+_STATUS: tuple[tuple[type[RoostError], int], ...] = (
+    # Most specific first: StartupTimeout and DockerUnavailable are ContainerErrors.
+    (NotFound, 404),
+    (StateError, 409),
+    (Conflict, 409),
+    (ConfigError, 400),
+    (StartupTimeout, 504),
+    (DockerUnavailable, 503),
+    (ContainerError, 502),
+    (StoreError, 500),
+)
+
+
+def http_status(exc: RoostError) -> int:
+    """The HTTP status an error answers with, by its class (never by its text)."""
+    if isinstance(exc, Refusal):
+        return exc.status
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500

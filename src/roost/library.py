@@ -25,8 +25,7 @@ from typing import Any
 import httpx
 
 from roost import errors
-from roost.config import AgentConfig, ResolvedAgent, Settings, parse_settings
-from roost.core import events as ev
+from roost.config import AgentSettings, ResolvedAgent, Settings, parse_settings, resolve_agent
 from roost.core.records import ExitInfo, SessionHealth
 from roost.core.states import ACTIVE_STATES, AgentState
 from roost.engine import Engine
@@ -181,26 +180,24 @@ class ContainerManager(EmbeddedEngine):
 
     def _spec(self, agent_type: str, image: str, port: int) -> ResolvedAgent:
         name = agent_name_for(agent_type)
-        return AgentConfig(image=image, port=port).effective(self._settings.defaults, name=name)
+        return resolve_agent(name, self._settings.defaults, AgentSettings(image=image, port=port))
 
     async def _agent(self, agent_type: str, image: str, port: int) -> str:
         engine = await self._ensure_engine()
         spec = self._spec(agent_type, image, port)
-        actor = engine.supervisor.actors.get(spec.name)
-        if actor is None:
-            await engine.register_agent(spec, agent_id=agent_type)
-        elif actor.spec != spec:
-            actor.spec = spec  # new image/port: recreated on its next start
-            await engine.store.update_spec(spec.name, spec.model_dump(mode="json"), source="api")
+        if spec.name not in engine.agents:
+            await engine.agents.register(spec, agent_id=agent_type)
+        else:
+            await engine.agents.reconfigure(spec)  # new image/port: recreated on next start
         return spec.name
 
     async def start_agent(self, agent_type: str, *, image: str, port: int = 8000) -> str:
         """Start (or reuse) the agent's container; return its URL once healthy."""
         engine = await self._ensure_engine()
         name = await self._agent(agent_type, image, port)
-        timeout = engine.supervisor.actor(name).policy.startup_timeout + 30.0
-        record = await engine.supervisor.ensure_running(
-            name, timeout=timeout, reason="start_agent", fail_fast=True
+        timeout = engine.agents.spec(name).startup_timeout + 30.0
+        record = await engine.agents.wake(
+            name, reason="start_agent", timeout=timeout, fail_fast=True
         )
         assert record.url is not None
         return record.url
@@ -211,27 +208,19 @@ class ContainerManager(EmbeddedEngine):
         agent is permanently failed."""
         engine = await self._ensure_engine()
         name = await self._agent(agent_type, image, port)
-        actor = engine.supervisor.actor(name)
-        cid = actor.record.container_id
-        if cid is not None and actor.record.state in ACTIVE_STATES:
+        agents = engine.agents
+        if agents.get(name).state in ACTIVE_STATES:
             # The caller may have seen the exit before Docker's event reached us.
-            try:
-                state = await engine.runtime.inspect(cid)
-            except errors.ContainerNotFound:
-                await actor.submit(ev.ContainerVanished(cid))
-            else:
-                if not state.running and state.exit is not None:
-                    await actor.submit(ev.ContainerExited(cid, state.exit))
-        if actor.record.state is AgentState.FAILED:
+            await agents.observe(name)
+        if agents.get(name).state is AgentState.FAILED:
             raise self._failed_error(name)
-        if actor.record.state is AgentState.STOPPED:
+        if agents.get(name).state is AgentState.STOPPED:
             # Exit code 0 is not a crash, but the caller wants the agent back.
-            await actor.submit(ev.StartRequested("handle_container_exit"))
-        timeout = actor.policy.startup_timeout + actor.policy.restart_backoff_max + 30.0
+            await agents.act(name, "start", reason="handle_container_exit")
+        spec = agents.spec(name)
+        timeout = spec.startup_timeout + spec.restart_backoff_max + 30.0
         try:
-            record = await engine.supervisor.ensure_running(
-                name, timeout=timeout, reason="handle_container_exit"
-            )
+            record = await agents.wake(name, reason="handle_container_exit", timeout=timeout)
         except errors.ContainerError:
             if self.state(agent_type) is AgentState.FAILED:
                 raise self._failed_error(name) from None
@@ -241,7 +230,7 @@ class ContainerManager(EmbeddedEngine):
 
     def _failed_error(self, name: str) -> errors.ContainerError:
         assert self._engine is not None
-        r = self._engine.supervisor.get(name)
+        r = self._engine.agents.get(name)
         exit_info = r.last_exit
         return errors.ContainerError(
             f"agent {name!r} failed permanently after {r.restart_count} restarts"
@@ -252,10 +241,10 @@ class ContainerManager(EmbeddedEngine):
     def health(self, agent_type: str) -> SessionHealth:
         if self._engine is None:
             return SessionHealth.UNKNOWN
-        actor = self._engine.supervisor.actors.get(agent_name_for(agent_type))
-        if actor is None:
+        name = agent_name_for(agent_type)
+        if name not in self._engine.agents:
             return SessionHealth.UNKNOWN
-        state = actor.record.state
+        state = self._engine.agents.get(name).state
         if state in ACTIVE_STATES:
             return SessionHealth.HEALTHY
         if state in (AgentState.STARTING, AgentState.RESTARTING):
@@ -267,14 +256,14 @@ class ContainerManager(EmbeddedEngine):
     def exit_info(self, agent_type: str) -> ExitInfo | None:
         if self._engine is None:
             return None
-        actor = self._engine.supervisor.actors.get(agent_name_for(agent_type))
-        return actor.record.last_exit if actor is not None else None
+        name = agent_name_for(agent_type)
+        return self._engine.agents.get(name).last_exit if name in self._engine.agents else None
 
     def state(self, agent_type: str) -> AgentState | None:
         if self._engine is None:
             return None
-        actor = self._engine.supervisor.actors.get(agent_name_for(agent_type))
-        return actor.record.state if actor is not None else None
+        name = agent_name_for(agent_type)
+        return self._engine.agents.get(name).state if name in self._engine.agents else None
 
     async def stop_all(self) -> None:
         """Stop every agent's container and shut the engine down. Idempotent."""

@@ -131,10 +131,10 @@ class DockerAgentRunner(EmbeddedEngine):
             capabilities=capabilities,
             image=image,
         )
-        await engine.register_agent(spec)
+        await engine.agents.register(spec, agent_id=spec.agent_id)
         try:
-            record = await engine.supervisor.ensure_running(
-                name, timeout=spec.startup_timeout + 30.0, reason="spawn", fail_fast=True
+            record = await engine.agents.wake(
+                name, reason="spawn", timeout=spec.startup_timeout + 30.0, fail_fast=True
             )
         except BaseException:
             # Leave nothing behind, even when cancelled (shielded: the cleanup must finish).
@@ -153,7 +153,7 @@ class DockerAgentRunner(EmbeddedEngine):
     @staticmethod
     async def _forget_quietly(engine: Engine, name: str) -> None:
         try:
-            await engine.delete_agent(name)
+            await engine.agents.delete(name)
         except errors.RoostError as exc:
             log.warning("could not remove agent %s after a failed spawn: %s", name, exc)
 
@@ -181,8 +181,8 @@ class DockerAgentRunner(EmbeddedEngine):
         """Stop and remove; return the full id, or None when unknown or not ours."""
         name = self._agent_of(engine, container_id)
         if name is not None:
-            full_id = engine.supervisor.get(name).container_id or container_id
-            await engine.delete_agent(name)
+            full_id = engine.agents.get(name).container_id or container_id
+            await engine.agents.delete(name)
             return full_id
         # Not (or no longer) an agent's: maybe one left behind by a stop that failed
         # half-way. Only ever one carrying this runner's labels.
@@ -212,12 +212,10 @@ class DockerAgentRunner(EmbeddedEngine):
         if engine is None or self._stopped:
             return 0
         container_ids = [
-            actor.record.container_id
-            for actor in engine.supervisor.actors.values()
-            if actor.record.container_id is not None
+            record.container_id for record in engine.agents.records() if record.container_id
         ]
         results = await asyncio.gather(*(self.stop(cid) for cid in container_ids))
-        for name in list(engine.supervisor.actors):  # agents that had no container
+        for name in engine.agents.names():  # agents that had no container
             await self._forget_quietly(engine, name)
         await self._shutdown_engine()
         return sum(results)
@@ -232,10 +230,9 @@ class DockerAgentRunner(EmbeddedEngine):
         if engine is None:
             return []
         rows = []
-        for name in sorted(engine.supervisor.actors):
-            actor = engine.supervisor.actors[name]
-            record = actor.record
-            spec = actor.spec
+        for name in engine.agents.names():
+            record = engine.agents.get(name)
+            spec = engine.agents.spec(name)
             live = record.state in ACTIVE_STATES
             rows.append(
                 {
@@ -260,7 +257,7 @@ class DockerAgentRunner(EmbeddedEngine):
             return False
         name = self._agent_of(engine, container_id)
         if name is not None:
-            container_id = engine.supervisor.get(name).container_id or container_id
+            container_id = engine.agents.get(name).container_id or container_id
         try:
             state = await engine.runtime.inspect(container_id)
         except errors.ContainerNotFound:
@@ -278,8 +275,8 @@ class DockerAgentRunner(EmbeddedEngine):
         """The agent whose current container is ``container_id`` (full id, or a
         prefix of at least SHORT_ID_LENGTH characters)."""
         exact = len(container_id) < SHORT_ID_LENGTH
-        for name, actor in engine.supervisor.actors.items():
-            current = actor.record.container_id
+        for record in engine.agents.records():
+            name, current = record.name, record.container_id
             if current is None:
                 continue
             if current == container_id or (not exact and current.startswith(container_id)):

@@ -30,8 +30,8 @@ from collections.abc import Generator
 import uvicorn
 
 from roost import errors
-from roost.api.app import create_app
 from roost.config import Settings
+from roost.edge import create_app
 from roost.engine import Engine
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "bind_listen_socket", "serve"]
@@ -167,9 +167,9 @@ async def _run_http(
     handle_signals: bool,
 ) -> int:
     level = settings.server.log_level
-    gateway = create_app(engine, token=token)
+    edge = create_app(engine, token=token)
     config = uvicorn.Config(
-        gateway,
+        edge,
         log_level=level,
         lifespan="off",
         log_config=None,  # our basicConfig formats uvicorn's records too
@@ -193,7 +193,7 @@ async def _run_http(
     async def stop_when_asked() -> None:
         await stop.wait()
         # uvicorn waits for open responses to end: end the event streams (api.events) first.
-        await gateway.app.state.event_streams.close()
+        await edge.api.state.event_streams.close()
         server.should_exit = True
 
     installed: list[signal.Signals] = []

@@ -11,9 +11,9 @@ import aiohttp
 import httpx
 import pytest
 
-from roost.api.app import create_app
 from roost.core import events as ev
 from roost.core.states import AgentState
+from roost.edge import create_app
 from roost.engine import Engine
 from tests.conftest import WebhookReceiver, make_settings, wait_until
 

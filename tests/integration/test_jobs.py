@@ -16,9 +16,9 @@ import pytest
 
 from roost import errors
 from roost.adapters.docker_runtime import DockerRuntime
-from roost.api.app import create_app
 from roost.core import labels
 from roost.core.jobs import JobStatus, snapshot_repository
+from roost.edge import create_app
 from roost.engine import Engine
 from roost.ports.jobs import Job
 from roost.ports.runtime import RuntimeEvent

@@ -63,7 +63,7 @@ async def test_agent_starts_and_answers_when_started(
         assert labels["roost.managed"] == "true"
         assert labels["roost.instance"] == instance
         assert labels["roost.agent"] == "echo"
-        assert labels["roost.config-hash"] == settings.agent("echo").config_hash()
+        assert labels["roost.config-hash"] == settings.agent("echo").config_hash
         host = info["HostConfig"]
         assert host["Memory"] == 96 * 1024 * 1024
         assert host["MemorySwap"] == host["Memory"]

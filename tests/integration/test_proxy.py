@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from roost.api.app import create_app
 from roost.core import events as ev
 from roost.core.states import AgentState
+from roost.edge import create_app
 from roost.engine import Engine
 from tests.conftest import make_settings, wait_until
 from tests.unit.test_proxy import served

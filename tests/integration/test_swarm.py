@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from roost import DockerAgentRunner
-from roost.api.app import create_app
+from roost.edge import create_app
 from roost.engine import Engine
 from tests.conftest import (
     container_exists,

@@ -9,27 +9,12 @@ from typing import Any
 import httpx
 import pytest
 
-from roost.api.app import ACTIONS, create_app
-from roost.engine import Engine
-from roost.testing.fake_agent_client import FakeAgentClient
-from roost.testing.fake_runtime import FakeRuntime
+from roost.reactor.agents import ACTIONS
+from roost.testing import EngineHarness as Harness
 from tests.conftest import make_settings, wait_until
 
 IMAGE = "roost-mimic:latest"
 TOKEN = "s3cret-token"
-
-
-class Harness:
-    def __init__(self, engine: Engine, runtime: FakeRuntime, client: httpx.AsyncClient) -> None:
-        self.engine = engine
-        self.runtime = runtime
-        self.client = client
-
-    async def agent(self, name: str) -> dict[str, Any]:
-        response = await self.client.get(f"/api/agents/{name}")
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
 
 
 async def _harness(tmp_path: Path, *, token: str | None) -> AsyncIterator[Harness]:
@@ -38,13 +23,8 @@ async def _harness(tmp_path: Path, *, token: str | None) -> AsyncIterator[Harnes
         "api-test",
         agents={"echo": {"image": IMAGE}, "absent": {"image": "roost-nowhere:1"}},
     )
-    runtime = FakeRuntime(images=[IMAGE])
-    engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime), lock=True)
-    async with engine:
-        app = create_app(engine, token=token)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
-            yield Harness(engine, runtime, client)
+    async with Harness.running(settings, images=[IMAGE], token=token) as harness:
+        yield harness
 
 
 @pytest.fixture
@@ -97,7 +77,7 @@ async def test_wake_answers_202_with_starting_agent_when_wait_false(api: Harness
     assert response.status_code == 202, response.text
     assert response.json()["state"] == "starting"
     await wait_until(
-        lambda: api.engine.supervisor.get("echo").state.value == "running",
+        lambda: api.engine.agents.get("echo").state.value == "running",
         timeout=10,
         what="echo running",
     )
@@ -127,7 +107,7 @@ async def test_stop_pause_restart_return_resulting_state_when_running(api: Harne
     assert restarted.status_code == 200
     assert restarted.json()["state"] == "starting"
     await wait_until(
-        lambda: api.engine.supervisor.get("echo").state.value == "running",
+        lambda: api.engine.agents.get("echo").state.value == "running",
         timeout=10,
         what="echo running after restart",
     )
@@ -224,7 +204,7 @@ async def test_metrics_count_states_transitions_and_restarts_when_agent_crashes(
     agent = (await api.client.post("/api/agents/echo/start")).json()
     api.runtime.crash(agent["container_id"], exit_code=3)
     await wait_until(
-        lambda: api.engine.supervisor.get("echo").state.value == "restarting",
+        lambda: api.engine.agents.get("echo").state.value == "restarting",
         timeout=10,
         what="echo restarting",
     )
@@ -271,7 +251,7 @@ async def test_api_answers_401_when_token_missing_or_wrong(secured: Harness) -> 
             assert response.status_code == 401, (headers, method, path)
             assert "token" in response.json()["error"]
             assert response.headers["www-authenticate"] == "Bearer"
-    assert secured.engine.supervisor.get("echo").state.value == "created"
+    assert secured.engine.agents.get("echo").state.value == "created"
 
 
 async def test_api_answers_when_token_right(secured: Harness) -> None:
@@ -295,9 +275,7 @@ async def test_unexpected_failure_answers_json_500_when_store_breaks(
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(api.engine.store, "history", broken_history)
-    transport = httpx.ASGITransport(
-        app=create_app(api.engine, token=None), raise_app_exceptions=False
-    )
+    transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
         response = await client.get("/api/agents/echo")
     assert response.status_code == 500

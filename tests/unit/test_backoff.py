@@ -7,16 +7,15 @@ resets once the agent has stayed running ``restart_reset_after`` seconds.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from roost.config import LifecycleSettings as Policy
 from roost.core import events as ev
 from roost.core.backoff import restart_delay, restart_delays
-from roost.core.policy import Policy
 from roost.core.records import AgentRecord, ExitInfo
 from roost.core.states import AgentState
 from roost.core.transition import transition
@@ -45,7 +44,8 @@ def test_delay_is_capped_when_restart_backoff_exceeds_the_maximum() -> None:
 
 @pytest.mark.parametrize("backoff", [0.0, -1.0])
 def test_delay_is_zero_when_backoff_is_disabled(backoff: float) -> None:
-    policy = Policy(restart_backoff=backoff, restart_backoff_max=300.0)
+    # model_construct: configuration refuses a negative backoff; the core still copes.
+    policy = Policy.model_construct(restart_backoff=backoff, restart_backoff_max=300.0)
     assert [restart_delay(policy, n) for n in range(5)] == [0.0] * 5
 
 
@@ -59,7 +59,7 @@ def test_huge_count_stays_capped_when_exponent_would_overflow() -> None:
 
 def test_delays_list_one_delay_per_allowed_restart_when_displayed() -> None:
     assert restart_delays(POLICY) == (10.0, 20.0, 40.0)
-    assert restart_delays(dataclasses.replace(POLICY, max_restarts=0)) == ()
+    assert restart_delays(POLICY.model_copy(update=dict(max_restarts=0))) == ()
 
 
 @settings(max_examples=200, deadline=None)
@@ -102,7 +102,7 @@ def running_for(seconds: float, restart_count: int) -> AgentRecord:
 
 
 def test_counter_resets_when_agent_stayed_running_restart_reset_after() -> None:
-    policy = dataclasses.replace(POLICY, restart_reset_after=600.0)
+    policy = POLICY.model_copy(update=dict(restart_reset_after=600.0))
     decision = transition(
         running_for(600.0, restart_count=3), ev.ContainerExited("c1", CRASH), now=NOW, policy=policy
     )
@@ -112,7 +112,7 @@ def test_counter_resets_when_agent_stayed_running_restart_reset_after() -> None:
 
 
 def test_counter_kept_when_agent_crashes_before_restart_reset_after() -> None:
-    policy = dataclasses.replace(POLICY, restart_reset_after=600.0)
+    policy = POLICY.model_copy(update=dict(restart_reset_after=600.0))
     decision = transition(
         running_for(300.0, restart_count=2), ev.ContainerExited("c1", CRASH), now=NOW, policy=policy
     )

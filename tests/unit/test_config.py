@@ -3,7 +3,6 @@ defaults merging, config_hash scope and the Policy mapping."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,18 +12,18 @@ from pydantic import BaseModel
 
 from roost import errors
 from roost.config import (
+    AGENT_KEYS,
     CONTAINER_KEYS,
-    DEFAULT_KEYS,
-    AgentConfig,
-    DefaultsConfig,
+    AgentSettings,
+    LifecycleSettings,
     ResolvedAgent,
     Settings,
     load_settings,
-    parse_agent_config,
+    parse_agent_settings,
     parse_settings,
     parse_size,
+    resolve_agent,
 )
-from roost.core.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,7 +135,10 @@ def test_design_example_loads_when_copied_verbatim(tmp_path: Path) -> None:
     assert echo.env == {"MODE": "echo"}
     assert echo.memory == 256 * 1024**2
     assert echo.cpus == 0.5
-    assert echo.policy() == Policy()
+    assert echo.explicit().keys() >= {"image", "env", "memory", "cpus", "port"}
+    lifecycle = LifecycleSettings()
+    for key in LifecycleSettings.model_fields:
+        assert getattr(echo, key) == getattr(lifecycle, key), key
 
 
 def test_example_file_loads_with_a_demo_echo_agent_when_read_from_examples() -> None:
@@ -155,9 +157,11 @@ def test_every_field_has_a_description_when_models_are_inspected() -> None:
         config.ServerConfig,
         config.DockerConfig,
         config.NotifyConfig,
-        config.DefaultsConfig,
-        config.AgentConfig,
+        config.JobsConfig,
+        config.SwarmConfig,
+        config.AgentSettings,
         config.ResolvedAgent,
+        config.SpawnedAgent,
         config.Settings,
     ]
     undocumented = [
@@ -169,12 +173,25 @@ def test_every_field_has_a_description_when_models_are_inspected() -> None:
     assert undocumented == []
 
 
-def test_agent_overrides_every_default_key_when_schema_is_compared() -> None:
-    overridable = set(AgentConfig.model_fields) - {"image", "port", "env", "command"}
-    assert overridable == set(DEFAULT_KEYS)
-    assert set(DEFAULT_KEYS) | {"name", "image", "port", "env", "command"} == set(
-        ResolvedAgent.model_fields
-    )
+def test_defaults_and_agents_share_one_model_when_schema_is_compared() -> None:
+    settings = Settings.model_fields
+    assert settings["defaults"].annotation is AgentSettings
+    assert set(AGENT_KEYS) == set(AgentSettings.model_fields)
+    assert set(AGENT_KEYS) | {"name"} == set(ResolvedAgent.model_fields)
+
+
+def test_every_agent_setting_is_declared_in_exactly_one_group_when_counted() -> None:
+    from roost import config
+
+    groups = [
+        config.ContainerSettings,
+        config.LifecycleSettings,
+        config.DeliverySettings,
+        config.HoldSettings,
+    ]
+    declared = [key for group in groups for key in group.model_fields]
+    assert sorted(declared) == sorted(AGENT_KEYS)
+    assert len(declared) == len(set(declared))
 
 
 def test_settings_are_frozen_when_assigned() -> None:
@@ -226,7 +243,7 @@ INVALID_CASES: list[tuple[str, str, str]] = [
     ("[notify]\nwebhook = 'ftp://x'\n", "notify.webhook", "http://"),
     ("[notify]\ntimeout = 0\n", "notify.timeout", "must be > 0"),
     ("[agents.echo]\nport = 8000\n", "agents.echo.image", "required"),
-    ("[agents.echo]\nimage = ''\n", "agents.echo.image", "non-empty"),
+    ("[agents.echo]\nimage = ''\n", "agents.echo.image", "required"),
     ("[agents.echo]\nimage = 'x'\nport = 0\n", "agents.echo.port", "must be >= 1"),
     ("[agents.echo]\nimage = 'x'\nport = 65536\n", "agents.echo.port", "<= 65535"),
     ("[agents.echo]\nimage = 'x'\nmemory = '12zb'\n", "agents.echo.memory", "invalid size"),
@@ -295,12 +312,8 @@ def test_error_lists_every_problem_one_per_line_when_several_keys_are_bad(
     )
     lines = str(error).splitlines()
     keys = {line.split(": ")[1] for line in lines}
-    assert keys == {
-        "server.bogus",
-        "defaults.idle_timeout",
-        "agents.echo.memory",
-        "agents.echo.image",
-    }
+    # (a missing image is checked once the tables are valid: agents.echo.image comes next)
+    assert keys == {"server.bogus", "defaults.idle_timeout", "agents.echo.memory"}
     assert all(line.startswith(str(tmp_path / "roost.toml") + ": ") for line in lines)
 
 
@@ -556,12 +569,61 @@ def test_agent_inherits_defaults_and_overrides_win_when_resolved() -> None:
     assert set(settings.resolved_agents()) == {"plain", "tuned"}
 
 
-def test_effective_equals_settings_agent_when_built_by_hand() -> None:
-    defaults = DefaultsConfig.model_validate({"max_restarts": 9})
-    spec = AgentConfig(image="img", port=9000).effective(defaults, name="manual")
+def test_resolve_agent_equals_settings_agent_when_built_by_hand() -> None:
+    defaults = AgentSettings.model_validate({"max_restarts": 9})
+    spec = resolve_agent("manual", defaults, AgentSettings(image="img", port=9000))
     assert spec.max_restarts == 9
     assert spec.port == 9000
     assert spec.command is None
+    by_file = parse_settings(
+        {"defaults": {"max_restarts": 9}, "agents": {"manual": {"image": "img", "port": 9000}}}
+    ).agent("manual")
+    assert spec == by_file
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        (90, 90.0),
+        (1.5, 1.5),
+        ("90s", 90.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("250ms", 0.25),
+        ("2", 2.0),
+        ("1d", 86400.0),
+        ("1m30s", 90.0),
+    ],
+)
+def test_durations_accept_units_when_written_as_text(raw: Any, seconds: float) -> None:
+    settings = parse_settings({"defaults": {"idle_timeout": raw}})
+    assert settings.defaults.idle_timeout == seconds
+
+
+@pytest.mark.parametrize("raw", ["5x", "m5", "", "1h-5m", "soon"])
+def test_durations_are_refused_naming_the_key_when_malformed(raw: str) -> None:
+    with pytest.raises(errors.ConfigError) as caught:
+        parse_settings({"jobs": {"kill_grace": raw}})
+    assert caught.value.key == "jobs.kill_grace"
+    assert "duration like '90s'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "key", "suggestion"),
+    [
+        ({"servr": {}}, "servr", "server"),
+        ({"defaults": {"idle_timout": 3}}, "defaults.idle_timout", "idle_timeout"),
+        ({"agents": {"a": {"image": "x", "memroy": "1g"}}}, "agents.a.memroy", "memory"),
+        ({"docker": {"agentIdleTimout": 5}}, "docker.agentIdleTimout", "agentIdleTimeout"),
+    ],
+)
+def test_unknown_key_suggests_the_nearest_one_when_misspelt(
+    document: dict[str, Any], key: str, suggestion: str
+) -> None:
+    with pytest.raises(errors.ConfigError) as caught:
+        parse_settings(document)
+    assert caught.value.key == key
+    assert f"did you mean {suggestion!r}?" in str(caught.value)
 
 
 def test_unknown_agent_raises_not_found_when_looked_up() -> None:
@@ -581,17 +643,19 @@ def test_spec_round_trips_when_stored_as_json() -> None:
 
 def test_stored_spec_raises_config_error_when_it_is_corrupt() -> None:
     with pytest.raises(errors.ConfigError):
-        ResolvedAgent.from_json('{"name": "x"}')
+        ResolvedAgent.from_json('{"name": "x", "idle_timeout": -1}')
+    with pytest.raises(errors.ConfigError):
+        ResolvedAgent.from_json("{not json")
 
 
 def test_parse_agent_config_names_the_agent_key_when_registered_over_api() -> None:
     with pytest.raises(errors.ConfigError) as caught:
-        parse_agent_config({"image": "x", "memory": "lots"}, name="worker")
+        parse_agent_settings({"image": "x", "memory": "lots"}, name="worker")
     assert caught.value.key == "agents.worker.memory"
     with pytest.raises(errors.ConfigError) as bad_name:
-        parse_agent_config({"image": "x"}, name="Bad Name")
+        parse_agent_settings({"image": "x"}, name="Bad Name")
     assert bad_name.value.key == "agents.Bad Name"
-    assert parse_agent_config({"image": "x"}, name="worker").image == "x"
+    assert parse_agent_settings({"image": "x"}, name="worker").image == "x"
 
 
 # --------------------------------------------------------------------------- hash & policy
@@ -654,33 +718,31 @@ def test_change_lists_cover_every_field_when_compared_to_the_schema() -> None:
 
 @pytest.mark.parametrize(("key", "value"), sorted(CONTAINER_CHANGES.items()))
 def test_config_hash_changes_when_a_container_field_changes(key: str, value: Any) -> None:
-    assert spec_with(**{key: value}).config_hash() != spec_with().config_hash()
+    assert spec_with(**{key: value}).config_hash != spec_with().config_hash
 
 
 @pytest.mark.parametrize(("key", "value"), sorted(POLICY_CHANGES.items()))
 def test_config_hash_is_stable_when_only_policy_changes(key: str, value: Any) -> None:
-    assert spec_with(**{key: value}).config_hash() == spec_with().config_hash()
+    assert spec_with(**{key: value}).config_hash == spec_with().config_hash
 
 
 def test_config_hash_is_stable_when_spelling_or_order_differs() -> None:
     one = spec_with(memory="1g", env={"A": "1", "B": "2"})
     other = spec_with(memory=1024**3, env={"B": "2", "A": "1"})
-    assert one.config_hash() == other.config_hash()
-    assert len(one.config_hash()) == 64
+    assert one.config_hash == other.config_hash
+    assert len(one.config_hash) == 64
 
 
-def test_policy_carries_every_policy_field_when_built_from_a_spec() -> None:
+def test_spec_is_the_policy_the_core_obeys_when_resolved() -> None:
+    from roost.core.policy import Policy
+
     spec = spec_with(**POLICY_CHANGES)
-    policy = spec.policy()
-    assert isinstance(policy, Policy)
-    for field in dataclasses.fields(Policy):
-        assert getattr(policy, field.name) == getattr(spec, field.name), field.name
-        assert getattr(policy, field.name) != getattr(Policy(), field.name), field.name
-
-
-def test_policy_defaults_equal_core_defaults_when_nothing_is_configured() -> None:
-    spec = parse_settings({"agents": {"a": {"image": "x"}}}).agent("a")
-    assert spec.policy() == Policy()
+    policy: Policy = spec  # structurally: the spec is its own policy, nothing is copied
+    names = [name for name in dir(Policy) if not name.startswith("_")]
+    assert names
+    for name in names:
+        assert getattr(policy, name) == POLICY_CHANGES[name], name
+        assert getattr(policy, name) != getattr(LifecycleSettings(), name), name
 
 
 def test_settings_validate_directly_when_built_in_code() -> None:

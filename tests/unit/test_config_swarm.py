@@ -103,7 +103,7 @@ def test_stored_spawned_spec_loads_as_spawned_agent_when_read_back() -> None:
 
     assert isinstance(again, SpawnedAgent)
     assert again == spec
-    assert again.config_hash() == spec.config_hash()
+    assert again.config_hash == spec.config_hash
 
 
 def test_plain_spec_loads_as_resolved_agent_when_not_spawned() -> None:
@@ -117,13 +117,13 @@ def test_plain_spec_loads_as_resolved_agent_when_not_spawned() -> None:
 
 @pytest.mark.parametrize(("key", "value"), [("network", "other"), ("binds", ("v2:/data",))])
 def test_spawned_config_hash_changes_when_wiring_changes(key: str, value: Any) -> None:
-    assert _spawned(**{key: value}).config_hash() != _spawned().config_hash()
+    assert _spawned(**{key: value}).config_hash != _spawned().config_hash
 
 
 @pytest.mark.parametrize(("key", "value"), [("agent_id", "other"), ("capabilities", ("x",))])
 def test_spawned_config_hash_is_stable_when_only_identity_changes(key: str, value: Any) -> None:
     # Identity reaches the container through env (AGENT_ID, ...), which is hashed.
-    assert _spawned(**{key: value}).config_hash() == _spawned().config_hash()
+    assert _spawned(**{key: value}).config_hash == _spawned().config_hash
 
 
 def test_from_json_raises_config_error_when_stored_json_is_broken() -> None:

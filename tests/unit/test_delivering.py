@@ -1,71 +1,48 @@
-"""Delivery lanes on a FakeRuntime engine with a scripted agent: order, retry, 4xx,
-dead on failure, requeue on reset, recovery at start, the waking notice."""
+"""Delivery lanes on a FakeRuntime engine with a scripted agent, on fake time: order,
+retry, 4xx, dead on failure, requeue on reset, recovery at start, the waking notice.
+
+Retries wait out the dispatcher's real backoff (``DEFAULT_RETRY``) on ``FakeClock``:
+the tests advance fake time instead of sleeping."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from roost.core import events as ev
+from roost.core.records import AgentRecord
 from roost.core.states import AgentState
 from roost.engine import Engine
-from roost.ports.agent_http import AgentResponse
 from roost.ports.inbox import Message, MessageStatus
-from roost.testing.fake_agent_client import FakeAgentClient
+from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
-from tests.conftest import make_settings, wait_until
+from tests.conftest import make_settings
+from tests.support import ScriptedAgent, advance_until
 
 IMAGE = "roost-mimic:latest"
 M = MessageStatus
 S = AgentState
 
 
-class ScriptedAgent(FakeAgentClient):
-    """Answers deliveries like an agent told what to do by the message body:
-    ``{"status": N}`` answers N; ``{"fail_first": N}`` answers 503 N times first.
-    While ``down`` every delivery finds no connection."""
-
-    def __init__(self, runtime: FakeRuntime) -> None:
-        super().__init__(runtime)
-        self.deliveries: list[tuple[str, Any]] = []
-        self.down = False
-        self.in_flight = 0
-        self.most_in_flight = 0
-        self.hold: asyncio.Event | None = None
-        self._failures: dict[str, int] = {}
-
-    async def post_json(
-        self, url: str, body: Any, *, headers: Mapping[str, str], timeout: float
-    ) -> AgentResponse:
-        if self.down or await self._serves(url) is None:
-            raise ConnectionError(f"connection refused: {url}")
-        message_id = headers["Roost-Message-Id"]
-        self.deliveries.append((message_id, body))
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        try:
-            if self.hold is not None:
-                await self.hold.wait()
-            fields = body if isinstance(body, dict) else {}
-            if "status" in fields:
-                return AgentResponse(fields["status"], {"error": "scripted"})
-            if self._failures.get(message_id, 0) < fields.get("fail_first", 0):
-                self._failures[message_id] = self._failures.get(message_id, 0) + 1
-                return AgentResponse(503, "busy")
-            return AgentResponse(200, {"echo": body, "message_id": message_id})
-        finally:
-            self.in_flight -= 1
-
-
 class Harness:
-    def __init__(self, engine: Engine, runtime: FakeRuntime, agent: ScriptedAgent) -> None:
+    def __init__(
+        self, engine: Engine, runtime: FakeRuntime, agent: ScriptedAgent, clock: FakeClock
+    ) -> None:
         self.engine = engine
         self.runtime = runtime
         self.agent = agent
+        self.clock = clock
+
+    async def until(self, predicate: Any, what: str) -> None:
+        await advance_until(self.clock, predicate, step=0.05, what=what)
+
+    async def wake(self) -> AgentRecord:
+        waking = asyncio.ensure_future(self.engine.agents.wake("echo", reason="test", timeout=5))
+        await self.until(waking.done, "echo awake")
+        return waking.result()
 
     async def send(self, body: Any, name: str = "echo") -> Message:
         message, _ = await self.engine.dispatcher.submit(name, body)
@@ -80,39 +57,44 @@ class Harness:
         async def reached() -> bool:
             return (await self.status(message)).status is status
 
-        await wait_until(reached, timeout=10, what=f"message {message.body!r} {status.value}")
+        await self.until(reached, f"message {message.body!r} {status.value}")
         return await self.status(message)
 
 
-def _engine(tmp_path: Path, runtime: FakeRuntime, agent: ScriptedAgent, **defaults: Any) -> Engine:
+def _engine(
+    tmp_path: Path, runtime: FakeRuntime, agent: ScriptedAgent, clock: FakeClock, **defaults: Any
+) -> Engine:
     settings = make_settings(
         tmp_path,
         "delivery-test",
         agents={"echo": {"image": IMAGE}},
         defaults={"max_restarts": 0, **defaults},
     )
-    engine = Engine(settings, runtime=runtime, agent_client=agent)
-    engine.dispatcher.retry_delays = (0.01, 0.02)
-    return engine
+    return Engine(settings, runtime=runtime, agent_client=agent, clock=clock)
+
+
+def _parts() -> tuple[FakeRuntime, ScriptedAgent, FakeClock]:
+    clock = FakeClock()
+    runtime = FakeRuntime(images=[IMAGE], clock=clock.now)
+    return runtime, ScriptedAgent(runtime), clock
 
 
 @pytest.fixture
 async def fake(tmp_path: Path) -> AsyncIterator[Harness]:
-    runtime = FakeRuntime(images=[IMAGE])
-    agent = ScriptedAgent(runtime)
-    async with _engine(tmp_path, runtime, agent) as engine:
-        yield Harness(engine, runtime, agent)
+    runtime, agent, clock = _parts()
+    async with _engine(tmp_path, runtime, agent, clock) as engine:
+        yield Harness(engine, runtime, agent, clock)
 
 
 async def test_messages_are_delivered_in_order_when_agent_starts_asleep(fake: Harness) -> None:
-    assert fake.engine.supervisor.get("echo").state is S.CREATED
+    assert fake.engine.agents.get("echo").state is S.CREATED
     sent = [await fake.send({"i": i}) for i in range(30)]
     last = await fake.wait_status(sent[-1], M.DELIVERED)
     assert [mid for mid, _ in fake.agent.deliveries] == [m.id for m in sent]
     assert [body["i"] for _, body in fake.agent.deliveries] == list(range(30))
     assert last.reply == {"echo": {"i": 29}, "message_id": last.id}
     assert last.attempts == 1
-    assert fake.engine.supervisor.get("echo").state is S.RUNNING
+    assert fake.engine.agents.get("echo").state is S.RUNNING
     assert fake.agent.most_in_flight == 1
 
 
@@ -154,17 +136,15 @@ async def test_repeated_server_errors_fail_the_message_when_limit_reached(
 async def test_waiting_messages_die_and_reset_delivers_them_when_agent_fails(
     fake: Harness,
 ) -> None:
-    sup = fake.engine.supervisor
-    await sup.ensure_running("echo", timeout=5)
+    agents = fake.engine.agents
+    await fake.wake()
     fake.agent.down = True  # deliveries find no connection: they wait, retrying
     sent = [await fake.send({"i": i}) for i in range(3)]
-    await wait_until(
-        lambda: fake.engine.inbox.pending_count("echo") == 3, timeout=5, what="3 pending"
-    )
-    container = sup.get("echo").container_id
+    await fake.until(lambda: fake.engine.inbox.pending_count("echo") == 3, "3 pending")
+    container = agents.get("echo").container_id
     assert container is not None
     fake.runtime.crash(container, exit_code=2)  # max_restarts 0: failed at once
-    await wait_until(lambda: sup.get("echo").state is S.FAILED, timeout=5, what="failed")
+    await fake.until(lambda: agents.get("echo").state is S.FAILED, "failed")
     for message in sent:
         dead = await fake.wait_status(message, M.DEAD)
         assert "failed" in dead.error
@@ -174,34 +154,33 @@ async def test_waiting_messages_die_and_reset_delivers_them_when_agent_fails(
     assert fake.engine.inbox.pending_count("echo") == 0
 
     fake.agent.down = False
-    await sup.request("echo", ev.ResetRequested("reset requested via test"))
+    await agents.act("echo", "reset", reason="reset requested via test")
     for message in [*sent, late]:
         await fake.wait_status(message, M.DELIVERED)
     assert [body["i"] for _, body in fake.agent.deliveries] == [0, 1, 2, 3]
-    assert sup.get("echo").state is S.RUNNING
+    assert agents.get("echo").state is S.RUNNING
 
 
 async def test_messages_in_flight_are_redelivered_when_engine_restarts(tmp_path: Path) -> None:
-    runtime = FakeRuntime(images=[IMAGE])
-    agent = ScriptedAgent(runtime)
+    runtime, agent, clock = _parts()
     agent.hold = asyncio.Event()  # the first delivery never finishes in this engine
-    async with _engine(tmp_path, runtime, agent) as engine:
+    async with _engine(tmp_path, runtime, agent, clock) as engine:
         sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(3)]
-        await wait_until(lambda: len(agent.deliveries) == 1, timeout=5, what="first delivery")
+        await advance_until(clock, lambda: len(agent.deliveries) == 1, what="first delivery")
 
         async def marked() -> bool:
             stored = await engine.inbox.get("echo", sent[0].id)
             return stored is not None and stored.status is M.DELIVERING
 
-        await wait_until(marked, timeout=5, what="delivering")
+        await advance_until(clock, marked, what="delivering")
     agent.hold = None
-    async with _engine(tmp_path, runtime, agent) as engine:
+    async with _engine(tmp_path, runtime, agent, clock) as engine:
 
         async def all_delivered() -> bool:
             stored = [await engine.inbox.get("echo", m.id) for m in sent]
             return all(s is not None and s.status is M.DELIVERED for s in stored)
 
-        await wait_until(all_delivered, timeout=10, what="delivered after restart")
+        await advance_until(clock, all_delivered, what="delivered after restart")
     ids = [mid for mid, _ in agent.deliveries]
     # the interrupted one again (same id), then the rest, in order
     assert ids == [sent[0].id, sent[0].id, sent[1].id, sent[2].id]
@@ -210,19 +189,18 @@ async def test_messages_in_flight_are_redelivered_when_engine_restarts(tmp_path:
 async def test_concurrent_delivery_starts_in_order_when_max_concurrent_messages_above_one(
     tmp_path: Path,
 ) -> None:
-    runtime = FakeRuntime(images=[IMAGE])
-    agent = ScriptedAgent(runtime)
-    async with _engine(tmp_path, runtime, agent, max_concurrent_messages=3) as engine:
+    runtime, agent, clock = _parts()
+    async with _engine(tmp_path, runtime, agent, clock, max_concurrent_messages=3) as engine:
         agent.hold = asyncio.Event()
         sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(7)]
-        await wait_until(lambda: agent.in_flight == 3, timeout=5, what="3 in flight")
+        await advance_until(clock, lambda: agent.in_flight == 3, what="3 in flight")
         assert [mid for mid, _ in agent.deliveries] == [m.id for m in sent[:3]]
         agent.hold.set()
 
         async def all_delivered() -> bool:
             return engine.inbox.pending_count("echo") == 0
 
-        await wait_until(all_delivered, timeout=10, what="all delivered")
+        await advance_until(clock, all_delivered, what="all delivered")
     assert [mid for mid, _ in agent.deliveries] == [m.id for m in sent]
     assert agent.most_in_flight == 3
 
@@ -230,15 +208,14 @@ async def test_concurrent_delivery_starts_in_order_when_max_concurrent_messages_
 async def test_waking_is_announced_once_when_delivery_waits_for_the_agent(
     tmp_path: Path,
 ) -> None:
-    runtime = FakeRuntime(images=[IMAGE])
-    agent = ScriptedAgent(runtime)
-    async with _engine(tmp_path, runtime, agent, waking_notice_after=0) as engine:
+    runtime, agent, clock = _parts()
+    async with _engine(tmp_path, runtime, agent, clock, waking_notice_after=0) as engine:
         sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(3)]
 
         async def delivered() -> bool:
             return engine.inbox.pending_count("echo") == 0
 
-        await wait_until(delivered, timeout=10, what="delivered")
+        await advance_until(clock, delivered, what="delivered")
         notices = [e for e in engine.events.recent(1000) if e.kind == "agent.waking"]
         assert len(notices) == 1
         assert notices[0].data["agent"] == "echo"

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from roost.config import LifecycleSettings as Policy
 from roost.core import commands as cmd
 from roost.core import events as ev
-from roost.core.policy import Policy
 from roost.core.records import AgentRecord
 from roost.core.states import AgentState
 from roost.core.transition import next_deadline, transition
@@ -136,7 +136,7 @@ def test_agent_walks_running_idle_paused_stopped_when_nobody_talks_to_it() -> No
 
 
 def test_agent_is_paused_and_stays_paused_when_idle_action_is_pause() -> None:
-    policy = dataclasses.replace(POLICY, pause_after=0.0, idle_action="pause")
+    policy = POLICY.model_copy(update=dict(pause_after=0.0, idle_action="pause"))
     sim = simulate(running_agent(policy), policy, until=100_000.0)
     assert sim.changes == [(30.0, S.IDLE, "no activity"), (1800.0, S.PAUSED, "idle timeout")]
     assert sim.commands == [(1800.0, cmd.PauseContainer(CID))]
@@ -144,14 +144,14 @@ def test_agent_is_paused_and_stays_paused_when_idle_action_is_pause() -> None:
 
 
 def test_agent_is_stopped_without_pausing_when_pause_after_is_zero() -> None:
-    policy = dataclasses.replace(POLICY, pause_after=0.0)
+    policy = POLICY.model_copy(update=dict(pause_after=0.0))
     sim = simulate(running_agent(policy), policy, until=10_000.0)
     assert sim.changes == [(30.0, S.IDLE, "no activity"), (1800.0, S.STOPPED, "idle timeout")]
     assert [c for _, c in sim.commands] == [cmd.StopContainer(CID, 10.0)]
 
 
 def test_agent_never_idles_when_idle_timeout_is_zero() -> None:
-    policy = dataclasses.replace(POLICY, idle_timeout=0.0)
+    policy = POLICY.model_copy(update=dict(idle_timeout=0.0))
     start = running_agent(policy)
     assert next_deadline(start, policy) is None
     sim = simulate(start, policy, until=1_000_000.0)

@@ -17,6 +17,7 @@ from roost.adapters.sqlite_jobs import SqliteJobStore
 from roost.adapters.sqlite_store import SqliteStore
 from roost.config import JobsConfig
 from roost.core import labels
+from roost.core.backoff import Backoff
 from roost.core.jobs import (
     MAX_SNAPSHOT_GENERATIONS,
     JobStatus,
@@ -108,7 +109,7 @@ class Rig:
             instance=INSTANCE,
             config=self.config.model_copy(update=config),
             default_memory=64 * 1024 * 1024,
-            retry_delays=(1.0, 2.0),
+            retry=Backoff((1.0, 2.0)),
         )
 
 
@@ -138,7 +139,7 @@ async def _rig(tmp_path: Path, **config: Any) -> AsyncIterator[Rig]:
         instance=INSTANCE,
         config=jobs_config,
         default_memory=64 * 1024 * 1024,
-        retry_delays=(1.0, 2.0),
+        retry=Backoff((1.0, 2.0)),
     )
     await runner.start()
     rig = Rig(clock, runtime, sqlite, store, runner, jobs_config)

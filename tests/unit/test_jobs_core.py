@@ -16,7 +16,7 @@ from roost.core.jobs import (
     FINAL_STATUSES,
     MAX_SNAPSHOT_GENERATIONS,
     SNAPSHOT_REPOSITORY_PREFIX,
-    TRANSIENT_RETRY_DELAYS,
+    TRANSIENT_RETRY,
     ErrorKind,
     EvictionPolicy,
     JobContainer,
@@ -33,7 +33,6 @@ from roost.core.jobs import (
     plan_eviction,
     plan_orphans,
     redact,
-    retry_delay,
     reusable_snapshot,
     scrub_env,
     secret_values,
@@ -160,10 +159,11 @@ def test_error_is_classified_by_class_when_docker_fails(exc: Exception, kind: Er
 
 
 def test_retry_delay_follows_budget_then_stops_when_spent() -> None:
-    delays = [retry_delay(n) for n in range(len(TRANSIENT_RETRY_DELAYS) + 2)]
-    assert delays[: len(TRANSIENT_RETRY_DELAYS)] == list(TRANSIENT_RETRY_DELAYS)
-    assert delays[len(TRANSIENT_RETRY_DELAYS) :] == [None, None]
-    assert retry_delay(0, ()) is None
+    budget = TRANSIENT_RETRY.budget
+    assert budget == len(TRANSIENT_RETRY.delays)
+    delays = [TRANSIENT_RETRY.delay(n) for n in range(budget + 2)]
+    assert delays[:budget] == list(TRANSIENT_RETRY.delays)
+    assert delays[budget:] == [None, None]
 
 
 # --------------------------------------------------------------------------- secrets

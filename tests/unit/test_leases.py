@@ -12,14 +12,10 @@ import httpx
 import pytest
 
 from roost import errors
-from roost.api.app import create_app
-from roost.core import events as ev
 from roost.core.states import AgentState
-from roost.engine import Engine
-from roost.gateway.leasing import MAX_TTL, Leases, validate_ttl
-from roost.testing.fake_agent_client import FakeAgentClient
+from roost.reactor.leasing import MAX_TTL, validate_ttl
+from roost.testing import EngineHarness
 from roost.testing.fake_clock import FakeClock
-from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings
 
 IMAGE = "roost-mimic:latest"
@@ -28,16 +24,14 @@ S = AgentState
 
 
 class Harness:
-    def __init__(
-        self, engine: Engine, runtime: FakeRuntime, clock: FakeClock, client: httpx.AsyncClient
-    ) -> None:
-        self.engine = engine
-        self.runtime = runtime
+    def __init__(self, harness: EngineHarness, clock: FakeClock) -> None:
+        self.engine = harness.engine
+        self.runtime = harness.runtime
+        self.client = harness.client
         self.clock = clock
-        self.client = client
 
     def state(self, name: str = "echo") -> S:
-        return self.engine.supervisor.get(name).state
+        return self.engine.agents.get(name).state
 
     async def take(self, ttl: Any = 60, **extra: Any) -> httpx.Response:
         return await self.client.post("/api/agents/echo/leases", json={"ttl": ttl, **extra})
@@ -65,13 +59,8 @@ async def harness(
         defaults={"idle_timeout": 10, "liveness_interval": 3600, **(defaults or {})},
     )
     clock = FakeClock()
-    runtime = FakeRuntime(images=[IMAGE], clock=clock.now)
-    engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime), clock=clock)
-    async with engine:
-        app = create_app(engine, token=token)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
-            yield Harness(engine, runtime, clock, client)
+    async with EngineHarness.running(settings, images=[IMAGE], clock=clock, token=token) as h:
+        yield Harness(h, clock)
 
 
 @pytest.fixture
@@ -125,7 +114,7 @@ async def test_delete_lease_answers_404_when_lease_unknown(api: Harness) -> None
 @pytest.mark.parametrize(
     "ttl", [0, -1, "60", "abc", None, True, MAX_TTL + 1, float("inf")], ids=repr
 )
-async def test_post_lease_answers_400_naming_ttl_when_ttl_invalid(api: Harness, ttl: Any) -> None:
+async def test_post_lease_answers_422_naming_ttl_when_ttl_invalid(api: Harness, ttl: Any) -> None:
     if ttl == float("inf"):
         response = await api.client.post(
             "/api/agents/echo/leases",
@@ -134,46 +123,43 @@ async def test_post_lease_answers_400_naming_ttl_when_ttl_invalid(api: Harness, 
         )
     else:
         response = await api.take(ttl=ttl)
-    assert response.status_code == 400, response.text
+    assert response.status_code == 422, response.text
     body = response.json()
     assert "ttl" in body["error"]
     assert body["agent"] == "echo"
     assert api.state() is S.CREATED  # nothing woken
 
 
-async def test_post_lease_answers_400_naming_ttl_when_ttl_missing(api: Harness) -> None:
+async def test_post_lease_answers_422_naming_ttl_when_ttl_missing(api: Harness) -> None:
     response = await api.client.post("/api/agents/echo/leases", json={"holder": "x"})
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert "ttl" in response.json()["error"]
 
 
-async def test_post_lease_answers_400_when_body_is_malformed_json(api: Harness) -> None:
+async def test_post_lease_answers_422_when_body_is_malformed_json(api: Harness) -> None:
     response = await api.client.post(
         "/api/agents/echo/leases",
         content=b"{ttl: 5",
         headers={"Content-Type": "application/json"},
     )
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert "JSON" in response.json()["error"]
 
 
-async def test_post_lease_answers_413_and_holds_nothing_when_body_is_too_large(
+async def test_post_lease_answers_422_and_holds_nothing_when_holder_is_too_long(
     api: Harness,
 ) -> None:
-    response = await api.client.post(
-        "/api/agents/echo/leases",
-        content=b'{"ttl": 5, "holder": "' + b"x" * 10_000 + b'"}',
-        headers={"Content-Type": "application/json"},
-    )
-    assert response.status_code == 413
-    assert "4096" in response.json()["error"]
+    response = await api.take(ttl=5, holder="x" * 10_000)
+    assert response.status_code == 422
+    assert "holder" in response.json()["error"]
     listed = await api.client.get("/api/agents/echo/leases")
     assert listed.json()["leases"] == []
+    assert api.state() is S.CREATED
 
 
-async def test_post_lease_answers_400_naming_field_when_field_unknown(api: Harness) -> None:
+async def test_post_lease_answers_422_naming_field_when_field_unknown(api: Harness) -> None:
     response = await api.take(ttl=5, ttll=6)
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert "ttll" in response.json()["error"]
 
 
@@ -240,8 +226,8 @@ async def test_put_lease_renews_ttl_from_now_when_held(api: Harness) -> None:
 
 
 async def test_lease_wakes_agent_when_agent_paused(api: Harness) -> None:
-    await api.engine.supervisor.ensure_running("echo", timeout=5)
-    await api.engine.supervisor.request("echo", ev.PauseRequested("test"))
+    await api.engine.agents.wake("echo", reason="test", timeout=5)
+    await api.engine.agents.act("echo", "pause", reason="test")
     assert api.state() is S.PAUSED
     assert (await api.take()).status_code == 201
     assert api.state() is S.RUNNING
@@ -270,14 +256,14 @@ def test_validate_ttl_raises_naming_ttl_when_out_of_range(ttl: object) -> None:
 
 
 async def test_grant_raises_not_found_when_agent_unknown(api: Harness) -> None:
-    leases = Leases(api.engine)
+    leases = api.engine.leases
     with pytest.raises(errors.NotFound):
         await leases.grant("nobody", 5)
     await leases.close()
 
 
 async def test_release_from_two_sides_ends_lease_once_when_raced(api: Harness) -> None:
-    leases = Leases(api.engine)
+    leases = api.engine.leases
     lease = await leases.grant("echo", 5)
     await leases.release("echo", lease.id)
     with pytest.raises(errors.NotFound):

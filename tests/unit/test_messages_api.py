@@ -13,13 +13,14 @@ import httpx
 import pytest
 
 from roost import serving
-from roost.api.app import create_app
 from roost.cli_messages import parse_sse
+from roost.core.backoff import Backoff
 from roost.engine import Engine
+from roost.testing import EngineHarness
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings, wait_until
+from tests.support import ScriptedAgent
 from tests.unit.test_cli import _daemon
-from tests.unit.test_delivering import ScriptedAgent
 
 IMAGE = "roost-mimic:latest"
 TOKEN = "t0ken"
@@ -28,10 +29,10 @@ QUEUE_LIMIT = 3
 
 
 class Harness:
-    def __init__(self, engine: Engine, agent: ScriptedAgent, client: httpx.AsyncClient) -> None:
-        self.engine = engine
+    def __init__(self, harness: EngineHarness, agent: ScriptedAgent) -> None:
+        self.engine = harness.engine
         self.agent = agent
-        self.client = client
+        self.client = harness.client
 
     async def stored(self, name: str = "echo") -> list[dict[str, Any]]:
         response = await self.client.get(f"/api/agents/{name}/messages", params={"limit": 1000})
@@ -53,11 +54,12 @@ def _settings(tmp_path: Path) -> Any:
 async def _harness(tmp_path: Path, token: str | None) -> AsyncIterator[Harness]:
     runtime = FakeRuntime(images=[IMAGE])
     agent = ScriptedAgent(runtime)
-    async with Engine(_settings(tmp_path), runtime=runtime, agent_client=agent) as engine:
-        engine.dispatcher.retry_delays = (0.01,)
-        transport = httpx.ASGITransport(app=create_app(engine, token=token))
-        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
-            yield Harness(engine, agent, client)
+    running = EngineHarness.running(
+        _settings(tmp_path), runtime=runtime, agent_client=agent, token=token
+    )
+    async with running as harness:
+        harness.engine.dispatcher.retry = Backoff((0.01,), repeat=True)
+        yield Harness(harness, agent)
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from roost import errors, serving
-from roost.api.app import create_app
 from roost.core import events as ev
 from roost.core.states import AgentState
+from roost.edge import create_app
 from roost.engine import Engine
 from roost.ports.runtime import ContainerState
 from roost.reactor.supervising import AgentActor

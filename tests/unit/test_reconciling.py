@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 import pytest
 
+from roost.config import LifecycleSettings as Policy
 from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core.labels import AGENT, CONFIG_HASH, INSTANCE, JOB, MANAGED, agent_labels
-from roost.core.policy import Policy
 from roost.core.reconciling import Observed, ReconcilePlan, plan_reconcile
 from roost.core.records import AgentRecord, ExitInfo
 from roost.core.states import AgentState

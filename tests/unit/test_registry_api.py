@@ -7,14 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from roost import errors
-from roost.api.app import create_app
 from roost.config import Settings, SpawnedAgent
-from roost.engine import Engine
-from roost.testing.fake_agent_client import FakeAgentClient
+from roost.testing import EngineHarness
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings, wait_until
 
@@ -25,13 +22,11 @@ TOKEN = "s3cret-token"
 
 
 class Harness:
-    def __init__(
-        self, settings: Settings, engine: Engine, runtime: FakeRuntime, client: httpx.AsyncClient
-    ) -> None:
+    def __init__(self, settings: Settings, harness: EngineHarness) -> None:
         self.settings = settings
-        self.engine = engine
-        self.runtime = runtime
-        self.client = client
+        self.engine = harness.engine
+        self.runtime = harness.runtime
+        self.client = harness.client
 
     async def register(self, body: dict[str, Any], **params: str) -> dict[str, Any]:
         response = await self.client.post("/api/agents", json=body, params=params)
@@ -54,12 +49,8 @@ def _settings(tmp_path: Path, **swarm: Any) -> Settings:
 async def _harness(
     settings: Settings, runtime: FakeRuntime, *, token: str | None = None
 ) -> AsyncIterator[Harness]:
-    engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime))
-    async with engine:
-        app = create_app(engine, token=token)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
-            yield Harness(settings, engine, runtime, client)
+    async with EngineHarness.running(settings, runtime=runtime, token=token) as harness:
+        yield Harness(settings, harness)
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from roost.config import LifecycleSettings as Policy
 from roost.core import commands as cmd
 from roost.core import events as ev
-from roost.core.policy import Policy
 from roost.core.records import AgentRecord, ExitInfo
 from roost.core.states import AgentState
 from roost.core.transition import Decision, next_deadline, transition
@@ -41,10 +41,10 @@ POLICY = Policy(
     stop_timeout=10.0,
     liveness_failures=3,
 )
-PAUSING = dataclasses.replace(POLICY, idle_action="pause")
-NO_BACKOFF = dataclasses.replace(POLICY, restart_backoff=0.0)
+PAUSING = POLICY.model_copy(update=dict(idle_action="pause"))
+NO_BACKOFF = POLICY.model_copy(update=dict(restart_backoff=0.0))
 #: The library this replaces: one restart after an unexpected exit, then failed.
-LIBRARY = dataclasses.replace(POLICY, max_restarts=1, restart_backoff=0.0)
+LIBRARY = POLICY.model_copy(update=dict(max_restarts=1, restart_backoff=0.0))
 
 CRASH = ExitInfo(exit_code=1, finished_at="2024-01-01T00:00:00Z", log_tail="Traceback: boom")
 CLEAN = ExitInfo(exit_code=0)
@@ -742,7 +742,7 @@ EXITED_ROWS = [
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), restart_in(3, 25)),
         (cmd.RemoveContainer(CUR, diagnose=True),),
-        policy=dataclasses.replace(POLICY, restart_backoff_max=25.0),
+        policy=POLICY.model_copy(update=dict(restart_backoff_max=25.0)),
         fields={"restart_at": NOW + 25.0},
     ),
     row(
@@ -1075,7 +1075,7 @@ LIVENESS_ROWS = [
         ev.LivenessProbed(CUR, ok=False),
         ((S.CRASHED, unhealthy(1)), restart_in(1, 10)),
         (cmd.RemoveContainer(CUR),),
-        policy=dataclasses.replace(POLICY, liveness_failures=1),
+        policy=POLICY.model_copy(update=dict(liveness_failures=1)),
     ),
     row(
         "starting-ignored",
@@ -1187,20 +1187,20 @@ TICK_ROWS = [
         ev.Tick(),
         ((S.PAUSED, "idle: pause_after"),),
         (cmd.PauseContainer(CUR),),
-        policy=dataclasses.replace(POLICY, pause_after=300.0),
+        policy=POLICY.model_copy(update=dict(pause_after=300.0)),
     ),
     row(
         "idle-before-pause-after",
         idle(last_activity_at=NOW - 299.0),
         ev.Tick(),
-        policy=dataclasses.replace(POLICY, pause_after=300.0),
+        policy=POLICY.model_copy(update=dict(pause_after=300.0)),
         unchanged=True,
     ),
     row(
         "paused-after-pause-after-waits-for-timeout",
         paused(last_activity_at=NOW - 1000.0),
         ev.Tick(),
-        policy=dataclasses.replace(POLICY, pause_after=300.0),
+        policy=POLICY.model_copy(update=dict(pause_after=300.0)),
         unchanged=True,
     ),
     row(
@@ -1209,7 +1209,7 @@ TICK_ROWS = [
         ev.Tick(),
         ((S.PAUSED, "idle: pause_after"),),
         (cmd.PauseContainer(CUR),),
-        policy=dataclasses.replace(POLICY, pause_after=20.0),
+        policy=POLICY.model_copy(update=dict(pause_after=20.0)),
     ),
     row(
         "idle-mark-capped-by-idle-timeout",
@@ -1217,7 +1217,7 @@ TICK_ROWS = [
         ev.Tick(),
         ((S.STOPPED, "idle timeout"),),
         (cmd.StopContainer(CUR, 10.0),),
-        policy=dataclasses.replace(POLICY, idle_timeout=10.0),
+        policy=POLICY.model_copy(update=dict(idle_timeout=10.0)),
     ),
     row(
         "busy-idle-back-to-running",
@@ -1242,7 +1242,7 @@ TICK_ROWS = [
         "idling-disabled",
         running(last_activity_at=NOW - 100_000.0),
         ev.Tick(),
-        policy=dataclasses.replace(POLICY, idle_timeout=0.0, pause_after=60.0),
+        policy=POLICY.model_copy(update=dict(idle_timeout=0.0, pause_after=60.0)),
         unchanged=True,
     ),
     row(
@@ -1302,20 +1302,20 @@ DEADLINE_ROWS = [
     pytest.param(running(last_activity_at=NOW), POLICY, 30.0, id="running-idle-mark"),
     pytest.param(
         running(last_activity_at=NOW),
-        dataclasses.replace(POLICY, idle_mark_after=100.0, idle_timeout=50.0),
+        POLICY.model_copy(update=dict(idle_mark_after=100.0, idle_timeout=50.0)),
         50.0,
         id="running-mark-capped-by-timeout",
     ),
     pytest.param(
         running(last_activity_at=NOW),
-        dataclasses.replace(POLICY, idle_mark_after=100.0, pause_after=40.0),
+        POLICY.model_copy(update=dict(idle_mark_after=100.0, pause_after=40.0)),
         40.0,
         id="running-mark-capped-by-pause-after",
     ),
     pytest.param(idle(last_activity_at=NOW), POLICY, 1800.0, id="idle-timeout"),
     pytest.param(
         idle(last_activity_at=NOW),
-        dataclasses.replace(POLICY, pause_after=300.0),
+        POLICY.model_copy(update=dict(pause_after=300.0)),
         300.0,
         id="idle-pause-after",
     ),
@@ -1329,7 +1329,7 @@ DEADLINE_ROWS = [
     ),
     pytest.param(
         running(last_activity_at=NOW),
-        dataclasses.replace(POLICY, idle_timeout=0.0),
+        POLICY.model_copy(update=dict(idle_timeout=0.0)),
         None,
         id="idling-disabled",
     ),

@@ -35,10 +35,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from roost.config import LifecycleSettings as Policy
 from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core.backoff import restart_delay
-from roost.core.policy import Policy
 from roost.core.records import AgentRecord, ExitInfo
 from roost.core.states import AgentState
 from roost.core.transition import Decision, next_deadline, transition

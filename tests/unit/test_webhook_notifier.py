@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from roost.adapters.webhook_notifier import LogNotifier, MultiNotifier, WebhookNotifier
+from roost.core.backoff import Backoff
 from roost.core.records import ExitInfo
 from tests.conftest import free_port
 
@@ -103,7 +104,7 @@ async def closing() -> AsyncIterator[list[WebhookNotifier]]:
 
 
 def make(closing: list[WebhookNotifier], url: str, **kwargs: Any) -> WebhookNotifier:
-    kwargs.setdefault("retry_delays", (0.0, 0.0, 0.0))
+    kwargs.setdefault("retry", Backoff((0.0, 0.0, 0.0)))
     notifier = WebhookNotifier(url, **kwargs)
     closing.append(notifier)
     return notifier
@@ -163,7 +164,7 @@ async def test_post_is_retried_with_one_delivery_id_when_server_fails_then_recov
 ) -> None:
     receiver.statuses = [500, 503]
     clock = RecordingClock(now=0.0)
-    notifier = make(closing, receiver.url, clock=clock, retry_delays=(0.5, 1.0, 2.0))
+    notifier = make(closing, receiver.url, clock=clock, retry=Backoff((0.5, 1.0, 2.0)))
 
     with caplog.at_level(logging.INFO, logger=NOTIFY_LOGGER):
         await notifier.notify("agent.failed", {"agent": "echo"})
@@ -229,7 +230,7 @@ async def test_attempt_times_out_and_is_logged_when_server_stalls(
     receiver: Receiver, closing: list[WebhookNotifier], caplog: pytest.LogCaptureFixture
 ) -> None:
     receiver.stall = True
-    notifier = make(closing, receiver.url, timeout=0.2, retry_delays=())
+    notifier = make(closing, receiver.url, timeout=0.2, retry=Backoff(()))
 
     await notifier.notify("agent.failed", {"agent": "echo"})
 

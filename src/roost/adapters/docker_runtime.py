@@ -56,6 +56,7 @@ import aiohttp
 from aiodocker.exceptions import DockerError
 
 from roost import errors
+from roost.core.backoff import Backoff
 from roost.core.records import ExitInfo, SessionHealth
 from roost.ports.runtime import ContainerInfo, ContainerSpec, ContainerState, RuntimeEvent
 
@@ -73,9 +74,8 @@ _NON_LABEL_ATTRIBUTES = frozenset(
 )
 #: Events a slow subscriber may fall behind by before its backlog becomes one gap.
 _EVENT_QUEUE_SIZE = 10_000
-#: Reconnect delays for the events stream: first, growth factor, cap.
-_RECONNECT_FIRST_DELAY = 0.05
-_RECONNECT_MAX_DELAY = 2.0
+#: Reconnect delays for the events stream.
+_RECONNECT = Backoff.doubling(0.05, 2.0)
 #: Establishing the socket to the engine; waiting for a free pooled connection
 #: is not bounded (callers bound their own operations).
 _SOCKET_CONNECT_TIMEOUT = 10.0
@@ -419,14 +419,14 @@ class DockerRuntime:
     ) -> None:
         filters = {"type": ["container"], "label": _label_filters(labels)}
         cursor = _EventCursor(since_nano=int(since * 1e9))
-        delay = _RECONNECT_FIRST_DELAY
+        failures = 0
         reconnecting = False
         while True:
             try:
                 async with self._open_event_stream(filters, cursor.since()) as response:
                     if reconnecting:
                         _offer(queue, RuntimeEvent(kind="gap", time=time.time()))
-                    delay = _RECONNECT_FIRST_DELAY
+                    failures = 0
                     async for line in response.content:
                         if not line.strip():
                             continue
@@ -435,10 +435,14 @@ class DockerRuntime:
                             _offer(queue, _runtime_event(data))
                 log.info("Docker closed the events stream; reconnecting")
             except (DockerError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                log.warning("Docker events stream failed (%r); reconnecting in %.2fs", exc, delay)
+                log.warning(
+                    "Docker events stream failed (%r); reconnecting in %.2fs",
+                    exc,
+                    _RECONNECT.delay(failures),
+                )
             reconnecting = True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+            await asyncio.sleep(_RECONNECT.delay(failures) or 0.0)
+            failures += 1
 
 
 class _EventCursor:

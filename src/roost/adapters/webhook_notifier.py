@@ -10,10 +10,11 @@ Invariants:
 - The log line is one line and carries only chosen fields (agent, exit code,
   OOM flag, restart count, error, first/last line of the log tail), never env
   values or the whole log tail.
-- A failed POST (connection error, timeout, 5xx, 429) is retried after each of
-  ``retry_delays`` (default 0.5, 1, 2 s: three retries); other 4xx are not
-  retried. One attempt takes at most ``timeout`` seconds, so ``notify`` returns
-  within ``timeout * (1 + len(retry_delays)) + sum(retry_delays)``.
+- A failed POST (connection error, timeout, 5xx, 429) is retried after each delay
+  of ``retry`` (a ``Backoff`` budget, default 0.5, 1, 2 s: three retries); other
+  4xx are not retried. One attempt takes at most ``timeout`` seconds, so ``notify``
+  returns within ``timeout * (1 + budget) + sum(delays)``. Retry pauses run on the
+  injected clock.
 - One aiohttp ``ClientSession``, created on first use inside the loop, closed by
   ``aclose()``; after ``aclose()`` notifications are only logged.
 """
@@ -28,17 +29,18 @@ import json
 import logging
 import urllib.parse
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 
+from roost.adapters.system_clock import SystemClock
+from roost.core.backoff import Backoff
 from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
 
-__all__ = ["DEFAULT_RETRY_DELAYS", "LogNotifier", "MultiNotifier", "WebhookNotifier"]
+__all__ = ["DEFAULT_RETRY", "LogNotifier", "MultiNotifier", "WebhookNotifier"]
 
-DEFAULT_RETRY_DELAYS: tuple[float, ...] = (0.5, 1.0, 2.0)
+DEFAULT_RETRY = Backoff((0.5, 1.0, 2.0))
 NOTIFY_LOGGER = "roost.notify"
 _MAX_FIELD_CHARS = 200
 _USER_AGENT = "roost-notifier/0.1"
@@ -141,8 +143,8 @@ class LogNotifier:
 class WebhookNotifier:
     """Logs every notification and, if ``url`` is set, POSTs it as JSON.
 
-    ``clock`` (optional) supplies the ``at`` timestamp and the retry sleeps, so
-    tests can run retries on fake time.
+    ``clock`` supplies the ``at`` timestamp and the retry pauses, so tests can run
+    retries on fake time.
     """
 
     def __init__(
@@ -151,14 +153,16 @@ class WebhookNotifier:
         *,
         timeout: float = 5.0,
         logger: logging.Logger | None = None,
-        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        retry: Backoff = DEFAULT_RETRY,
         clock: Clock | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
-        self.retry_delays = tuple(retry_delays)
+        if retry.repeat:
+            raise ValueError("webhook retries are a budget: pass a Backoff without repeat")
+        self.retry = retry
         self._logger = logger or logging.getLogger(NOTIFY_LOGGER)
-        self._clock = clock
+        self._clock: Clock = clock or SystemClock()
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -186,9 +190,7 @@ class WebhookNotifier:
     # -- internals ----------------------------------------------------------------------
 
     def _now(self) -> dt.datetime:
-        if self._clock is not None:
-            return dt.datetime.fromtimestamp(self._clock.now(), tz=dt.UTC)
-        return dt.datetime.now(tz=dt.UTC)
+        return dt.datetime.fromtimestamp(self._clock.now(), tz=dt.UTC)
 
     def _body(self, kind: str, payload: dict[str, Any]) -> bytes:
         document = {"kind": kind, "at": self._now().isoformat(), **payload}
@@ -206,7 +208,7 @@ class WebhookNotifier:
     async def _deliver(self, kind: str, body: bytes) -> None:
         # One id for every attempt, so a receiver can drop duplicates of a retried POST.
         delivery_id = uuid.uuid4().hex
-        attempts = 1 + len(self.retry_delays)
+        attempts = 1 + len(self.retry.delays)
         for attempt in range(1, attempts + 1):
             try:
                 await self._post(body, delivery_id)
@@ -226,7 +228,7 @@ class WebhookNotifier:
                 self._logger.info(
                     "webhook: %s attempt %d failed (%s); retrying", kind, attempt, exc
                 )
-                await self._sleep(self.retry_delays[attempt - 1])
+                await self._clock.sleep(self.retry.delays[attempt - 1])
 
     async def _post(self, body: bytes, delivery_id: str) -> None:
         try:
@@ -249,14 +251,6 @@ class WebhookNotifier:
             raise
         except Exception as exc:  # never let a notifier raise into the reactor
             raise _PostFailed(f"{type(exc).__name__}: {exc}", retry=False) from exc
-
-    async def _sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        if self._clock is not None:
-            await self._clock.sleep(seconds)
-        else:
-            await asyncio.sleep(seconds)
 
     def _safe_url(self) -> str:
         # Webhook URLs often carry a secret in the path or query (Slack, Discord):

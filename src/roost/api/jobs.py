@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from roost.config import DOCKER_MIN_MEMORY, parse_size
+from roost.config.fields import DOCKER_MIN_MEMORY, parse_size
 from roost.core.jobs import (
     LOG_TAIL_LINES,
     JobStatus,

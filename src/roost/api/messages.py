@@ -8,25 +8,24 @@ message, ``GET`` without an id lists them.
 
 Invariants:
 - Nothing is stored unless the answer is 200/202: an unknown agent is 404, a
-  body over ``server.max_body_size`` 413 (checked on ``Content-Length`` first,
-  then enforced while reading), malformed JSON 400 naming line and column, a
-  full queue (``queue_limit`` undelivered messages) 429 with ``Retry-After``.
+  body over ``server.max_body_size`` 413 (the edge enforces it), malformed JSON
+  400 naming line and column, a full queue (``queue_limit`` undelivered messages)
+  429 with ``Retry-After``.
 - ``Idempotency-Key``: the same key for the same agent names one message; a
   repeated POST answers 200 with the stored message's id and status.
-- Error bodies follow the API's shape: ``{"error": ..., "agent": ...}``.
+- Error bodies follow the API's one shape (``roost.api.errors``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.params import Depends
 from fastapi.responses import JSONResponse, Response
 
 from roost import errors
+from roost.api.errors import error_responses
 from roost.engine import Engine
 from roost.ports.inbox import Message, MessageStatus, QueueFull
 
@@ -35,6 +34,7 @@ __all__ = [
     "MAX_IDEMPOTENCY_KEY",
     "QUEUE_FULL_RETRY_AFTER",
     "messages_router",
+    "parse_json_body",
 ]
 
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -44,59 +44,27 @@ QUEUE_FULL_RETRY_AFTER = 1
 MAX_LIST = 1000
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers
-
-
-def _refusal(name: str, exc: _Refused) -> JSONResponse:
-    return JSONResponse(
-        {"error": str(exc), "agent": name}, status_code=exc.status, headers=exc.headers
-    )
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json_body(request: Request, max_size: int) -> Any:
-    """The request's body as a JSON value; ``_Refused`` (413/400) otherwise."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise _Refused(400, f"invalid Content-Length header {declared!r}") from None
-        if size > max_size:
-            raise _Refused(
-                413, f"message body is {size} bytes; the limit is {max_size} (server.max_body_size)"
-            )
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_size:
-            raise _Refused(
-                413,
-                f"message body exceeds {max_size} bytes (server.max_body_size)",
-            )
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+def parse_json_body(raw: bytes) -> Any:
+    """The body as a JSON value; ``Refusal`` 400 naming the byte, line and column."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Refused(400, f"message body is not UTF-8: byte {exc.start} is invalid") from None
+        raise errors.Refusal(
+            400, f"message body is not UTF-8: byte {exc.start} is invalid"
+        ) from None
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise _Refused(
+        raise errors.Refusal(
             400,
             f"message body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from None
     except ValueError as exc:
-        raise _Refused(400, f"message body is not valid JSON: {exc}") from None
+        raise errors.Refusal(400, f"message body is not valid JSON: {exc}") from None
 
 
 def _accepted(message: Message) -> dict[str, Any]:
@@ -113,16 +81,15 @@ def _final(message: Message) -> dict[str, Any]:
     return body
 
 
-def messages_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> APIRouter:
-    """The message routes, guarded by ``dependencies`` (the API's token check)."""
-    router = APIRouter(tags=["messages"], dependencies=list(dependencies))
+def messages_router(engine: Engine) -> APIRouter:
+    """The message routes."""
+    router = APIRouter(tags=["messages"])
     dispatcher = engine.dispatcher
     inbox = engine.inbox
-    max_body = engine.settings.server.max_body_size
+    agents = engine.agents
 
     def known(name: str) -> None:
-        if name not in engine.supervisor.actors:
-            raise errors.NotFound(f"no agent named {name!r}")
+        agents.get(name)  # NotFound → 404 before anything is read or stored
 
     @router.post(
         "/api/agents/{name}/messages",
@@ -130,10 +97,7 @@ def messages_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> 
         summary="Store a JSON message for the agent (durable); wake it and deliver in order.",
         responses={
             200: {"description": "Replied (?wait=true), or an Idempotency-Key repeat."},
-            400: {"description": "Malformed JSON (the error names line and column)."},
-            404: {"description": "Unknown agent."},
-            413: {"description": "Body over server.max_body_size."},
-            429: {"description": "queue_limit undelivered messages; see Retry-After."},
+            **error_responses(400, 404, 413, 429, 503),
         },
     )
     async def post_message(
@@ -147,27 +111,22 @@ def messages_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> 
     ) -> Response:
         known(name)
         key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+            raise errors.Refusal(
+                400, f"{IDEMPOTENCY_KEY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+            )
+        body = parse_json_body(await request.body())
         try:
-            if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-                raise _Refused(
-                    400, f"{IDEMPOTENCY_KEY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
-                )
-            body = await read_json_body(request, max_body)
-            try:
-                message, created = await dispatcher.submit(name, body, idempotency_key=key)
-            except QueueFull as exc:
-                raise _Refused(
-                    429,
-                    f"{exc}; retry later",
-                    headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
-                ) from None
-            except errors.StateError as exc:
-                raise _Refused(503, str(exc)) from None
-        except _Refused as exc:
-            return _refusal(name, exc)
+            message, created = await dispatcher.submit(name, body, idempotency_key=key)
+        except QueueFull as exc:
+            raise errors.Refusal(
+                429, f"{exc}; retry later", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}
+            ) from None
+        except errors.StateError as exc:
+            raise errors.Refusal(503, str(exc)) from None
         location = {"Location": f"/api/agents/{name}/messages/{message.id}"}
         if wait:
-            limit = timeout if timeout is not None else dispatcher.limits(name).wait_timeout
+            limit = timeout if timeout is not None else agents.spec(name).wait_timeout
             final = await dispatcher.wait_final(name, message.id, limit)
             if final is None:
                 current = await inbox.get(name, message.id) or message
@@ -182,6 +141,7 @@ def messages_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> 
     @router.get(
         "/api/agents/{name}/messages/{message_id}",
         summary="One message: status, attempts, reply and last error.",
+        responses=error_responses(404),
     )
     async def get_message(name: str, message_id: str) -> dict[str, Any]:
         known(name)
@@ -193,6 +153,7 @@ def messages_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> 
     @router.get(
         "/api/agents/{name}/messages",
         summary="The agent's newest messages (or a page after a seq), oldest first.",
+        responses=error_responses(404),
     )
     async def list_messages(
         name: str,

@@ -7,7 +7,7 @@ behaves like a configured agent (idles, wakes, restarts, survives a Roost
 restart) until ``DELETE`` stops and removes its container and forgets it.
 
 Invariants:
-- Registration answers 201 with the agent as JSON (``describe`` plus
+- Registration answers 201 with the agent as JSON (``Agents.describe``, with
   ``agent_id``, ``capabilities`` and ``image``); a taken name is 409; a bad field
   is 400 (``ConfigError``, message starting with the field's name) or 422 (wrong
   JSON type, message ``body.<field>: ...``). With ``?start=true`` the agent is
@@ -15,26 +15,24 @@ Invariants:
   the start error is the answer (502/504) and the agent stays registered.
 - Only agents registered at run time can be deleted: a configured one would come
   back from ``roost.toml`` on the next start, so deleting it is 409.
-- Routes are built by :func:`registry_router`; ``create_app`` mounts them behind
-  the same token guard as every other admin route.
+- Both go through the facade (``Agents.register`` / ``Agents.delete``), which
+  keeps the route-only rules: a configured agent cannot be deleted, and
+  ``agent.registered`` / ``agent.deleted`` are published.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from roost import errors
-from roost.config import SpawnedAgent
-from roost.core.records import AgentRecord
+from roost.api.errors import error_responses
 from roost.engine import Engine
 from roost.reactor import swarming
-from roost.reactor.supervising import describe
 
-__all__ = ["AgentRegistration", "describe_spawned", "registry_router"]
+__all__ = ["AgentRegistration", "registry_router"]
 
 
 class AgentRegistration(BaseModel):
@@ -54,24 +52,16 @@ class AgentRegistration(BaseModel):
     port: int | None = Field(default=None, description="Port it listens on; default 8000.")
 
 
-def describe_spawned(record: AgentRecord, spec: object) -> dict[str, Any]:
-    """An agent as JSON, with its swarm identity when it was spawned."""
-    body = describe(record)
-    if isinstance(spec, SpawnedAgent):
-        body["agent_id"] = spec.agent_id
-        body["capabilities"] = list(spec.capabilities)
-        body["image"] = spec.image
-    return body
-
-
 def registry_router(engine: Engine) -> APIRouter:
     """``POST /api/agents`` and ``DELETE /api/agents/{name}`` over ``engine``."""
     router = APIRouter(tags=["agents"])
+    agents = engine.agents
 
     @router.post(
         "/api/agents",
         status_code=201,
         summary="Register (spawn) an agent at run time; it persists until deleted.",
+        responses=error_responses(400, 409, 422, 502, 504),
     )
     async def register_agent(
         registration: AgentRegistration,
@@ -88,36 +78,21 @@ def registry_router(engine: Engine) -> APIRouter:
             env=registration.env,
             port=registration.port,
         )
-        record = await engine.register_agent(spec)
-        await engine.announce(
-            "agent.registered",
-            {
-                "agent": spec.name,
-                "agent_id": spec.agent_id,
-                "capabilities": list(spec.capabilities),
-            },
-            webhook=False,
-        )
+        await agents.register(spec)
         if start:
-            record = await engine.supervisor.ensure_running(
-                spec.name, timeout=spec.startup_timeout, reason="start requested at registration"
+            await agents.wake(
+                spec.name, reason="start requested at registration", timeout=spec.startup_timeout
             )
-        return JSONResponse(describe_spawned(record, spec), status_code=201)
+        return JSONResponse(agents.describe(spec.name), status_code=201)
 
     @router.delete(
         "/api/agents/{name}",
         status_code=204,
         summary="Stop and remove the agent's container and forget the agent.",
+        responses=error_responses(404, 409),
     )
     async def delete_agent(name: str) -> Response:
-        engine.supervisor.actor(name)  # NotFound → 404 before anything changes
-        stored = await engine.store.get_agent(name)
-        if stored is not None and stored.source == "config":
-            raise errors.Conflict(
-                f"agent {name!r} is configured in the config file; remove it there instead"
-            )
-        await engine.delete_agent(name)
-        await engine.announce("agent.deleted", {"agent": name}, webhook=False)
+        await agents.delete(name)
         return Response(status_code=204)
 
     return router

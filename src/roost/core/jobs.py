@@ -37,6 +37,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from roost import errors
+from roost.core.backoff import Backoff
 from roost.core.labels import CONFIG_HASH, JOB, PROJECT, SNAPSHOT, ownership
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
     "MAX_SNAPSHOT_GENERATIONS",
     "SECRET_NAME_PATTERNS",
     "SNAPSHOT_REPOSITORY_PREFIX",
-    "TRANSIENT_RETRY_DELAYS",
+    "TRANSIENT_RETRY",
     "ErrorKind",
     "EvictionPolicy",
     "JobContainer",
@@ -63,7 +64,6 @@ __all__ = [
     "plan_eviction",
     "plan_orphans",
     "redact",
-    "retry_delay",
     "reusable_snapshot",
     "scrub_env",
     "secret_values",
@@ -76,7 +76,7 @@ __all__ = [
 #: Lines of output kept from a finished job's container.
 LOG_TAIL_LINES = 50
 #: Delays between attempts after a transient Docker error; the budget is its length.
-TRANSIENT_RETRY_DELAYS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+TRANSIENT_RETRY = Backoff((0.5, 1.0, 2.0, 4.0))
 #: Env names matching these (case-insensitively) are secrets.
 SECRET_NAME_PATTERNS: tuple[str, ...] = ("*_KEY", "*_TOKEN", "*_SECRET", "*PASSWORD*")
 SNAPSHOT_REPOSITORY_PREFIX = "roost-snapshot/"
@@ -214,14 +214,6 @@ def classify_error(exc: BaseException) -> ErrorKind:
             return ErrorKind.TERMINAL  # Docker refused the spec (e.g. 400 cpus > host's)
         return ErrorKind.TRANSIENT
     return ErrorKind.TERMINAL
-
-
-def retry_delay(attempt: int, delays: Sequence[float] = TRANSIENT_RETRY_DELAYS) -> float | None:
-    """Delay before retry ``attempt + 1`` (attempt counts failures so far, from 0),
-    or None when the budget is spent."""
-    if 0 <= attempt < len(delays):
-        return float(delays[attempt])
-    return None
 
 
 # --------------------------------------------------------------------------- secrets

@@ -1,30 +1,44 @@
-"""Per-agent lifecycle policy: the numbers the transition function obeys.
+"""What the lifecycle needs to know of an agent's settings: the ``Policy`` interface.
 
-All durations are float seconds. ``idle_timeout == 0`` disables idling;
-``pause_after == 0`` skips the pause step. Built from configuration by
-``roost.config``; the core never reads configuration itself.
+The core never reads configuration and never re-declares a setting: it names
+the numbers it obeys here, and ``roost.config.ResolvedAgent`` (whose
+``LifecycleSettings`` declare them, with their defaults) satisfies this
+interface as it is. All durations are float seconds. ``idle_timeout == 0``
+disables idling; ``pause_after == 0`` skips the pause step.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
+from typing import Literal, Protocol
 
 __all__ = ["Policy"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Policy:
-    idle_timeout: float = 1800.0
-    idle_action: Literal["pause", "stop"] = "stop"
-    pause_after: float = 0.0
-    #: quiet this long and a running agent shows as ``idle`` (capped by the first idle step).
-    idle_mark_after: float = 30.0
-    max_restarts: int = 3
-    restart_backoff: float = 10.0
-    restart_backoff_max: float = 300.0
-    restart_reset_after: float = 600.0
-    startup_timeout: float = 120.0
-    stop_timeout: float = 10.0
-    liveness_interval: float = 10.0
-    liveness_failures: int = 3
+class Policy(Protocol):
+    @property
+    def idle_timeout(self) -> float: ...
+    @property
+    def idle_action(self) -> Literal["pause", "stop"]: ...
+    @property
+    def pause_after(self) -> float: ...
+    @property
+    def idle_mark_after(self) -> float:
+        """Quiet this long and a running agent shows as ``idle`` (capped by the first idle step)."""
+        ...
+
+    @property
+    def max_restarts(self) -> int: ...
+    @property
+    def restart_backoff(self) -> float: ...
+    @property
+    def restart_backoff_max(self) -> float: ...
+    @property
+    def restart_reset_after(self) -> float: ...
+    @property
+    def startup_timeout(self) -> float: ...
+    @property
+    def stop_timeout(self) -> float: ...
+    @property
+    def liveness_interval(self) -> float: ...
+    @property
+    def liveness_failures(self) -> int: ...

@@ -1,20 +1,18 @@
 """The reverse proxy ``ANY /agents/{name}/{path}``: wake the agent, hold, forward, stream.
 
-Role: a raw ASGI layer in front of the admin API. ``GatewayMiddleware`` takes
-every request whose path starts with ``/agents/`` (HTTP and WebSocket) and hands
-everything else to the wrapped app, so the hot path skips FastAPI's routing and
-validation. ``AgentProxy`` does the work: plain HTTP over the keep-alive pool of
-``roost.gateway.upstream`` (measured: about a third of aiohttp's CPU per warm
-request), WebSockets over aiohttp.
+Role: the edge (``roost.edge``) hands every request whose path starts with
+``/agents/`` (HTTP and WebSocket) to ``AgentProxy``, after its token check and
+body limit, so the hot path skips FastAPI's routing and validation. Plain HTTP
+goes over the keep-alive pool of ``roost.gateway.upstream`` (measured: about a
+third of aiohttp's CPU per warm request), WebSockets over aiohttp.
 
-A request for an agent that is not running wakes it (``ensure_running``) and is
+A request for an agent that is not running wakes it (``Agents.wake``) and is
 held until the agent answers its health check, for at most the agent's
-``hold_timeout``. Held longer than ``waking_notice_after``, the hold announces
-``agent.waking`` (SSE and webhook) once.
+``hold_timeout`` (the facade announces ``agent.waking`` once per wake).
 
 Invariants:
-- Answers Roost gives itself are JSON ``{"error": ..., "agent": ...}`` like the
-  admin API's: 401 (token), 404 (unknown agent), 413 (body, declared or
+- Answers Roost gives itself are ``Refusal``s in the API's one JSON shape
+  ``{"error": ..., "agent": ...}``: 404 (unknown agent), 413 (body, declared or
   streamed, larger than ``server.max_body_size``), 503 + ``Retry-After`` (still waking after
   ``hold_timeout``, or Roost shutting down), 502 (the agent failed or could not
   start while the request was held, or it did not answer; the body names the
@@ -29,34 +27,31 @@ Invariants:
   never forwarded, either way. ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` /
   ``-Prefix`` are set. Upstream ``Date`` and ``Server`` are replaced by Roost's
   own (as nginx does).
-- With an API token, a proxied request must carry it as
-  ``Authorization: Bearer <token>`` (then that header is not forwarded: it was
-  Roost's) or as ``Roost-Token: <token>`` (then ``Authorization`` goes to the
-  agent untouched). ``Roost-Token`` is never forwarded. Comparison is constant-time.
-- Activity: a proxied request, stream or WebSocket holds ``actor.busy()`` for its
+- Roost's own credentials never reach the agent: the edge removes them before
+  the request gets here.
+- Activity: a proxied request, stream or WebSocket holds ``Agents.busy`` for its
   whole life, so idling never pauses or stops an agent in the middle of one.
-- Every task is owned: waking notices are tracked and awaited by ``close``; a
-  streaming response's disconnect watcher ends with the response.
+- Every task is owned: a streaming response's disconnect watcher ends with the
+  response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
-import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from roost import errors
-from roost.config import ResolvedAgent
-from roost.core.states import ACTIVE_STATES, AgentState
+from roost.api.errors import refuse
+from roost.core.states import AgentState
+from roost.engine import Engine
 from roost.gateway.upstream import (
     UpstreamDisconnected,
     UpstreamError,
@@ -64,17 +59,7 @@ from roost.gateway.upstream import (
     UpstreamResponse,
 )
 
-if TYPE_CHECKING:
-    from roost.engine import Engine
-    from roost.reactor.supervising import AgentActor
-
-__all__ = [
-    "DEFAULT_HOLD_TIMEOUT",
-    "DEFAULT_WAKING_NOTICE_AFTER",
-    "PREFIX",
-    "AgentProxy",
-    "GatewayMiddleware",
-]
+__all__ = ["PREFIX", "AgentProxy"]
 
 log = logging.getLogger("roost.gateway.proxy")
 
@@ -86,9 +71,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Every path under this prefix is proxied: ``/agents/{name}/{path}``.
 PREFIX = "/agents/"
-#: Used when an agent's spec does not say (specs not built from roost.toml).
-DEFAULT_HOLD_TIMEOUT = 60.0
-DEFAULT_WAKING_NOTICE_AFTER = 1.0
 #: Largest WebSocket message relayed (uvicorn's default limit, both ways).
 WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
 #: Retry-After for a request that was still waking when its hold ran out.
@@ -140,31 +122,8 @@ _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
-class _Refusal(Exception):
-    """An answer Roost gives itself instead of the agent's (JSON error body)."""
-
-    def __init__(
-        self, status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()
-    ) -> None:
-        super().__init__(body.get("error", ""))
-        self.status = status
-        self.body = body
-        self.headers = tuple(headers)
-
-
-class _BodyTooLarge(Exception):
-    """The request body grew past ``server.max_body_size`` while it was read."""
-
-
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
-
-
-def _hold_settings(actor: AgentActor) -> tuple[float, float]:
-    spec = actor.spec
-    if isinstance(spec, ResolvedAgent):
-        return spec.hold_timeout, spec.waking_notice_after
-    return DEFAULT_HOLD_TIMEOUT, DEFAULT_WAKING_NOTICE_AFTER
 
 
 def _split_target(scope: Scope) -> tuple[str, bytes]:
@@ -193,10 +152,6 @@ def _connection_tokens(value: bytes) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
-def _json_bytes(body: dict[str, Any]) -> bytes:
-    return json.dumps(body).encode()
-
-
 class AgentProxy:
     """Forwards HTTP and WebSocket traffic to agents, waking them first.
 
@@ -208,14 +163,11 @@ class AgentProxy:
         self,
         engine: Engine,
         *,
-        token: str | None,
         connection_limit: int = CONNECTION_LIMIT,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        self._engine = engine
-        self._supervisor = engine.supervisor
-        self._token = token.encode("utf-8") if token else None
-        self._max_body = engine.settings.server.max_body_size
+        self._agents = engine.agents
+        self._clock = engine.clock
         self._connection_limit = connection_limit
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_connect=connect_timeout
@@ -224,8 +176,6 @@ class AgentProxy:
         self._upstream = UpstreamPool(connect_timeout=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._addresses: dict[str, tuple[str, int]] = {}
-        #: agent.waking announcements in flight (awaited by ``close``).
-        self._notices: set[asyncio.Task[None]] = set()
         #: WebSockets and streaming responses open right now.
         self.open_streams = 0
         self.closed = False
@@ -247,10 +197,8 @@ class AgentProxy:
         return self._session
 
     async def close(self) -> None:
-        """Close upstream connections and wait for waking notices in flight."""
+        """Close upstream connections."""
         self.closed = True
-        if self._notices:
-            await asyncio.gather(*self._notices, return_exceptions=True)
         await self._upstream.close()
         if self._session is not None:
             await self._session.close()
@@ -267,119 +215,65 @@ class AgentProxy:
 
     # -- checks shared by HTTP and WebSocket --------------------------------------------
 
-    def _authorize(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-        """Check the token (``_Refusal`` 401 when wrong); True when ``Authorization``
-        held Roost's token, so it must not be forwarded."""
-        if self._token is None:
-            return False
-        bearer = b""
-        roost_token = b""
-        for key, value in headers:
-            if key == b"authorization":
-                scheme, _, credentials = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    bearer = credentials.strip()
-            elif key == b"roost-token":
-                roost_token = value.strip()
-        # Always compare both (absent headers are empty tokens): timing tells nothing.
-        bearer_ok = secrets.compare_digest(bearer, self._token)
-        header_ok = secrets.compare_digest(roost_token, self._token)
-        if not (bearer_ok or header_ok):
-            raise _Refusal(
-                401,
-                {
-                    "error": "missing or wrong API token: send 'Authorization: Bearer <token>' "
-                    "(or 'Roost-Token: <token>') with the token from server.token_file"
-                },
-                [(b"www-authenticate", b"Bearer")],
-            )
-        return bearer_ok
+    def _known(self, name: str) -> None:
+        if name not in self._agents:
+            raise errors.Refusal(404, f"no agent named {name!r}", agent=name)
 
-    def _actor(self, name: str) -> AgentActor:
-        actor = self._supervisor.actors.get(name)
-        if actor is None:
-            raise _Refusal(404, {"error": f"no agent named {name!r}", "agent": name})
-        return actor
-
-    async def _awake_url(self, actor: AgentActor) -> tuple[str, bytes, bytes]:
+    async def _awake_url(self, name: str) -> tuple[str, bytes, bytes]:
         """(agent URL, Roost-Cold-Start, Roost-Wake-Ms): wake and hold when asleep."""
-        record = actor.record
-        if record.url is not None and record.state in ACTIVE_STATES:
+        record = self._agents.get(name)
+        if record.awake:
+            assert record.url is not None
             return record.url, b"none", b"0"
-        name = actor.name
         woken_from = record.state.value
         if record.state is AgentState.FAILED:
-            raise _Refusal(
-                502,
-                {
-                    "error": f"agent {name!r} is failed; reset it first",
-                    "agent": name,
-                    "state": woken_from,
-                },
+            raise errors.Refusal(
+                502, f"agent {name!r} is failed; reset it first", agent=name, state=woken_from
             )
-        hold_timeout, notice_after = _hold_settings(actor)
-        clock = self._engine.clock
-        started = clock.monotonic()
-        notice = asyncio.get_running_loop().call_later(
-            notice_after, self._announce_waking, name, woken_from, started
-        )
+        hold_timeout = self._agents.spec(name).hold_timeout
+        retry_after = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        started = self._clock.monotonic()
         try:
-            record = await self._supervisor.ensure_running(
-                name, timeout=hold_timeout, reason="proxied request"
-            )
+            record = await self._agents.wake(name, reason="proxied request")
         except errors.StartupTimeout as exc:
-            raise _Refusal(
+            state = self._state(name)
+            raise errors.Refusal(
                 503,
-                {
-                    "error": f"agent {name!r} is still {actor.record.state.value} after "
-                    f"holding the request {hold_timeout:g}s (hold_timeout); retry",
-                    "agent": name,
-                    "state": actor.record.state.value,
-                    "detail": str(exc),
-                },
-                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
+                f"agent {name!r} is still {state} after holding the request "
+                f"{hold_timeout:g}s (hold_timeout); retry",
+                headers=retry_after,
+                agent=name,
+                state=state,
+                detail=str(exc),
             ) from exc
         except errors.StateError as exc:
-            state = actor.record.state
-            if actor.closed or state is not AgentState.FAILED:
-                raise _Refusal(
-                    503,
-                    {"error": str(exc), "agent": name, "state": state.value},
-                    [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
+            state = self._state(name)
+            if state != AgentState.FAILED.value:  # shutting down, or deleted meanwhile
+                raise errors.Refusal(
+                    503, str(exc), headers=retry_after, agent=name, state=state
                 ) from exc
-            raise _Refusal(502, {"error": str(exc), "agent": name, "state": state.value}) from exc
+            raise errors.Refusal(502, str(exc), agent=name, state=state) from exc
         except errors.RoostError as exc:
-            raise _Refusal(
+            raise errors.Refusal(
                 502,
-                {
-                    "error": f"agent {name!r} could not be woken: {exc}",
-                    "agent": name,
-                    "state": actor.record.state.value,
-                },
+                f"agent {name!r} could not be woken: {exc}",
+                agent=name,
+                state=self._state(name),
             ) from exc
-        finally:
-            notice.cancel()
-        waited = clock.monotonic() - started
+        waited = self._clock.monotonic() - started
         url = record.url
-        assert url is not None  # ensure_running returns only a running record with a URL
+        assert url is not None  # wake returns only a running record with a URL
         return url, woken_from.encode(), str(math.ceil(waited * 1000)).encode()
 
-    def _announce_waking(self, name: str, woken_from: str, started: float) -> None:
-        waited_ms = round((self._engine.clock.monotonic() - started) * 1000)
-        data = {"agent": name, "state": woken_from, "waited_ms": waited_ms}
-
-        async def announce() -> None:
-            try:
-                await self._engine.announce("agent.waking", data)
-            except Exception:
-                log.exception("agent %s: announcing agent.waking failed", name)
-
-        task = asyncio.create_task(announce(), name=f"roost.proxy.waking[{name}]")
-        self._notices.add(task)
-        task.add_done_callback(self._notices.discard)
+    def _state(self, name: str) -> str:
+        """The agent's state now ("deleted" when it is gone)."""
+        try:
+            return self._agents.get(name).state.value
+        except errors.NotFound:
+            return "deleted"
 
     def _forward_headers(
-        self, scope: Scope, name: str, drop: frozenset[bytes], drop_authorization: bool
+        self, scope: Scope, name: str, drop: frozenset[bytes]
     ) -> list[tuple[bytes, bytes]]:
         """The client's headers minus ``drop`` (and any it names in ``Connection``),
         plus the ``X-Forwarded-*`` ones."""
@@ -395,8 +289,6 @@ class AgentProxy:
             if key in dropped:
                 if key == b"host":
                     host = value
-                continue
-            if key == b"authorization" and drop_authorization:
                 continue
             if key == b"x-forwarded-for":
                 prior_for = value
@@ -430,56 +322,41 @@ class AgentProxy:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         name, path = _split_target(scope)
         try:
-            drop_authorization = self._authorize(scope["headers"])
-            actor = self._actor(name)
-            declared = _declared_length(scope["headers"])
-            if declared is not None and declared > self._max_body:
-                raise _Refusal(
-                    413,
-                    {
-                        "error": f"request body of {declared} bytes is larger than "
-                        f"server.max_body_size ({self._max_body} bytes)",
-                        "agent": name,
-                    },
-                )
-        except _Refusal as refusal:
-            await _send_refusal(send, refusal)
+            self._known(name)
+        except errors.Refusal as refusal:
+            await refuse(scope, send, refusal)
             return
-        async with actor.busy():
+        async with self._agents.busy(name):
             try:
-                url, cold, wake_ms = await self._awake_url(actor)
-            except _Refusal as refusal:
-                await _send_refusal(send, refusal)
+                url, cold, wake_ms = await self._awake_url(name)
+            except errors.Refusal as refusal:
+                await refuse(scope, send, refusal)
                 return
             query: bytes = scope.get("query_string", b"")
             target = path + b"?" + query if query else path
-            await self._forward_http(
-                scope, receive, send, actor, url, target, (cold, wake_ms), drop_authorization
-            )
+            await self._forward_http(scope, receive, send, name, url, target, (cold, wake_ms))
 
     async def _forward_http(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        actor: AgentActor,
+        name: str,
         url: str,
         target: bytes,
         wake: tuple[bytes, bytes],
-        drop_authorization: bool,
     ) -> None:
-        name = actor.name
-        headers = self._forward_headers(scope, name, _HTTP_DROP, drop_authorization)
+        headers = self._forward_headers(scope, name, _HTTP_DROP)
         declared = _declared_length(scope["headers"])
-        body = _RequestBody(receive, self._max_body)
+        body = _RequestBody(receive)
         data: bytes | AsyncIterator[bytes] | None = None
         if declared is not None or _is_chunked(scope["headers"]):
             try:
                 data = await body.start()
             except _ClientGone:
                 return
-            except _BodyTooLarge:
-                await _send_refusal(send, body.refusal(name))
+            except errors.Refusal as refusal:  # the edge's body limit, on the first chunk
+                await refuse(scope, send, refusal)
                 return
             if declared is not None and not isinstance(data, bytes):
                 headers.append((b"content-length", str(declared).encode()))
@@ -498,13 +375,13 @@ class AgentProxy:
                 # again on a fresh one when it can be replayed (its body is in memory).
                 if attempts > 0:
                     continue
-                await self._upstream_failed(send, actor, exc)
+                await self._upstream_failed(scope, send, name, exc)
                 return
-            except _BodyTooLarge:
-                await _send_refusal(send, body.refusal(name))
+            except errors.Refusal as refusal:  # the edge's body limit, while uploading
+                await refuse(scope, send, refusal)
                 return
             except (UpstreamError, OSError, TimeoutError) as exc:
-                await self._upstream_failed(send, actor, exc)
+                await self._upstream_failed(scope, send, name, exc)
                 return
         try:
             finished = await self._relay(response, receive, send, body, wake)
@@ -516,19 +393,19 @@ class AgentProxy:
         else:
             response.close()
 
-    async def _upstream_failed(self, send: Send, actor: AgentActor, exc: BaseException) -> None:
-        name = actor.name
+    async def _upstream_failed(
+        self, scope: Scope, send: Send, name: str, exc: BaseException
+    ) -> None:
         detail = str(exc) or type(exc).__name__
         log.info("agent %s: proxied request failed upstream: %s", name, detail)
-        await _send_refusal(
+        await refuse(
+            scope,
             send,
-            _Refusal(
+            errors.Refusal(
                 502,
-                {
-                    "error": f"agent {name!r} did not answer: {detail}",
-                    "agent": name,
-                    "state": actor.record.state.value,
-                },
+                f"agent {name!r} did not answer: {detail}",
+                agent=name,
+                state=self._state(name),
             ),
         )
 
@@ -600,18 +477,17 @@ class AgentProxy:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         name, path = _split_target(scope)
         try:
-            drop_authorization = self._authorize(scope["headers"])
-            actor = self._actor(name)
-        except _Refusal as refusal:
-            await _deny_websocket(scope, send, refusal)
+            self._known(name)
+        except errors.Refusal as refusal:
+            await refuse(scope, send, refusal)
             return
         if (await receive())["type"] != "websocket.connect":
             return
-        async with actor.busy():
+        async with self._agents.busy(name) as touch:
             try:
-                url, cold, wake_ms = await self._awake_url(actor)
-            except _Refusal as refusal:
-                await _deny_websocket(scope, send, refusal)
+                url, cold, wake_ms = await self._awake_url(name)
+            except errors.Refusal as refusal:
+                await refuse(scope, send, refusal)
                 return
             query: bytes = scope.get("query_string", b"")
             target = "ws" + url[len("http") :] + path.decode("latin-1")
@@ -619,7 +495,7 @@ class AgentProxy:
                 target = f"{target}?{query.decode('latin-1')}"
             headers = [
                 (k.decode("latin-1"), v.decode("latin-1"))
-                for k, v in self._forward_headers(scope, name, _WEBSOCKET_DROP, drop_authorization)
+                for k, v in self._forward_headers(scope, name, _WEBSOCKET_DROP)
             ]
             protocols: list[str] = list(scope.get("subprotocols") or ())
             try:
@@ -632,32 +508,15 @@ class AgentProxy:
                     autoping=True,
                 )
             except aiohttp.WSServerHandshakeError as exc:
-                await _deny_websocket(
-                    scope,
-                    send,
-                    _Refusal(
-                        502,
-                        {
-                            "error": f"agent {name!r} refused the WebSocket upgrade "
-                            f"(HTTP {exc.status})",
-                            "agent": name,
-                            "state": actor.record.state.value,
-                        },
-                    ),
+                refused = f"agent {name!r} refused the WebSocket upgrade (HTTP {exc.status})"
+                await refuse(
+                    scope, send, errors.Refusal(502, refused, agent=name, state=self._state(name))
                 )
                 return
             except _UPSTREAM_ERRORS as exc:
-                await _deny_websocket(
-                    scope,
-                    send,
-                    _Refusal(
-                        502,
-                        {
-                            "error": f"agent {name!r} did not answer: {exc or type(exc).__name__}",
-                            "agent": name,
-                            "state": actor.record.state.value,
-                        },
-                    ),
+                failed = f"agent {name!r} did not answer: {exc or type(exc).__name__}"
+                await refuse(
+                    scope, send, errors.Refusal(502, failed, agent=name, state=self._state(name))
                 )
                 return
             self.open_streams += 1
@@ -669,24 +528,22 @@ class AgentProxy:
                         "headers": [(b"roost-cold-start", cold), (b"roost-wake-ms", wake_ms)],
                     }
                 )
-                await _relay_websocket(receive, send, upstream, actor)
+                await _relay_websocket(receive, send, upstream, name, touch)
             finally:
                 self.open_streams -= 1
                 await upstream.close()
 
 
 class _RequestBody:
-    """The client's request body, read from ASGI ``receive`` as upstream wants it."""
+    """The client's request body, read from ASGI ``receive`` as upstream wants it
+    (``receive`` is the edge's: it refuses a body over ``server.max_body_size``)."""
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._limit = limit
-        self._size = 0
         #: every byte of the request body has been read (or there was none).
         self.consumed = True
         #: the body is held whole in memory, so the request can be sent again.
         self.replayable = True
-        self.too_large = False
 
     async def start(self) -> bytes | AsyncIterator[bytes]:
         """The body whole when it came in one piece, else a stream of its chunks."""
@@ -695,18 +552,11 @@ class _RequestBody:
         if first["type"] != "http.request":
             raise _ClientGone
         chunk: bytes = first.get("body", b"")
-        self._count(chunk)
         if not first.get("more_body", False):
             self.consumed = True
             return chunk
         self.replayable = False
         return self._stream(chunk)
-
-    def _count(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size > self._limit:
-            self.too_large = True
-            raise _BodyTooLarge
 
     async def _stream(self, first: bytes) -> AsyncIterator[bytes]:
         yield first
@@ -715,25 +565,19 @@ class _RequestBody:
             if message["type"] != "http.request":
                 raise ConnectionResetError("client disconnected while sending its body")
             chunk: bytes = message.get("body", b"")
-            self._count(chunk)
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
                 self.consumed = True
                 return
 
-    def refusal(self, name: str) -> _Refusal:
-        return _Refusal(
-            413,
-            {
-                "error": f"request body is larger than server.max_body_size ({self._limit} bytes)",
-                "agent": name,
-            },
-        )
-
 
 async def _relay_websocket(
-    receive: Receive, send: Send, upstream: aiohttp.ClientWebSocketResponse, actor: AgentActor
+    receive: Receive,
+    send: Send,
+    upstream: aiohttp.ClientWebSocketResponse,
+    name: str,
+    touch: Callable[[], None],
 ) -> None:
     """Pump messages both ways until either side closes; then close the other."""
 
@@ -742,7 +586,7 @@ async def _relay_websocket(
             message = await receive()
             kind = message["type"]
             if kind == "websocket.receive":
-                actor.touch()
+                touch()
                 text = message.get("text")
                 if text is not None:
                     await upstream.send_str(text)
@@ -754,7 +598,7 @@ async def _relay_websocket(
 
     async def agent_to_client() -> int:
         async for message in upstream:
-            actor.touch()
+            touch()
             if message.type is aiohttp.WSMsgType.TEXT:
                 await send({"type": "websocket.send", "text": message.data})
             elif message.type is aiohttp.WSMsgType.BINARY:
@@ -763,8 +607,8 @@ async def _relay_websocket(
                 return 1011
         return upstream.close_code or 1000
 
-    from_client = asyncio.create_task(client_to_agent(), name=f"roost.ws.in[{actor.name}]")
-    from_agent = asyncio.create_task(agent_to_client(), name=f"roost.ws.out[{actor.name}]")
+    from_client = asyncio.create_task(client_to_agent(), name=f"roost.ws.in[{name}]")
+    from_agent = asyncio.create_task(agent_to_client(), name=f"roost.ws.out[{name}]")
     try:
         done, _ = await asyncio.wait((from_client, from_agent), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -784,52 +628,3 @@ async def _relay_websocket(
 def _close_code(code: int) -> int:
     """A close code that may be sent on the wire (1005/1006 are only ever reported)."""
     return code if code in _VALID_CLOSE_CODES or 3000 <= code <= 4999 else 1000
-
-
-async def _send_refusal(send: Send, refusal: _Refusal) -> None:
-    payload = _json_bytes(refusal.body)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        *refusal.headers,
-    ]
-    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})
-
-
-async def _deny_websocket(scope: Scope, send: Send, refusal: _Refusal) -> None:
-    """Refuse a WebSocket handshake: with the JSON answer when the server can send one."""
-    if "websocket.http.response" in scope.get("extensions", {}):
-        payload = _json_bytes(refusal.body)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *refusal.headers,
-        ]
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": refusal.status,
-                "headers": headers,
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": payload})
-        return
-    await send({"type": "websocket.close", "code": 1008 if refusal.status in (401, 404) else 1011})
-
-
-_App = TypeVar("_App", bound=ASGIApp)
-
-
-class GatewayMiddleware(Generic[_App]):
-    """ASGI: ``/agents/...`` goes to the proxy, everything else to the wrapped app."""
-
-    def __init__(self, app: _App, *, proxy: AgentProxy) -> None:
-        self.app = app
-        self.proxy = proxy
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"].startswith(PREFIX):
-            await self.proxy(scope, receive, send)
-            return
-        await self.app(scope, receive, send)

@@ -13,17 +13,17 @@ Invariants:
   first, committed with the outcome: a ``queued`` one is redelivered just the
   same after a crash), and
   the agent always gets the message's id in ``Roost-Message-Id``.
-- Before each attempt the agent is woken (``ensure_running``); while it is
-  starting or restarting the message waits. 2xx → ``delivered`` (the reply is
+- Before each attempt the agent is woken (``Agents.wake``, which also announces
+  ``agent.waking`` once per wake); while it is starting or restarting the
+  message waits. 2xx → ``delivered`` (the reply is
   kept); other non-5xx answers → ``failed``; 5xx, no answer, or no connection
-  → retried after ``retry_delays`` (a configured, interruptible backoff), the
+  → retried after ``retry`` (a ``Backoff``; the pause is cut short when the agent fails), the
   same message first, so later messages never overtake it. After
   ``max_server_errors`` consecutive 5xx answers the message is ``failed``.
 - When the agent enters ``failed`` its lane stops and every queued/delivering
   message becomes ``dead``; ``reset`` (failed → stopped) re-queues them, and
   the lane starts again from the oldest.
-- A wait for the agent longer than its ``waking_notice_after`` emits one
-  ``agent.waking`` notice per wake (SSE and the webhook).
+- Time comes from the injected clock: retries run on ``FakeClock`` in tests.
 - Every status change is published as ``message.status`` on the event hub, with
   ``message_id``, ``agent``, ``status`` and ``attempts`` (not ``id``: an event's
   JSON already uses ``id`` for the event's own id, which SSE resumes from).
@@ -36,23 +36,20 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from roost import errors
+from roost import aio, errors
+from roost.config import ResolvedAgent
+from roost.core.backoff import Backoff
 from roost.core.records import AgentRecord, StateChange
-from roost.core.states import ACTIVE_STATES, AgentState
+from roost.core.states import AgentState
 from roost.ports.agent_http import AgentClient
+from roost.ports.clock import Clock
 from roost.ports.inbox import TERMINAL, Inbox, Message, MessageStatus
-from roost.reactor.supervising import AgentActor, Supervisor
+from roost.reactor.agents import Agents
 
-__all__ = [
-    "DEFAULT_RETRY_DELAYS",
-    "MESSAGE_ID_HEADER",
-    "DeliveryLimits",
-    "Dispatcher",
-]
+__all__ = ["DEFAULT_RETRY", "MESSAGE_ID_HEADER", "Dispatcher"]
 
 log = logging.getLogger("roost.delivery")
 
@@ -61,36 +58,13 @@ M = MessageStatus
 
 MESSAGE_ID_HEADER = "Roost-Message-Id"
 #: Backoff between attempts of one message (the last value repeats).
-DEFAULT_RETRY_DELAYS: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
+DEFAULT_RETRY = Backoff((0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0), repeat=True)
 #: Queued messages read from the store at once.
 FETCH_BATCH = 256
 #: Characters of an agent's error answer kept in ``error``.
 ERROR_EXCERPT = 300
 
 Publish = Callable[[str, dict[str, Any]], object]
-Announce = Callable[[str, dict[str, Any]], Awaitable[None]]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeliveryLimits:
-    """An agent's delivery settings (``roost.config.ResolvedAgent`` has them all)."""
-
-    message_path: str = "/messages"
-    max_concurrent_messages: int = 1
-    queue_limit: int = 10_000
-    wait_timeout: float = 30.0
-    waking_notice_after: float = 1.0
-    hold_timeout: float = 60.0
-
-    @classmethod
-    def of(cls, spec: object) -> DeliveryLimits:
-        defaults = cls()
-        return cls(
-            **{
-                field.name: getattr(spec, field.name, getattr(defaults, field.name))
-                for field in dataclasses.fields(cls)
-            }
-        )
 
 
 class Dispatcher:
@@ -99,29 +73,29 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        supervisor: Supervisor,
+        agents: Agents,
         inbox: Inbox,
         agent_client: AgentClient,
+        clock: Clock,
         publish: Publish,
-        announce: Announce,
         delivery_timeout: float = 300.0,
-        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        retry: Backoff = DEFAULT_RETRY,
         max_server_errors: int = 10,
     ) -> None:
-        self.supervisor = supervisor
+        if not retry.repeat:
+            raise ValueError("delivery retries repeat their last delay: pass repeat=True")
+        self.agents = agents
         self.inbox = inbox
         self.agent_client = agent_client
+        self.clock = clock
         self._publish = publish
-        self._announce = announce
         self.delivery_timeout = delivery_timeout
-        self.retry_delays = tuple(retry_delays) or (0.0,)
+        self.retry = retry
         self.max_server_errors = max_server_errors
         self._lanes: dict[str, _Lane] = {}
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
-        #: agents whose current wake has already been announced.
-        self._announced: set[str] = set()
-        #: reset handling and notices: owned, awaited on stop.
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: reset handling: owned, awaited on stop.
+        self._tasks = aio.TaskSet(log)
         self._listening = False
         self.closed = False
 
@@ -130,10 +104,10 @@ class Dispatcher:
     async def start(self) -> None:
         """Re-queue what was in flight when Roost stopped and resume every agent's lane."""
         if not self._listening:
-            self.supervisor.add_listener(self._on_change)
+            self.agents.add_listener(self._on_change)
             self._listening = True
         for name in await self.inbox.recover():
-            if name in self.supervisor.actors:
+            if name in self.agents:
                 self._lane(name).wake()
 
     async def stop(self) -> None:
@@ -143,16 +117,12 @@ class Dispatcher:
         for lane in lanes:
             lane.cancel()
         await asyncio.gather(*(lane.join() for lane in lanes), return_exceptions=True)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.join()
         for futures in self._waiters.values():
             for future in futures:
                 future.cancel()
 
     # -- accepting --------------------------------------------------------------------
-
-    def limits(self, name: str) -> DeliveryLimits:
-        return DeliveryLimits.of(self.supervisor.actor(name).spec)
 
     async def submit(
         self, name: str, body: Any, *, idempotency_key: str | None = None
@@ -162,9 +132,9 @@ class Dispatcher:
         NotFound for an unknown agent, QueueFull over its ``queue_limit``."""
         if self.closed:
             raise errors.StateError("Roost is shutting down; the message was not stored")
-        limits = self.limits(name)  # NotFound first: nothing stored for an unknown agent
+        spec = self.agents.spec(name)  # NotFound first: nothing stored for an unknown agent
         message, created = await self.inbox.enqueue(
-            name, body, idempotency_key=idempotency_key, limit=limits.queue_limit
+            name, body, idempotency_key=idempotency_key, limit=spec.queue_limit
         )
         if created:
             self._status(message)
@@ -192,42 +162,6 @@ class Dispatcher:
             if not futures:
                 self._waiters.pop(message_id, None)
 
-    # -- waking -------------------------------------------------------------------------
-
-    async def wake(self, actor: AgentActor, *, timeout: float, reason: str) -> AgentRecord:
-        """``ensure_running`` with the waking notice: announce once per wake when the
-        wait exceeds the agent's ``waking_notice_after``."""
-        record = actor.record
-        if record.awake:
-            actor.touch()
-            return record
-        limits = DeliveryLimits.of(actor.spec)
-        started = time.monotonic()
-        notice = asyncio.create_task(
-            self._notice_after(actor.name, record.state, started, limits.waking_notice_after),
-            name=f"roost.waking-notice[{actor.name}]",
-        )
-        try:
-            return await self.supervisor.ensure_running(actor.name, timeout=timeout, reason=reason)
-        finally:
-            notice.cancel()
-            await asyncio.gather(notice, return_exceptions=True)
-
-    async def _notice_after(
-        self, name: str, state: AgentState, started: float, delay: float
-    ) -> None:
-        await asyncio.sleep(delay)
-        if name in self._announced:
-            return
-        self._announced.add(name)
-        data = {
-            "agent": name,
-            "state": state.value,
-            "waited_ms": round((time.monotonic() - started) * 1000),
-        }
-        # Its own task: finishing the wake must not cancel a webhook POST half-way.
-        self._spawn(self._announce("agent.waking", data), f"roost.waking[{name}]")
-
     # -- lifecycle changes --------------------------------------------------------------
 
     def _on_change(self, record: AgentRecord, changes: tuple[StateChange, ...]) -> None:
@@ -235,8 +169,6 @@ class Dispatcher:
             return  # shutting down: what is left is resumed by the next start
         name = record.name
         for change in changes:
-            if change.to_state in ACTIVE_STATES:
-                self._announced.discard(name)
             if change.to_state is S.FAILED:
                 lane = self._lanes.get(name)
                 if lane is not None:
@@ -244,7 +176,7 @@ class Dispatcher:
                 elif self.inbox.pending_count(name):
                     self._lane(name).wake()
             elif change.from_state is S.FAILED and "reset" in change.reason:
-                self._spawn(self._requeue(name), f"roost.requeue[{name}]")
+                self._tasks.spawn(self._requeue(name), f"roost.requeue[{name}]")
 
     async def _requeue(self, name: str) -> None:
         ids = await self.inbox.requeue_dead(name)
@@ -252,7 +184,7 @@ class Dispatcher:
             self._publish(
                 "message.status", {"message_id": message_id, "agent": name, "status": "queued"}
             )
-        if ids and not self.closed and name in self.supervisor.actors:
+        if ids and not self.closed and name in self.agents:
             log.info("agent %s: reset re-queued %d dead messages", name, len(ids))
             self._lane(name).wake(rewind=True)
 
@@ -263,17 +195,6 @@ class Dispatcher:
         if lane is None:
             lane = self._lanes[name] = _Lane(self, name)
         return lane
-
-    def _spawn(self, work: Awaitable[None], name: str) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except Exception:
-                log.exception("%s failed", name)
-
-        task = asyncio.create_task(guarded(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _status(self, message: Message) -> None:
         self._publish(
@@ -350,14 +271,14 @@ class _Lane:
         slots: asyncio.Semaphore | None = None
         while True:
             self._wakeup.clear()
-            actor = d.supervisor.actors.get(self.name)
-            if actor is None or actor.closed:
+            if self.name not in d.agents:
                 return  # the agent was deleted: its messages stay stored
             if self._rewind:
                 self._rewind, self._cursor = False, 0
-            if actor.record.state is S.FAILED:
+            record = d.agents.get(self.name)
+            if record.state is S.FAILED:
                 await self._drain_deliveries()
-                await self._kill_pending(actor)
+                await self._kill_pending(record)
                 await self._wakeup.wait()
                 continue
             self._interrupt.clear()
@@ -366,9 +287,9 @@ class _Lane:
             if not batch:
                 await self._wakeup.wait()
                 continue
-            limits = DeliveryLimits.of(actor.spec)
+            spec = d.agents.spec(self.name)
             if slots is None:
-                slots = asyncio.Semaphore(limits.max_concurrent_messages)
+                slots = asyncio.Semaphore(spec.max_concurrent_messages)
             generation = self._generation
             for message in batch:
                 # In seq order: a message starts only when a slot is free, so with one
@@ -380,7 +301,7 @@ class _Lane:
                 self._cursor = message.seq
                 self._in_flight.add(message.id)
                 task = asyncio.create_task(
-                    self._deliver(actor, message, generation, limits),
+                    self._deliver(spec, message, generation),
                     name=f"roost.deliver[{self.name}]",
                 )
                 self._deliveries.add(task)
@@ -400,8 +321,8 @@ class _Lane:
         if self._deliveries:
             await asyncio.gather(*list(self._deliveries), return_exceptions=True)
 
-    async def _kill_pending(self, actor: AgentActor) -> None:
-        reason = f"agent {self.name!r} failed: {actor.record.last_error or 'gave up restarting'}"
+    async def _kill_pending(self, record: AgentRecord) -> None:
+        reason = f"agent {self.name!r} failed: {record.last_error or 'gave up restarting'}"
         ids = await self.d.inbox.kill_pending(self.name, reason)
         if ids:
             log.warning(
@@ -413,9 +334,7 @@ class _Lane:
 
     # -- one message ----------------------------------------------------------------------
 
-    async def _deliver(
-        self, actor: AgentActor, message: Message, generation: int, limits: DeliveryLimits
-    ) -> None:
+    async def _deliver(self, spec: ResolvedAgent, message: Message, generation: int) -> None:
         d = self.d
         attempts = message.attempts
         server_errors = 0
@@ -424,16 +343,16 @@ class _Lane:
             try:
                 # FIFO lock: after a wake, attempts still start in seq order.
                 async with self._starting:
-                    record = await d.wake(
-                        actor, timeout=limits.hold_timeout, reason="message delivery"
+                    record = await d.agents.wake(
+                        self.name, reason="message delivery", timeout=spec.hold_timeout
                     )
             except errors.NotFound:
                 return
             except (errors.ContainerError, errors.StateError) as exc:
-                if actor.closed or actor.record.state is S.FAILED:
+                if self.name not in d.agents or d.agents.get(self.name).state is S.FAILED:
                     return  # the lane makes it dead
                 log.info("agent %s: not awake for delivery (%s); waiting", self.name, exc)
-                await self._pause(d.retry_delays[min(retries, len(d.retry_delays) - 1)])
+                await self._pause(retries)
                 retries += 1
                 continue
             url = record.url
@@ -444,9 +363,9 @@ class _Lane:
             marking = d.inbox.mark_delivering(message.id, attempts=attempts)
             error: str
             try:
-                async with actor.busy():
+                async with d.agents.busy(self.name):
                     response = await d.agent_client.post_json(
-                        url + limits.message_path,
+                        url + spec.message_path,
                         message.body,
                         headers={MESSAGE_ID_HEADER: message.id},
                         timeout=d.delivery_timeout,
@@ -475,9 +394,8 @@ class _Lane:
                         )
                     )
                     return
-            delay = d.retry_delays[min(retries, len(d.retry_delays) - 1)]
-            retries += 1
-            await d.inbox.mark_retry(message.id, error, next_attempt_at=time.time() + delay)
+            delay = d.retry.delay(retries) or 0.0
+            await d.inbox.mark_retry(message.id, error, next_attempt_at=d.clock.now() + delay)
             await marking
             d._status(dataclasses.replace(message, status=M.QUEUED, attempts=attempts))
             log.info(
@@ -488,13 +406,13 @@ class _Lane:
                 error,
                 delay,
             )
-            await self._pause(delay)
+            await self._pause(retries)
+            retries += 1
 
-    async def _pause(self, delay: float) -> None:
-        """Sleep ``delay`` seconds, cut short when the agent fails."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self._interrupt.wait()
+    async def _pause(self, retries: int) -> None:
+        """Wait out the backoff after ``retries`` failed waits, cut short when the
+        agent fails."""
+        await aio.sleep(self.d.clock, self.d.retry.delay(retries) or 0.0, wakeup=self._interrupt)
 
 
 def _excerpt(body: Any) -> str:

@@ -20,9 +20,10 @@ import asyncio
 import collections
 import dataclasses
 import itertools
-import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+from roost.ports.clock import Clock
 
 __all__ = ["EventHub", "HubEvent"]
 
@@ -47,14 +48,19 @@ class _Subscriber:
 
 
 class EventHub:
-    def __init__(self, *, capacity: int = 10_000, subscriber_queue: int = 10_000) -> None:
+    """Events stamped with ``clock.now()`` (the engine's injected clock)."""
+
+    def __init__(
+        self, *, clock: Clock, capacity: int = 10_000, subscriber_queue: int = 10_000
+    ) -> None:
+        self._clock = clock
         self._buffer: collections.deque[HubEvent] = collections.deque(maxlen=capacity)
-        self._ids = itertools.count(int(time.time() * 1_000_000))
+        self._ids = itertools.count(int(clock.now() * 1_000_000))
         self._subscribers: set[_Subscriber] = set()
         self._queue_size = subscriber_queue
 
     def publish(self, kind: str, data: dict[str, Any], *, at: float | None = None) -> HubEvent:
-        event = HubEvent(next(self._ids), kind, data, time.time() if at is None else at)
+        event = HubEvent(next(self._ids), kind, data, self._clock.now() if at is None else at)
         self._buffer.append(event)
         for sub in list(self._subscribers):
             try:

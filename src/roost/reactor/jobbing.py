@@ -50,10 +50,11 @@ from typing import Any, TypeVar
 from roost import errors
 from roost.config import JobsConfig
 from roost.core import labels
+from roost.core.backoff import Backoff
 from roost.core.jobs import (
     FINAL_STATUSES,
     LOG_TAIL_LINES,
-    TRANSIENT_RETRY_DELAYS,
+    TRANSIENT_RETRY,
     ErrorKind,
     EvictionPolicy,
     JobContainer,
@@ -68,7 +69,6 @@ from roost.core.jobs import (
     plan_eviction,
     plan_orphans,
     redact,
-    retry_delay,
     reusable_snapshot,
     scrub_env,
     secret_values,
@@ -123,7 +123,7 @@ class JobRunner:
     """Runs one-shot jobs (see the module docstring).
 
     ``default_memory``/``pids_limit``/``network`` apply to jobs that name none
-    (None: no limit / Docker's default bridge). ``retry_delays`` is the budget
+    (None: no limit / Docker's default bridge). ``retry`` is the budget
     for transient Docker errors.
     """
 
@@ -138,7 +138,7 @@ class JobRunner:
         default_memory: int | None = 512 * 1024 * 1024,
         pids_limit: int | None = 512,
         network: str | None = None,
-        retry_delays: Sequence[float] = TRANSIENT_RETRY_DELAYS,
+        retry: Backoff = TRANSIENT_RETRY,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -148,7 +148,7 @@ class JobRunner:
         self.default_memory = default_memory
         self.pids_limit = pids_limit
         self.network = network
-        self.retry_delays = tuple(retry_delays)
+        self.retry = retry
         self._workers: dict[str, _Worker] = {}
         #: set while no worker exists (see ``wait_idle``).
         self._idle = asyncio.Event()
@@ -429,7 +429,7 @@ class JobRunner:
                     await self.store.delete_snapshot(snapshot.image)
                     snapshot = None
                     continue
-                delay = retry_delay(failures, self.retry_delays)
+                delay = self.retry.delay(failures)
                 if classify_error(exc) is ErrorKind.TRANSIENT and delay is not None:
                     failures += 1
                     log.warning("job %s: %s; retrying in %.1f s", job.id, exc, delay)
@@ -844,7 +844,7 @@ class JobRunner:
             try:
                 return await operation()
             except errors.RoostError as exc:
-                delay = retry_delay(failures, self.retry_delays)
+                delay = self.retry.delay(failures)
                 if classify_error(exc) is not ErrorKind.TRANSIENT or delay is None:
                     raise
                 failures += 1

@@ -23,13 +23,14 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from roost import errors
+from roost.aio import TaskSet
+from roost.config import ResolvedAgent, SpawnedAgent
 from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core import labels
-from roost.core.policy import Policy
 from roost.core.reconciling import Observed, plan_reconcile
 from roost.core.records import AgentRecord, ExitInfo, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
@@ -40,7 +41,7 @@ from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
 
-__all__ = ["AgentActor", "AgentSpec", "StateListener", "Supervisor"]
+__all__ = ["AgentActor", "StateListener", "Supervisor"]
 
 log = logging.getLogger("roost.supervisor")
 
@@ -52,37 +53,6 @@ READINESS_PROBE_TIMEOUT = 1.0
 LOG_TAIL_LINES = 50
 #: Liveness probes due within this many seconds are sent together (see _liveness_loop).
 LIVENESS_BATCH_WINDOW = 1.0
-
-
-class AgentSpec(Protocol):
-    """What the supervisor needs to know of an agent's configuration."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def image(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def env(self) -> Mapping[str, str]: ...
-    @property
-    def command(self) -> tuple[str, ...] | list[str] | None: ...
-    @property
-    def memory(self) -> int: ...
-    @property
-    def cpus(self) -> float | None: ...
-    @property
-    def pids_limit(self) -> int: ...
-    @property
-    def no_new_privileges(self) -> bool: ...
-    @property
-    def health_path(self) -> str: ...
-    @property
-    def message_path(self) -> str: ...
-
-    def policy(self) -> Policy: ...
-
-    def config_hash(self) -> str: ...
 
 
 #: Called after every persisted decision: (agent record, state changes).
@@ -108,16 +78,12 @@ class AgentActor:
     """Owns one agent: its record, its event queue, its start/timer/liveness tasks."""
 
     def __init__(
-        self, supervisor: Supervisor, record: AgentRecord, spec: AgentSpec, agent_id: str
+        self, supervisor: Supervisor, record: AgentRecord, spec: ResolvedAgent, agent_id: str
     ) -> None:
         self.sup = supervisor
         self.record = record
         self.spec = spec
         self.agent_id = agent_id
-        self.network: str | None = None
-        self.binds: tuple[str, ...] = ()
-        #: Linux needs this for ROOST_URL's default host.docker.internal to resolve.
-        self.extra_hosts: tuple[str, ...] = ("host.docker.internal:host-gateway",)
         self._queue: asyncio.Queue[_Envelope] = asyncio.Queue()
         self._changed = asyncio.Condition()
         self._loop_task: asyncio.Task[None] | None = None
@@ -128,11 +94,11 @@ class AgentActor:
         self._probe_target: tuple[str, str] | None = None
         self.next_probe_at = 0.0
         #: Docker stop/pause/remove operations in flight (a start waits for them).
-        self._ops: set[asyncio.Task[None]] = set()
+        self._ops = TaskSet(log)
         #: notifications in flight (nobody waits for them but shutdown).
-        self._notices: set[asyncio.Task[None]] = set()
+        self._notices = TaskSet(log)
         #: which container each Docker operation in flight is about.
-        self._op_targets: dict[asyncio.Task[None], str] = {}
+        self._op_targets: dict[asyncio.Task[Any], str] = {}
         self._busy = 0
         #: numbers start procedures; reports from superseded ones are dropped.
         self._attempt = 0
@@ -155,8 +121,9 @@ class AgentActor:
         return self.record.name
 
     @property
-    def policy(self) -> Policy:
-        return self.spec.policy()
+    def policy(self) -> ResolvedAgent:
+        """The lifecycle numbers ``transition`` obeys: the spec itself."""
+        return self.spec
 
     async def close(self) -> None:
         """Stop the actor's tasks. Docker operations in flight are awaited."""
@@ -167,8 +134,8 @@ class AgentActor:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
-        if self._ops or self._notices:
-            await asyncio.gather(*self._ops, *self._notices, return_exceptions=True)
+        await self._ops.join()
+        await self._notices.join()
 
     # -- input ----------------------------------------------------------------------
 
@@ -356,23 +323,17 @@ class AgentActor:
         docker: bool = True,
         container_id: str | None = None,
     ) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except errors.ContainerNotFound:
-                pass
-            except Exception:
-                log.exception("agent %s: %s failed", self.name, what)
+        async def tolerant() -> None:
+            with contextlib.suppress(errors.ContainerNotFound):
+                await work  # gone already: what the operation wanted
 
-        task = asyncio.create_task(guarded(), name=f"roost.{what}[{self.name}]")
         owner = self._ops if docker else self._notices
-        owner.add(task)
-        task.add_done_callback(owner.discard)
+        task = owner.spawn(tolerant(), f"roost.{what}[{self.name}]")
         if container_id is not None:
             self._op_targets[task] = container_id
             task.add_done_callback(self._forget_target)
 
-    def _forget_target(self, task: asyncio.Task[None]) -> None:
+    def _forget_target(self, task: asyncio.Task[Any]) -> None:
         self._op_targets.pop(task, None)
 
     async def _diagnose_and_remove(self, cid: str) -> None:
@@ -420,19 +381,20 @@ class AgentActor:
         }
         return ContainerSpec(
             image=spec.image,
-            labels=labels.agent_labels(self.sup.instance, spec.name, spec.config_hash()),
+            labels=labels.agent_labels(self.sup.instance, spec.name, spec.config_hash),
             name=f"roost-{self.sup.instance}-{spec.name}-{secrets.token_hex(3)}",
             env=env,
             command=tuple(spec.command) if spec.command else None,
             port=spec.port,
             publish_host=self.sup.publish_host,
-            network=self.network or self.sup.network,
+            network=(spec.network if isinstance(spec, SpawnedAgent) else "") or self.sup.network,
             memory=spec.memory or None,  # 0: no limit
             cpus=spec.cpus,
             pids_limit=spec.pids_limit or None,
             no_new_privileges=spec.no_new_privileges,
-            binds=self.binds,
-            extra_hosts=self.extra_hosts,
+            binds=spec.binds if isinstance(spec, SpawnedAgent) else (),
+            # Linux needs this for ROOST_URL's default host.docker.internal to resolve.
+            extra_hosts=("host.docker.internal:host-gateway",),
         )
 
     async def _start_procedure(
@@ -446,7 +408,7 @@ class AgentActor:
                 self._op(rt.remove(replace, force=True), "remove", container_id=replace)
             cid = self.record.container_id
             await self._quiesce(cid)
-            want_hash = self.spec.config_hash()
+            want_hash = self.spec.config_hash
             known = self._known_url
             if paused_before and cid is not None and known is not None and known[0] == cid:
                 # Waking what we paused ourselves: unpause (~15 ms) and probe the URL
@@ -644,14 +606,16 @@ class Supervisor:
         self._liveness_task: asyncio.Task[None] | None = None
         #: when the liveness loop's current sleep ends (None: not sleeping).
         self._liveness_wake_at: float | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(log)
         self._oom_seen: set[str] = set()
         self.reconciles = 0
         self.closed = False
 
     # -- agents -------------------------------------------------------------------
 
-    def add_actor(self, record: AgentRecord, spec: AgentSpec, *, agent_id: str = "") -> AgentActor:
+    def add_actor(
+        self, record: AgentRecord, spec: ResolvedAgent, *, agent_id: str = ""
+    ) -> AgentActor:
         actor = AgentActor(self, record, spec, agent_id or record.name)
         self.actors[record.name] = actor
         actor.run()
@@ -810,15 +774,7 @@ class Supervisor:
             actor.post(ev.ContainerVanished(cid))
 
     def _spawn_reconcile(self) -> None:
-        async def guarded() -> None:
-            try:
-                await self.reconcile()
-            except Exception:
-                log.exception("reconcile after an event-stream gap failed")
-
-        task = asyncio.create_task(guarded(), name="roost.reconcile")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self.reconcile(), "roost.reconcile (after an event-stream gap)")
 
     async def reconcile(self) -> None:
         """Re-list this instance's containers and reconcile both ways (pure plan)."""
@@ -870,8 +826,7 @@ class Supervisor:
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.join()
         if self._liveness_task is not None:
             self._liveness_task.cancel()
             await asyncio.gather(self._liveness_task, return_exceptions=True)
@@ -893,19 +848,3 @@ class Supervisor:
 
 def _gives_up(decision: Decision) -> bool:
     return any(isinstance(c, cmd.Notify) and c.kind == "agent.failed" for c in decision.commands)
-
-
-def describe(record: AgentRecord) -> dict[str, Any]:
-    """An agent as JSON (contract: DESIGN.md "Interfaces")."""
-    return {
-        "name": record.name,
-        "state": record.state.value,
-        "container_id": record.container_id,
-        "url": record.url if record.state in ACTIVE_STATES else None,
-        "restart_count": record.restart_count,
-        "last_activity_at": record.last_activity_at,
-        "last_exit": record.last_exit.to_json() if record.last_exit else None,
-        "last_error": record.last_error or None,
-        "state_since": record.state_since,
-        "config_hash": record.config_hash,
-    }

@@ -26,10 +26,11 @@ from pydantic import ValidationError
 
 from roost import errors
 from roost.config import (
-    AgentConfig,
+    AgentSettings,
     Settings,
     SpawnedAgent,
     parse_capabilities,
+    resolve_agent,
     validate_agent_name,
 )
 from roost.core import labels
@@ -80,7 +81,7 @@ def spawned_agent_spec(
     if agent_id is not None and (not agent_id.strip() or len(agent_id) > 255):
         raise _invalid("agent_id", "must be 1-255 characters when given")
     try:
-        agent = AgentConfig.model_validate(
+        table = AgentSettings.model_validate(
             {
                 "image": settings.swarm.image if image is None else image,
                 "port": DEFAULT_PORT if port is None else port,
@@ -91,7 +92,9 @@ def spawned_agent_spec(
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "body"
         raise _invalid(key, str(first["msg"]).removeprefix("Value error, ")) from None
-    resolved = agent.effective(settings.defaults, name=name)
+    if not table.image:
+        raise _invalid("image", "must be a non-empty image reference, e.g. 'roost-mimic:latest'")
+    resolved = resolve_agent(name, settings.defaults, table)
     identity = agent_id if agent_id is not None else name
     swarm = settings.swarm
     fields = resolved.model_dump()

@@ -7,7 +7,7 @@ it answers its health check. A lease ends when it is released, when its TTL runs
 out (a timer on the engine's clock), or when ``close`` runs at shutdown.
 
 Invariants:
-- A held lease is exactly one entered ``actor.busy()`` context; every way a
+- A held lease is exactly one entered ``Agents.busy`` context; every way a
   lease ends exits it exactly once (the table entry is removed first, so a
   release racing the expiry timer finds nothing to do).
 - TTLs are float seconds in ``(0, MAX_TTL]``; anything else is ``ValueError``
@@ -26,16 +26,17 @@ import dataclasses
 import logging
 import math
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from roost import errors
-
-if TYPE_CHECKING:
-    from roost.engine import Engine
+from roost.aio import TaskSet
+from roost.ports.clock import Clock
+from roost.reactor.agents import Agents
+from roost.reactor.eventing import EventHub
 
 __all__ = ["MAX_TTL", "Lease", "Leases", "validate_ttl"]
 
-log = logging.getLogger("roost.gateway.leases")
+log = logging.getLogger("roost.leases")
 
 #: The longest lease: one day. Longer work renews its lease.
 MAX_TTL = 24 * 3600.0
@@ -77,24 +78,24 @@ def validate_ttl(ttl: object) -> float:
 class Leases:
     """Every lease held on the engine's agents."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._supervisor = engine.supervisor
-        self._clock = engine.clock
+    def __init__(self, agents: Agents, *, clock: Clock, events: EventHub) -> None:
+        self._agents = agents
+        self._clock = clock
+        self._events = events
         self._held: dict[str, _Held] = {}
         #: expiry timers, running or cancelled but not yet finished (``close`` awaits them).
-        self._timers: set[asyncio.Task[None]] = set()
+        self._timers = TaskSet(log)
         self.closed = False
 
     def list(self, agent: str) -> list[Lease]:
         """Leases held on ``agent``, oldest first (NotFound for an unknown agent)."""
-        self._supervisor.actor(agent)
+        self._agents.get(agent)
         found = [h.lease for h in self._held.values() if h.lease.agent == agent]
         return sorted(found, key=lambda lease: lease.granted_at)
 
     def get(self, agent: str, lease_id: str) -> Lease:
         """A held lease (NotFound for an unknown agent or lease)."""
-        self._supervisor.actor(agent)
+        self._agents.get(agent)
         held = self._held.get(lease_id)
         if held is None or held.lease.agent != agent:
             raise errors.NotFound(f"agent {agent!r} holds no lease {lease_id!r}")
@@ -105,14 +106,14 @@ class Leases:
     ) -> Lease:
         """Take a lease on ``agent`` and wake it; returns once the agent is running.
 
-        Raises ValueError (bad ``ttl``), NotFound, or what ``ensure_running`` raises
+        Raises ValueError (bad ``ttl``), NotFound, or what ``Agents.wake`` raises
         (the lease is then not kept). ``wake_timeout`` defaults to the agent's
         ``startup_timeout``.
         """
         seconds = validate_ttl(ttl)
         if self.closed:
             raise errors.StateError("roost is shutting down")
-        actor = self._supervisor.actor(agent)
+        spec = self._agents.spec(agent)
         now = self._clock.now()
         lease = Lease(
             id=secrets.token_hex(8),
@@ -123,17 +124,17 @@ class Leases:
             expires_at=now + seconds,
         )
         busy = contextlib.AsyncExitStack()
-        await busy.enter_async_context(actor.busy())
+        await busy.enter_async_context(self._agents.busy(agent))
         held = _Held(lease, busy)
         self._held[lease.id] = held
         held.timer = self._start_timer(lease, seconds)
-        timeout = wake_timeout if wake_timeout is not None else actor.policy.startup_timeout
+        timeout = wake_timeout if wake_timeout is not None else spec.startup_timeout
         try:
-            await self._supervisor.ensure_running(agent, timeout=timeout, reason="lease taken")
+            await self._agents.wake(agent, reason="lease taken", timeout=timeout)
         except BaseException:
             await self._end(lease.id, None)
             raise
-        self._engine.events.publish("lease.granted", lease.to_json())
+        self._events.publish("lease.granted", lease.to_json())
         return lease
 
     async def renew(self, agent: str, lease_id: str, ttl: float) -> Lease:
@@ -159,16 +160,12 @@ class Leases:
         self.closed = True
         for lease_id in list(self._held):
             await self._end(lease_id, None)
-        if self._timers:
-            await asyncio.gather(*self._timers, return_exceptions=True)
+        await self._timers.join()
 
     def _start_timer(self, lease: Lease, seconds: float) -> asyncio.Task[None]:
-        timer = asyncio.create_task(
-            self._expire_after(lease.id, seconds), name=f"roost.lease[{lease.agent}/{lease.id}]"
+        return self._timers.spawn(
+            self._expire_after(lease.id, seconds), f"roost.lease[{lease.agent}/{lease.id}]"
         )
-        self._timers.add(timer)
-        timer.add_done_callback(self._timers.discard)
-        return timer
 
     async def _expire_after(self, lease_id: str, seconds: float) -> None:
         await self._clock.sleep(seconds)
@@ -189,4 +186,4 @@ class Leases:
             log.exception("lease %s: releasing the agent's busy mark failed", lease_id)
         if kind is not None:
             log.info("agent %s: %s %s", held.lease.agent, kind, lease_id)
-            self._engine.events.publish(kind, held.lease.to_json())
+            self._events.publish(kind, held.lease.to_json())

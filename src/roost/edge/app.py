@@ -1,0 +1,152 @@
+"""The edge as one ASGI app: token, body limit, proxy, then the admin API.
+
+Role: every HTTP and WebSocket request passes here first, in this order:
+
+1. **token** — with ``server.token_file`` set, every path but the public ones
+   (``/healthz``, the dashboard page ``/`` and the API docs) needs the token, as
+   ``Authorization: Bearer <token>`` or ``Roost-Token: <token>`` (constant-time
+   comparison); 401 otherwise. Roost's own credentials are then removed from the
+   request, so the proxy never forwards them to an agent (an ``Authorization``
+   header that is not Roost's token goes to the agent untouched);
+2. **body limit** — a declared ``Content-Length`` over ``server.max_body_size``
+   is 413 before anything is read; a streamed body is counted as it is read and
+   cut at the limit with the same 413;
+3. ``/agents/{name}/...`` goes to the reverse proxy (:mod:`roost.gateway.proxying`),
+   everything else to the admin API (:mod:`roost.api.app`).
+
+Invariants:
+- Every refusal is one :class:`roost.errors.Refusal` rendered in the one error
+  shape (``roost.api.errors.render``); a refused WebSocket handshake gets the
+  same JSON when the server supports handshake responses.
+- The edge decides nothing about agents: it never touches the engine.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from roost import errors
+from roost.api.app import PUBLIC_PATHS, create_api
+from roost.api.errors import refuse
+from roost.engine import Engine
+from roost.gateway.proxying import PREFIX, AgentProxy
+
+__all__ = ["Edge", "create_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: Path prefixes anyone may read: the API docs' assets.
+_PUBLIC_PREFIXES = ("/docs/", "/redoc/", "/static/")
+
+
+class Edge:
+    """The ASGI app Roost serves (see the module docstring)."""
+
+    def __init__(
+        self, api: FastAPI, proxy: AgentProxy, *, token: str | None, max_body: int
+    ) -> None:
+        self.api = api
+        self.proxy = proxy
+        self._token = token.encode("utf-8") if token else None
+        self._max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.api(scope, receive, send)  # lifespan
+            return
+        path: str = scope["path"]
+        try:
+            if self._token is not None and not _is_public(path):
+                scope = self._authorize(scope)
+            if scope["type"] == "http":
+                receive = self._limited(scope, receive)
+        except errors.Refusal as refusal:
+            await refuse(scope, send, refusal)
+            return
+        if path.startswith(PREFIX):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+    def _authorize(self, scope: Scope) -> Scope:
+        """Refusal 401 unless the request carries the token; the scope without
+        Roost's own credentials otherwise."""
+        assert self._token is not None
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        bearer = b""
+        roost_token = b""
+        for key, value in headers:
+            if key == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    bearer = credentials.strip()
+            elif key == b"roost-token":
+                roost_token = value.strip()
+        # Always compare both (absent headers are empty tokens): timing tells nothing.
+        bearer_ok = secrets.compare_digest(bearer, self._token)
+        header_ok = secrets.compare_digest(roost_token, self._token)
+        if not (bearer_ok or header_ok):
+            raise errors.Refusal(
+                401,
+                "missing or wrong API token: send 'Authorization: Bearer <token>' "
+                "(or 'Roost-Token: <token>') with the token from server.token_file",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        kept = [
+            (key, value)
+            for key, value in headers
+            if key != b"roost-token" and not (key == b"authorization" and bearer_ok)
+        ]
+        return {**scope, "headers": kept}
+
+    def _limited(self, scope: Scope, receive: Receive) -> Receive:
+        """``receive`` that refuses a body over the limit (declared or streamed)."""
+        limit = self._max_body
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise errors.Refusal(
+                        400, f"invalid Content-Length header {value.decode('latin-1')!r}"
+                    ) from None
+                if declared > limit:
+                    raise errors.Refusal(
+                        413,
+                        f"request body of {declared} bytes is larger than "
+                        f"server.max_body_size ({limit} bytes)",
+                    )
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise errors.Refusal(
+                        413,
+                        f"request body is larger than server.max_body_size ({limit} bytes)",
+                    )
+            return message
+
+        return counted
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
+
+
+def create_app(engine: Engine, *, token: str | None) -> Edge:
+    """Roost's whole HTTP surface over ``engine`` (which the caller starts and stops)."""
+    api = create_api(engine)
+    proxy = AgentProxy(engine)
+    engine.add_closer(proxy.close)
+    return Edge(api, proxy, token=token, max_body=engine.settings.server.max_body_size)

@@ -1,0 +1,334 @@
+"""The one door into the agents: ``Agents``, the facade every front end uses.
+
+Role: the api, the edge (proxy), the dispatcher, the leases, the library and the
+runner reach agents only through this object (``engine.agents``), never through
+the supervisor's actors. It offers what they need and nothing of the reactor's
+insides:
+
+- looking: ``names``, ``get`` (the record), ``spec``, ``describe`` (an agent as
+  JSON, contract: DESIGN.md "Interfaces"), ``details`` (with history), ``logs``;
+- acting: ``wake`` (hold until the agent answers its health check), ``act``
+  (start/stop/pause/wake/restart/reset requested), ``observe`` (re-read the
+  agent's container from the engine now), ``busy`` (activity in flight);
+- the registry: ``register`` and ``delete`` of agents added at run time.
+
+Invariants:
+- ``wake`` announces ``agent.waking`` at most once per wake, after the agent's
+  ``waking_notice_after`` on the injected clock, however many requests (proxied,
+  delivered, leased) wait for the same wake; the notice is cleared when the agent
+  is up again.
+- ``delete`` refuses (Conflict) an agent from the configuration file: it would
+  come back on the next start. ``register`` and ``delete`` publish
+  ``agent.registered`` / ``agent.deleted`` on the event hub.
+- Unknown names raise ``NotFound`` naming the agent; refused actions
+  ``StateError`` naming the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Literal
+
+from roost import errors
+from roost.aio import TaskSet
+from roost.config import ResolvedAgent, SpawnedAgent
+from roost.core import events as ev
+from roost.core import labels
+from roost.core.records import AgentRecord, StateChange
+from roost.core.states import ACTIVE_STATES, AgentState
+from roost.ports.clock import Clock
+from roost.ports.runtime import ContainerRuntime
+from roost.ports.store import Store
+from roost.reactor import swarming
+from roost.reactor.supervising import StateListener, Supervisor
+
+__all__ = ["ACTIONS", "Action", "Agents", "Announce", "describe"]
+
+log = logging.getLogger("roost.agents")
+
+Action = Literal["start", "stop", "pause", "wake", "restart", "reset"]
+#: Lifecycle actions (``POST /api/agents/{name}/{action}``, ``roost ACTION NAME``).
+ACTIONS: tuple[Action, ...] = ("start", "stop", "pause", "wake", "restart", "reset")
+#: Publish a notice on the event stream and (``webhook=True``) to the admin's webhook.
+Announce = Callable[..., Coroutine[Any, Any, None]]
+
+_REQUESTS: dict[str, Callable[[str], ev.Event]] = {
+    "start": ev.StartRequested,
+    "wake": ev.StartRequested,
+    "stop": ev.StopRequested,
+    "pause": ev.PauseRequested,
+    "restart": ev.RestartRequested,
+    "reset": ev.ResetRequested,
+}
+
+
+def describe(record: AgentRecord, spec: ResolvedAgent | None = None) -> dict[str, Any]:
+    """An agent as JSON (contract: DESIGN.md "Interfaces"), with its swarm identity
+    when it was spawned."""
+    body: dict[str, Any] = {
+        "name": record.name,
+        "state": record.state.value,
+        "container_id": record.container_id,
+        "url": record.url if record.state in ACTIVE_STATES else None,
+        "restart_count": record.restart_count,
+        "last_activity_at": record.last_activity_at,
+        "last_exit": record.last_exit.to_json() if record.last_exit else None,
+        "last_error": record.last_error or None,
+        "state_since": record.state_since,
+        "config_hash": record.config_hash,
+    }
+    if spec is not None:
+        body["image"] = spec.image
+    if isinstance(spec, SpawnedAgent):
+        body["agent_id"] = spec.agent_id
+        body["capabilities"] = list(spec.capabilities)
+    return body
+
+
+class Agents:
+    """Every agent of one engine, behind one narrow door (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        supervisor: Supervisor,
+        store: Store,
+        runtime: ContainerRuntime,
+        clock: Clock,
+        announce: Announce,
+        instance: str,
+    ) -> None:
+        self._supervisor = supervisor
+        self._store = store
+        self._runtime = runtime
+        self._clock = clock
+        self._announce = announce
+        self._instance = instance
+        #: agents whose current wake has been announced (cleared once they are up).
+        self._announced: set[str] = set()
+        self._notices = TaskSet(log)
+        supervisor.add_listener(self._on_change)
+
+    async def close(self) -> None:
+        """Wait for waking notices in flight (shutdown)."""
+        await self._notices.close()
+
+    # -- looking ---------------------------------------------------------------------
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._supervisor.actors
+
+    def __len__(self) -> int:
+        return len(self._supervisor.actors)
+
+    def names(self) -> list[str]:
+        return sorted(self._supervisor.actors)
+
+    def records(self) -> list[AgentRecord]:
+        """Every agent's current record, by name."""
+        return [self._supervisor.actors[name].record for name in self.names()]
+
+    def get(self, name: str) -> AgentRecord:
+        """The agent's current record; NotFound naming it when there is none."""
+        return self._supervisor.actor(name).record
+
+    def spec(self, name: str) -> ResolvedAgent:
+        spec = self._supervisor.actor(name).spec
+        assert isinstance(spec, ResolvedAgent)
+        return spec
+
+    def describe(self, name: str) -> dict[str, Any]:
+        actor = self._supervisor.actor(name)
+        return describe(actor.record, self.spec(name))
+
+    async def details(self, name: str, *, history: int = 20) -> dict[str, Any]:
+        """``describe`` plus the latest ``history`` state changes, oldest first."""
+        body = self.describe(name)
+        entries = await self._store.history(name, limit=history)
+        body["history"] = [
+            {
+                "from": e.change.from_state.value,
+                "to": e.change.to_state.value,
+                "reason": e.change.reason,
+                "at": e.change.at,
+            }
+            for e in entries
+        ]
+        return body
+
+    async def logs(self, name: str, *, tail: int) -> str:
+        """The last ``tail`` lines of the agent's current container's output."""
+        record = self.get(name)
+        if record.container_id is None:
+            raise errors.NotFound(f"agent {name!r} has no container ({record.state.value})")
+        try:
+            return await self._runtime.logs_tail(record.container_id, lines=tail)
+        except errors.ContainerNotFound:
+            raise errors.NotFound(
+                f"agent {name!r}: container {record.container_id[:12]} no longer exists"
+            ) from None
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Call ``listener(record, changes)`` after every persisted state change."""
+        self._supervisor.add_listener(listener)
+
+    # -- acting ----------------------------------------------------------------------
+
+    async def wake(
+        self,
+        name: str,
+        *,
+        reason: str,
+        timeout: float | None = None,
+        fail_fast: bool = False,
+    ) -> AgentRecord:
+        """Wake the agent if needed and hold until it answers its health check.
+
+        ``timeout`` defaults to the agent's ``hold_timeout``; ``fail_fast`` raises at
+        the first failed start instead of waiting through restarts. Raises
+        ``StartupTimeout`` (still waking), ``StateError`` (failed, or shutting down)
+        or ``ContainerError`` (it could not start).
+        """
+        actor = self._supervisor.actor(name)
+        record = actor.record
+        if record.awake:
+            actor.touch()
+            return record
+        spec = self.spec(name)
+        started = self._clock.monotonic()
+        notice = self._notices.spawn(
+            self._notice_after(name, record.state, started, spec.waking_notice_after),
+            f"roost.waking-notice[{name}]",
+        )
+        try:
+            return await self._supervisor.ensure_running(
+                name,
+                timeout=spec.hold_timeout if timeout is None else timeout,
+                reason=reason,
+                fail_fast=fail_fast,
+            )
+        finally:
+            notice.cancel()
+
+    async def act(self, name: str, action: Action, *, reason: str = "") -> AgentRecord:
+        """Request a lifecycle action; returns once it is decided (and persisted).
+        StateError when the agent's state refuses it."""
+        make = _REQUESTS.get(action)
+        if make is None:
+            raise errors.StateError(
+                f"unknown action {action!r}; valid actions: {', '.join(ACTIONS)}"
+            )
+        return await self._supervisor.request(name, make(reason or f"{action} requested"))
+
+    async def observe(self, name: str) -> AgentRecord:
+        """Read the agent's container from the engine now, and let the lifecycle react
+        to what it finds (an exit or a disappearance the event stream has not told
+        yet). Returns the record after that."""
+        actor = self._supervisor.actor(name)
+        cid = actor.record.container_id
+        if cid is not None:
+            try:
+                state = await self._runtime.inspect(cid)
+            except errors.ContainerNotFound:
+                await actor.submit(ev.ContainerVanished(cid))
+            else:
+                if not state.running and state.exit is not None:
+                    await actor.submit(ev.ContainerExited(cid, state.exit))
+        return actor.record
+
+    @contextlib.asynccontextmanager
+    async def busy(self, name: str) -> AsyncIterator[Callable[[], None]]:
+        """Activity in flight (a delivery, a stream, a lease): idling never fires
+        meanwhile. Yields ``touch``, to call on every sign of life (e.g. a frame)."""
+        actor = self._supervisor.actor(name)
+        async with actor.busy():
+            yield actor.touch
+
+    # -- the registry ----------------------------------------------------------------
+
+    async def register(self, spec: ResolvedAgent, *, agent_id: str = "") -> AgentRecord:
+        """Add an agent at run time (persisted; it behaves like a configured one).
+
+        A ``SpawnedAgent``'s network and volume are created first when absent, so a
+        failure there registers nothing. Conflict if the name is taken."""
+        if spec.name in self._supervisor.actors:
+            raise errors.Conflict(f"an agent named {spec.name!r} already exists")
+        if isinstance(spec, SpawnedAgent):
+            await swarming.ensure_swarm_resources(self._runtime, spec, instance=self._instance)
+        record = await self._store.insert_agent(
+            AgentRecord(name=spec.name, state_since=self._clock.now()),
+            spec.model_dump(mode="json"),
+            source="api",
+        )
+        if not agent_id and isinstance(spec, SpawnedAgent):
+            agent_id = spec.agent_id
+        self._supervisor.add_actor(record, spec, agent_id=agent_id)
+        await self._announce(
+            "agent.registered",
+            {
+                "agent": spec.name,
+                "agent_id": spec.agent_id if isinstance(spec, SpawnedAgent) else spec.name,
+                "capabilities": list(spec.capabilities) if isinstance(spec, SpawnedAgent) else [],
+            },
+            webhook=False,
+        )
+        return record
+
+    async def reconfigure(self, spec: ResolvedAgent) -> None:
+        """Give a registered agent a new spec; a changed container is recreated at
+        its next start."""
+        actor = self._supervisor.actor(spec.name)
+        if actor.spec == spec:
+            return
+        await self._store.update_spec(spec.name, spec.model_dump(mode="json"), source="api")
+        actor.spec = spec
+
+    async def delete(self, name: str) -> None:
+        """Stop (SIGTERM, ``stop_timeout``, SIGKILL) and remove the agent's container,
+        and forget the agent. NotFound for an unknown agent; Conflict for one from the
+        configuration file.
+
+        The agent is forgotten before its container goes: if Docker fails here, the
+        error propagates and the container is an orphan that the next reconcile
+        removes. Every container labelled for the agent is removed, not only the
+        recorded one: a start cut short by the removal may have created one that
+        was not recorded yet."""
+        actor = self._supervisor.actor(name)
+        stored = await self._store.get_agent(name)
+        if stored is not None and stored.source == "config":
+            raise errors.Conflict(
+                f"agent {name!r} is configured in the config file; remove it there instead"
+            )
+        grace = actor.spec.stop_timeout
+        recorded = actor.record.container_id
+        await self._supervisor.remove_actor(name)
+        await self._store.delete_agent(name)
+        found = await self._runtime.list({**labels.ownership(self._instance), labels.AGENT: name})
+        ids = {c.id for c in found} | ({recorded} if recorded is not None else set())
+        for container_id in sorted(ids):
+            await self._runtime.stop(container_id, grace=grace)
+            await self._runtime.remove(container_id, force=True)
+        await self._announce("agent.deleted", {"agent": name}, webhook=False)
+
+    # -- waking notices --------------------------------------------------------------
+
+    async def _notice_after(
+        self, name: str, state: AgentState, started: float, delay: float
+    ) -> None:
+        await self._clock.sleep(delay)
+        if name in self._announced:
+            return
+        self._announced.add(name)
+        data = {
+            "agent": name,
+            "state": state.value,
+            "waited_ms": round((self._clock.monotonic() - started) * 1000),
+        }
+        # Its own task: the wake finishing must not cut a webhook POST half-way.
+        self._notices.spawn(self._announce("agent.waking", data), f"roost.waking[{name}]")
+
+    def _on_change(self, record: AgentRecord, changes: tuple[StateChange, ...]) -> None:
+        if any(change.to_state in ACTIVE_STATES for change in changes):
+            self._announced.discard(record.name)
