@@ -49,6 +49,15 @@ def instance() -> Iterator[str]:
     remove_instance_containers(name)
 
 
+def site_port(site: web.TCPSite) -> int:
+    """The port a started aiohttp ``TCPSite`` bound (it was asked for port 0)."""
+    server = site._server
+    assert server is not None, "the site is not started"
+    sockets = server.sockets  # type: ignore[attr-defined]  # an asyncio.Server
+    port: int = sockets[0].getsockname()[1]
+    return port
+
+
 def docker(*args: str, check: bool = True) -> str:
     """Run the docker CLI (a test's independent view of the engine); return stdout."""
     return subprocess.run(
@@ -148,10 +157,7 @@ class WebhookReceiver:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/hook"
+        self.url = f"http://127.0.0.1:{site_port(site)}/hook"
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.received if r.get("kind") == kind]

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-from roost.ports.agent_http import AgentResponse
+from roost.core.records import AgentRecord, StateChange
+from roost.core.states import AgentState
+from roost.engine import Engine
+from roost.ports.agent_http import AgentResponse, ProbeResult
+from roost.reactor.supervising import AgentActor, Supervisor
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
+from tests.conftest import make_settings
 
-__all__ = ["ScriptedAgent", "advance_until"]
+__all__ = [
+    "ACT_TIMEOUT",
+    "BASE_DEFAULTS",
+    "IMAGE",
+    "RecordingNotifier",
+    "Rig",
+    "ScriptedAgent",
+    "SwitchableAgentClient",
+    "advance_until",
+    "open_rig",
+]
 
 
 class ScriptedAgent(FakeAgentClient):
@@ -74,3 +91,143 @@ async def advance_until(
             raise AssertionError(f"{what} did not happen within {limit} fake seconds")
         await clock.advance(step)
         await asyncio.sleep(0.001)  # let threads (SQLite writer) finish what they began
+
+
+# -- an engine on fakes with the supervisor's helpers (test_supervisor, test_engine_fake)
+
+IMAGE = "roost-mimic:latest"
+#: Real seconds allowed for the actor to act on what fake time triggered.
+ACT_TIMEOUT = 5.0
+#: Baseline policy: no idling and a liveness period far beyond any test, so each
+#: test turns on only the timers it is about.
+BASE_DEFAULTS: dict[str, Any] = {
+    "idle_timeout": 0,
+    "liveness_interval": 4096,
+    "restart_backoff": 8,
+    "restart_backoff_max": 20,
+    "max_restarts": 3,
+    "restart_reset_after": 600,
+    "startup_timeout": 32,
+    "stop_timeout": 2,
+}
+
+
+class SwitchableAgentClient(FakeAgentClient):
+    """``FakeAgentClient`` that can refuse every probe (an app that never gets
+    ready) and counts probes (to tell whether a readiness loop is still alive)."""
+
+    def __init__(self, runtime: FakeRuntime) -> None:
+        super().__init__(runtime)
+        self.refusing = False
+        self.probes = 0
+
+    async def probe(self, url: str, *, timeout: float) -> ProbeResult:
+        self.probes += 1
+        if self.refusing:
+            return ProbeResult(False, 503, "HTTP 503")
+        return await super().probe(url, timeout=timeout)
+
+
+class RecordingNotifier:
+    """The admin's notifier: records every notification in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.arrived = asyncio.Event()
+
+    async def notify(self, kind: str, payload: dict[str, Any]) -> None:
+        self.sent.append((kind, payload))
+        self.arrived.set()
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [payload for sent_kind, payload in self.sent if sent_kind == kind]
+
+
+class Rig:
+    """An ``Engine`` on fakes, plus helpers that wait for the actor to act."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        runtime: FakeRuntime,
+        client: SwitchableAgentClient,
+        clock: FakeClock,
+        notifier: RecordingNotifier,
+    ) -> None:
+        self.engine = engine
+        self.runtime = runtime
+        self.client = client
+        self.clock = clock
+        self.notifier = notifier
+
+    @property
+    def sup(self) -> Supervisor:
+        return self.engine.supervisor
+
+    def actor(self, name: str) -> AgentActor:
+        return self.sup.actor(name)
+
+    def record(self, name: str) -> AgentRecord:
+        return self.sup.get(name)
+
+    async def until(
+        self, name: str, predicate: Callable[[AgentRecord], bool], what: str
+    ) -> AgentRecord:
+        """Wait (real-time deadline) until the agent's record satisfies ``predicate``."""
+        if not await self.actor(name).wait_for(predicate, ACT_TIMEOUT):
+            raise AssertionError(f"agent {name}: timed out waiting for {what}: {self.record(name)}")
+        return self.record(name)
+
+    async def reaches(self, name: str, state: AgentState) -> AgentRecord:
+        return await self.until(name, lambda r: r.state is state, f"state {state.value}")
+
+    async def start(self, name: str) -> AgentRecord:
+        return await self.sup.ensure_running(name, timeout=ACT_TIMEOUT, fail_fast=True)
+
+    async def history(self, name: str) -> list[StateChange]:
+        return [h.change for h in await self.engine.store.history(name, limit=1000)]
+
+    async def to_states(self, name: str) -> list[str]:
+        return [c.to_state.value for c in await self.history(name)]
+
+    async def container_running(self, container_id: str) -> bool:
+        state = await self.runtime.inspect(container_id)
+        return state.running and not state.paused
+
+    def calls(self, method: str) -> list[str]:
+        return [target for called, target in self.runtime.calls if called == method]
+
+
+@contextlib.asynccontextmanager
+async def open_rig(
+    tmp_path: Path,
+    *,
+    agents: dict[str, dict[str, Any]] | None = None,
+    defaults: dict[str, Any] | None = None,
+    docker: dict[str, Any] | None = None,
+    runtime: FakeRuntime | None = None,
+    clock: FakeClock | None = None,
+    instance: str = "unit",
+    stop_on_exit: bool = True,
+) -> AsyncIterator[Rig]:
+    """Start an Engine on fakes (state under ``tmp_path``); stop it on exit."""
+    clock = clock or FakeClock()
+    runtime = runtime or FakeRuntime(images=[IMAGE], clock=clock.now)
+    client = SwitchableAgentClient(runtime)
+    notifier = RecordingNotifier()
+    settings = make_settings(
+        tmp_path,
+        instance,
+        agents=agents if agents is not None else {"echo": {"image": IMAGE}},
+        defaults={**BASE_DEFAULTS, **(defaults or {})},
+        docker=docker or {},
+    )
+    engine = Engine(
+        settings, runtime=runtime, agent_client=client, notifier=notifier, clock=clock, lock=True
+    )
+    await engine.start()
+    try:
+        yield Rig(engine, runtime, client, clock, notifier)
+    finally:
+        if stop_on_exit:
+            await engine.stop()

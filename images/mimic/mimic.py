@@ -17,9 +17,15 @@ else). Endpoints:
   and JSON ``body``: the agent calls that URL and replies with its ``status``
   and ``body`` — how a swarm test sees an agent reach its coordinator),
   ``write_file`` (``path``, ``content``) and ``read_file`` (``path``; 404 when
-  absent) — how a test sees two agents share a volume.
+  absent) — how a test sees two agents share a volume; ``flaky`` (``failures``,
+  ``status``, default 503): the first ``failures`` arrivals of this
+  ``Roost-Message-Id`` answer ``status``, later ones echo — how a test sees
+  Roost retry; ``gather`` (``count``, ``seconds``, default 10): wait until
+  ``count`` messages are being handled at once (or ``seconds`` pass), then reply
+  ``{"gathered": bool, "in_flight": n}`` — how a test sees concurrent delivery.
 - ``GET /seen``: every ``Roost-Message-Id`` received, in arrival order
-  (redeliveries included), and how many are distinct.
+  (redeliveries included), how many are distinct, and the most messages ever
+  handled at once (``max_in_flight``).
 - ``GET /env``: the process environment.
 - ``GET /stream?n=N&interval=S``: N chunked JSON lines, S seconds apart.
 - ``POST /sleep?seconds=S``: replies after S seconds.
@@ -83,6 +89,8 @@ COMMANDS = (
     "fetch",
     "write_file",
     "read_file",
+    "flaky",
+    "gather",
 )
 FETCH_TIMEOUT = 10.0
 
@@ -188,6 +196,10 @@ class Mimic:
         self._lock = threading.Lock()
         self._seen_ids: list[str] = []
         self._distinct_ids: set[str] = set()
+        #: messages being handled right now, and the most ever at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.in_flight_changed = threading.Condition(self._lock)
 
     def is_started(self) -> bool:
         return time.monotonic() - self.started_at >= self.settings.startup_delay
@@ -210,9 +222,35 @@ class Mimic:
                 self._distinct_ids.add(message_id)
             return len(self._distinct_ids)
 
+    def arrivals(self, message_id: str | None) -> int:
+        """How many times this message id has arrived (this one included)."""
+        with self._lock:
+            return self._seen_ids.count(message_id) if message_id is not None else 1
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.in_flight_changed.notify_all()
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.in_flight_changed.notify_all()
+
+    def gather(self, count: int, seconds: float) -> tuple[bool, int]:
+        """Wait until ``count`` messages are in flight at once; (reached, in flight)."""
+        with self._lock:
+            reached = self.in_flight_changed.wait_for(lambda: self.in_flight >= count, seconds)
+            return reached, self.in_flight
+
     def seen(self) -> dict[str, Any]:
         with self._lock:
-            return {"ids": list(self._seen_ids), "distinct": len(self._distinct_ids)}
+            return {
+                "ids": list(self._seen_ids),
+                "distinct": len(self._distinct_ids),
+                "max_in_flight": self.max_in_flight,
+            }
 
 
 class MimicServer(ThreadingHTTPServer):
@@ -286,7 +324,11 @@ class MimicHandler(BaseHTTPRequestHandler):
         route = self._route()
         raw_body = self._read_body()
         if route == self.mimic.settings.message_path:
-            self._handle_message(raw_body)
+            self.mimic.enter()
+            try:
+                self._handle_message(raw_body)
+            finally:
+                self.mimic.leave()
         elif route == "/sleep":
             seconds = float(self._query().get("seconds", "0"))
             time.sleep(seconds)
@@ -369,6 +411,17 @@ class MimicHandler(BaseHTTPRequestHandler):
             self._write_file(fields)
         elif command == "read_file":
             self._read_file(fields)
+        elif command == "flaky":
+            if mimic.arrivals(message_id) <= int(fields.get("failures", 1)):
+                status = int(fields.get("status", HTTPStatus.SERVICE_UNAVAILABLE))
+                self._send_json(status, {"error": "flaky on request", "message_id": message_id})
+            else:
+                self._send_json(HTTPStatus.OK, {"echo": message, "message_id": message_id})
+        elif command == "gather":
+            reached, in_flight = mimic.gather(
+                int(fields.get("count", 2)), float(fields.get("seconds", 10))
+            )
+            self._send_json(HTTPStatus.OK, {"gathered": reached, "in_flight": in_flight})
         else:  # "fail"
             status = int(fields.get("status", HTTPStatus.INTERNAL_SERVER_ERROR))
             self._send_json(status, {"error": "failing on request", "message_id": message_id})

@@ -266,11 +266,12 @@ async def test_paused_agent_is_unpaused_when_woken(
         sup = engine.supervisor
         record = await sup.ensure_running("nap", timeout=30)
         await sup.request("nap", ev.PauseRequested())
-        assert record.container_id is not None
-        await wait_until(lambda: docker_inspect(record.container_id)["State"]["Paused"])
+        paused = record.container_id
+        assert paused is not None
+        await wait_until(lambda: docker_inspect(paused)["State"]["Paused"])
         woken = await sup.ensure_running("nap", timeout=30)
         assert woken.container_id == record.container_id
-        assert not docker_inspect(record.container_id)["State"]["Paused"]
+        assert not docker_inspect(paused)["State"]["Paused"]
         reply = await post(woken.url + "/messages", {"n": 1})  # type: ignore[operator]
         assert reply["echo"] == {"n": 1}
 

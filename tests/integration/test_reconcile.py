@@ -204,13 +204,14 @@ async def test_paused_container_stays_paused_when_roost_restarts(
     async with Engine(settings) as engine:
         record = await engine.supervisor.ensure_running("nap", timeout=30)
         await engine.supervisor.request("nap", ev.PauseRequested())
-    assert record.container_id is not None
-    await wait_until(lambda: docker_inspect(record.container_id)["State"]["Paused"])
+    paused = record.container_id
+    assert paused is not None
+    await wait_until(lambda: docker_inspect(paused)["State"]["Paused"])
     async with Engine(settings) as engine:
         again = engine.supervisor.get("nap")
         assert again.state is S.PAUSED
         assert again.container_id == record.container_id
-        assert docker_inspect(record.container_id)["State"]["Paused"]
+        assert docker_inspect(paused)["State"]["Paused"]
 
 
 async def test_second_roost_on_same_state_dir_is_refused(

@@ -28,6 +28,7 @@ from tests.conftest import (
     docker_inspect,
     make_settings,
     remove_instance_containers,
+    site_port,
     wait_until,
 )
 
@@ -57,9 +58,7 @@ class Coordinator:
         # All interfaces: containers reach the host through the bridge gateway.
         site = web.TCPSite(self._runner, "0.0.0.0", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = site_port(site)
 
     @property
     def url(self) -> str:

@@ -183,7 +183,7 @@ def test_defaults_and_agents_share_one_model_when_schema_is_compared() -> None:
 def test_every_agent_setting_is_declared_in_exactly_one_group_when_counted() -> None:
     from roost import config
 
-    groups = [
+    groups: list[type[BaseModel]] = [
         config.ContainerSettings,
         config.LifecycleSettings,
         config.DeliverySettings,

@@ -22,7 +22,7 @@ from roost.ports.runtime import ContainerSpec
 from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import wait_until
-from tests.unit.test_supervisor import ACT_TIMEOUT, IMAGE, Rig, open_rig
+from tests.support import ACT_TIMEOUT, IMAGE, Rig, open_rig
 
 S = AgentState
 

@@ -33,7 +33,7 @@ from roost.ports.runtime import ContainerState
 from roost.reactor.supervising import AgentActor
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_runtime import FakeRuntime
-from tests.conftest import make_settings, wait_until
+from tests.conftest import make_settings, site_port, wait_until
 
 IMAGE = "roost-mimic:latest"
 TOKEN = "proxy-s3cret"
@@ -71,9 +71,7 @@ class AgentServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = site_port(site)
 
     @property
     def connections(self) -> int:
