@@ -29,7 +29,7 @@ from roost.adapters.docker_runtime import DockerRuntime
 from roost.adapters.sqlite_inbox import SqliteInbox
 from roost.adapters.sqlite_jobs import SqliteJobStore
 from roost.adapters.sqlite_store import SqliteStore
-from roost.adapters.state_lock import StateDirLock
+from roost.adapters.state_lock import StateDirLock, instance_id
 from roost.adapters.system_clock import SystemClock
 from roost.adapters.webhook_notifier import WebhookNotifier
 from roost.config import ResolvedAgent, Settings, SpawnedAgent
@@ -70,6 +70,8 @@ class Engine:
     ) -> None:
         self.settings = settings
         state_dir = settings.state_path()
+        #: the roost.instance label of every container this engine owns.
+        self.instance = settings.docker.instance or instance_id(state_dir)
         self._lock = StateDirLock(state_dir) if lock else None
         self.runtime: ContainerRuntime = runtime or DockerRuntime(
             settings.docker.host or None, connection_limit=settings.docker.connection_limit
@@ -91,7 +93,7 @@ class Engine:
             notifier=_Announcer(self),
             clock=self.clock,
             agent_client=self.agent_client,
-            instance=settings.docker.instance,
+            instance=self.instance,
             public_url=settings.server.resolved_public_url,
             publish_host=settings.docker.publish_host,
             network=settings.docker.network or None,
@@ -105,7 +107,7 @@ class Engine:
             runtime=self.runtime,
             clock=self.clock,
             announce=self.announce,
-            instance=settings.docker.instance,
+            instance=self.instance,
         )
         if job_store is None:
             if not isinstance(self.store, SqliteStore):
@@ -116,7 +118,7 @@ class Engine:
             store=job_store,
             runtime=self.runtime,
             clock=self.clock,
-            instance=settings.docker.instance,
+            instance=self.instance,
             config=settings.jobs,
             default_memory=settings.defaults.memory or None,
             pids_limit=settings.defaults.pids_limit or None,
@@ -177,7 +179,7 @@ class Engine:
         self._started = True
         log.info(
             "roost started: instance %r, %d agents, docker API %s",
-            self.settings.docker.instance,
+            self.instance,
             len(self.supervisor.actors),
             self.docker_api_version,
         )
@@ -282,7 +284,7 @@ class Engine:
                 agent_id = spec.agent_id
                 try:
                     await swarming.ensure_swarm_resources(
-                        self.runtime, spec, instance=self.settings.docker.instance
+                        self.runtime, spec, instance=self.instance
                     )
                 except errors.RoostError as exc:
                     log.error("agent %s: cannot prepare its network/volume: %s", name, exc)

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Generator
 
@@ -32,6 +33,7 @@ import uvicorn
 from roost import errors
 from roost.config import Settings
 from roost.edge import create_app
+from roost.edge.connections import protocol_with_head_deadline
 from roost.engine import Engine
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "bind_listen_socket", "serve"]
@@ -58,8 +60,21 @@ def _fail(message: str) -> None:
 
 
 def _api_token(settings: Settings) -> str | None:
-    """The token, or ConfigError when listening off loopback without one."""
+    """The token, or ConfigError when listening off loopback without one. A token
+    file others can read draws a warning (it is a password)."""
     token = settings.token()
+    path = settings.token_path()
+    if token is not None and path is not None:
+        with contextlib.suppress(OSError):
+            mode = path.stat().st_mode
+            if mode & 0o077:
+                log.warning(
+                    "server.token_file %s is readable by others (mode %o); "
+                    "make it private: chmod 600 %s",
+                    path,
+                    stat.S_IMODE(mode),
+                    path,
+                )
     if token is None and settings.requires_token():
         file = settings.source_file or "<defaults>"
         raise errors.ConfigError(
@@ -177,6 +192,9 @@ async def _run_http(
         # Roost is the edge: the proxy appends the real peer to X-Forwarded-For, so
         # uvicorn must not replace the peer with what a loopback client claims.
         proxy_headers=False,
+        http=protocol_with_head_deadline(settings.server.header_timeout),
+        timeout_keep_alive=int(max(1.0, settings.server.keep_alive_timeout)),
+        limit_concurrency=settings.server.max_connections,
     )
     server = _Server(config)
     stop = shutdown or asyncio.Event()

@@ -275,6 +275,7 @@ async def test_unexpected_failure_answers_json_500_when_store_breaks(
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(api.engine.store, "history", broken_history)
+    assert api.app is not None
     transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
         response = await client.get("/api/agents/echo")

@@ -55,7 +55,7 @@ def test_builtin_defaults_match_design_when_no_file_exists(tmp_path: Path) -> No
     assert settings.server.log_level == "info"
     assert settings.server.resolved_public_url == "http://host.docker.internal:7075"
     assert settings.docker.host == ""
-    assert settings.docker.instance == "default"
+    assert settings.docker.instance == ""
     assert settings.docker.leave_running is False
     assert settings.docker.network == ""
     assert settings.docker.publish_host == "127.0.0.1"

@@ -18,8 +18,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from roost.adapters.state_lock import LOCK_FILE_NAME, StateDirLock
+from roost.adapters.state_lock import (
+    INSTANCE_FILE_NAME,
+    LOCK_FILE_NAME,
+    StateDirLock,
+    instance_id,
+)
+from roost.config import parse_settings
+from roost.engine import Engine
 from roost.errors import AlreadyRunning, StoreError
+from roost.testing.fake_runtime import FakeRuntime
 
 DEADLINE = 30.0
 
@@ -170,3 +178,28 @@ def test_acquire_raises_store_error_when_directory_cannot_be_created(
         StateDirLock(blocker / "state").acquire()
 
     assert not isinstance(raised.value, AlreadyRunning)
+
+
+def test_instance_id_is_kept_in_the_state_dir_when_first_used(tmp_path: pathlib.Path) -> None:
+    first = instance_id(tmp_path / "a")
+    assert first == instance_id(tmp_path / "a")  # stable across starts
+    assert first != instance_id(tmp_path / "b")  # another directory, another owner
+    path = tmp_path / "a" / INSTANCE_FILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == first
+
+
+def test_instance_id_refuses_naming_the_file_when_it_holds_garbage(tmp_path: pathlib.Path) -> None:
+    (tmp_path / INSTANCE_FILE_NAME).write_text("Not An Id!\n")
+    with pytest.raises(StoreError, match=INSTANCE_FILE_NAME):
+        instance_id(tmp_path)
+
+
+async def test_engine_labels_containers_with_the_state_dirs_id_when_instance_unset(
+    tmp_path: pathlib.Path,
+) -> None:
+    settings = parse_settings({"server": {"state_dir": str(tmp_path / "state")}})
+    engine = Engine(settings, runtime=FakeRuntime(), lock=False)
+    assert engine.instance == instance_id(tmp_path / "state")
+    other = parse_settings({"server": {"state_dir": str(tmp_path / "other")}})
+    assert Engine(other, runtime=FakeRuntime(), lock=False).instance != engine.instance

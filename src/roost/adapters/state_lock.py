@@ -1,4 +1,5 @@
-"""``StateDirLock``: one Roost per state directory, enforced by ``flock``.
+"""The state directory: ``StateDirLock`` (one Roost per directory, by ``flock``) and
+the instance id it keeps (``instance_id``).
 
 Role: taken once at startup, before the database is opened, so two Roost
 processes never write the same SQLite file and fight over the same containers.
@@ -17,6 +18,9 @@ Invariants:
   directory in the same process is refused like another process would be.
 - The directory is created with mode 0o700 when missing; an existing
   directory's mode is left alone.
+- ``instance_id`` is written once, at the directory's first use, with ``O_EXCL``
+  (two racing openers read back the same id) and mode 0600; it never changes, so
+  containers labelled with it are this directory's wherever Roost runs from.
 """
 
 from __future__ import annotations
@@ -26,13 +30,43 @@ import errno
 import fcntl
 import os
 import pathlib
+import re
+import secrets
 from types import TracebackType
 
 from roost.errors import AlreadyRunning, StoreError
 
-__all__ = ["LOCK_FILE_NAME", "StateDirLock"]
+__all__ = ["INSTANCE_FILE_NAME", "LOCK_FILE_NAME", "StateDirLock", "instance_id"]
 
 LOCK_FILE_NAME = "roost.lock"
+INSTANCE_FILE_NAME = "instance"
+_INSTANCE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+
+
+def instance_id(state_dir: str | os.PathLike[str]) -> str:
+    """The instance id kept in ``state_dir`` (created on first use): the default
+    ``roost.instance`` label, so two Roosts with different state directories never
+    touch each other's containers. StoreError when it cannot be read or written."""
+    directory = pathlib.Path(state_dir)
+    path = directory / INSTANCE_FILE_NAME
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as file:
+                file.write(f"r{secrets.token_hex(5)}\n")
+        found = path.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise StoreError(f"cannot read or create the instance id {path}: {exc}") from exc
+    if not _INSTANCE.match(found):
+        raise StoreError(
+            f"{path} holds {found!r}, which is not an instance id; remove the file "
+            "(a new id is made) or set docker.instance"
+        )
+    return found
 
 
 class StateDirLock:

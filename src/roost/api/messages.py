@@ -9,7 +9,8 @@ message, ``GET`` without an id lists them.
 Invariants:
 - Nothing is stored unless the answer is 200/202: an unknown agent is 404, a
   body over ``server.max_body_size`` 413 (the edge enforces it), malformed JSON
-  400 naming line and column, a full queue (``queue_limit`` undelivered messages)
+  400 naming line and column, JSON nested deeper than ``MAX_JSON_DEPTH`` 400, a
+  full queue (``queue_limit`` undelivered messages)
   429 with ``Retry-After``.
 - ``Idempotency-Key``: the same key for the same agent names one message; a
   repeated POST answers 200 with the stored message's id and status.
@@ -42,6 +43,8 @@ MAX_IDEMPOTENCY_KEY = 255
 #: Seconds a refused sender is told to wait (``Retry-After``) when the queue is full.
 QUEUE_FULL_RETRY_AFTER = 1
 MAX_LIST = 1000
+#: Deepest nesting of arrays and objects a message may have (deeper: 400).
+MAX_JSON_DEPTH = 128
 
 
 def _reject_constant(name: str) -> Any:
@@ -65,6 +68,26 @@ def parse_json_body(raw: bytes) -> Any:
         ) from None
     except ValueError as exc:
         raise errors.Refusal(400, f"message body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> errors.Refusal:
+    return errors.Refusal(
+        400, f"message body is nested more than {MAX_JSON_DEPTH} levels deep; refused"
+    )
+
+
+def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refusal 400 when arrays/objects nest deeper than ``limit`` (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                raise _too_deep()
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
 def _accepted(message: Message) -> dict[str, Any]:
@@ -116,6 +139,7 @@ def messages_router(engine: Engine) -> APIRouter:
                 400, f"{IDEMPOTENCY_KEY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
             )
         body = parse_json_body(await request.body())
+        check_depth(body)
         try:
             message, created = await dispatcher.submit(name, body, idempotency_key=key)
         except QueueFull as exc:

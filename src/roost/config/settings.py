@@ -109,6 +109,14 @@ def _optional_count(value: object) -> int | None:
     return value
 
 
+def _instance_name(value: object) -> str:
+    if value == "":
+        return ""
+    return validate_agent_name(value)
+
+
+InstanceName = Annotated[str, BeforeValidator(_instance_name)]
+
 # The original proposal's names for three [defaults] keys (docker.agentIdleTimeout ...).
 OptSeconds = Annotated[float | None, BeforeValidator(_optional_seconds)]
 OptCount = Annotated[int | None, BeforeValidator(_optional_count)]
@@ -149,6 +157,18 @@ class ServerConfig(BaseModel):
     log_level: LogLevel = Field(
         default="info", description="debug, info, warning, error or critical."
     )
+    header_timeout: PositiveSeconds = Field(
+        default=10.0,
+        description="A client that has not sent a whole request head this long after "
+        "connecting (or after its next request began) is cut off (slowloris).",
+    )
+    keep_alive_timeout: PositiveSeconds = Field(
+        default=5.0, description="An idle kept-alive client connection is closed after this."
+    )
+    max_connections: AtLeastOne = Field(
+        default=2048,
+        description="Most client connections (or requests in flight) at once; beyond it, 503.",
+    )
 
     @property
     def listen_host(self) -> str:
@@ -184,11 +204,12 @@ class DockerConfig(BaseModel):
     host: Text = Field(
         default="", description="Docker endpoint; empty: DOCKER_HOST or the local socket."
     )
-    instance: AgentName = Field(
-        default="default",
+    instance: InstanceName = Field(
+        default="",
         description=(
             "This Roost's id, stored in the roost.instance label: two Roosts on one engine "
-            "never touch each other's containers. A DNS label."
+            "never touch each other's containers. A DNS label; empty: an id kept in the "
+            "state directory (made on first start)."
         ),
     )
     leave_running: Flag = Field(

@@ -6,18 +6,24 @@ the client you pass) and, optionally, a :class:`FakeClock`; builds the edge app
 (``roost.edge.create_app``) and an ``httpx.AsyncClient`` that talks to it over
 ``ASGITransport`` — no sockets, no Docker. Everything is stopped on exit.
 
+``EngineHarness.served(settings)`` does the same behind ``roost.serving.serve`` on
+a real loopback socket (``h.url``): the daemon as ``roost up`` runs it, on fakes.
+
 Invariants: the harness uses exactly the engine and app that ``roost up`` serves;
 only the ports are faked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 
+from roost import serving
 from roost.config import Settings
 from roost.edge import Edge, create_app
 from roost.engine import Engine
@@ -36,13 +42,16 @@ class EngineHarness:
         self,
         engine: Engine,
         runtime: FakeRuntime,
-        app: Edge,
+        app: Edge | None,
         client: httpx.AsyncClient,
     ) -> None:
         self.engine = engine
         self.runtime = runtime
+        #: the edge app (``running``); None when ``served`` (``serve`` owns its own).
         self.app = app
         self.client = client
+        #: the served daemon's base URL (``served`` only).
+        self.url = ""
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -74,6 +83,55 @@ class EngineHarness:
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
                 yield cls(engine, runtime, app, client)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def served(
+        cls,
+        settings: Settings,
+        *,
+        images: Sequence[str] = ("roost-mimic:latest",),
+        runtime: FakeRuntime | None = None,
+        agent_client: AgentClient | None = None,
+        start_timeout: float = 30.0,
+    ) -> AsyncIterator[EngineHarness]:
+        """``roost.serving.serve`` on fakes, on a free loopback port; stopped on exit
+        (and its exit code checked: 0)."""
+        runtime = runtime or FakeRuntime(images=list(images))
+        engine = Engine(
+            settings, runtime=runtime, agent_client=agent_client or FakeAgentClient(runtime)
+        )
+        sock = await serving.bind_listen_socket("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        shutdown = asyncio.Event()
+        task = asyncio.create_task(
+            serving.serve(
+                settings, engine=engine, listen_socket=sock, shutdown=shutdown, handle_signals=False
+            ),
+            name="roost.testing.served",
+        )
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                deadline = time.monotonic() + start_timeout
+                while True:
+                    if task.done():
+                        raise RuntimeError(f"serve ended before answering: exit {task.result()}")
+                    try:
+                        if (await client.get("/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the daemon did not answer {url}/healthz")
+                    await asyncio.sleep(0.02)
+                harness = cls(engine, runtime, None, client)  # serve built the app
+                harness.url = url
+                yield harness
+        finally:
+            shutdown.set()
+            code = await asyncio.wait_for(task, timeout=30)
+            if code != 0:
+                raise RuntimeError(f"serve exited with {code}")
 
     async def agent(self, name: str) -> dict[str, Any]:
         """``GET /api/agents/{name}``, which must answer 200."""
