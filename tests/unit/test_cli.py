@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -26,11 +27,11 @@ from tests.conftest import free_port, make_settings, wait_until
 IMAGE = "roost-mimic:latest"
 VERBS = ["up", "ps", "start", "stop", "pause", "wake", "restart", "reset", "logs", "doctor"]
 #: Variables that would leak the developer's environment into the CLI under test.
-CLEAN_ENV: dict[str, str | None] = {"ROOST_TOKEN": None, "ROOST_CONFIG": None}
+CLEAN_ENV: dict[str, str | None] = {"ROOST_TOKEN": None, "ROOST_CONFIG": None, "ROOST_URL": None}
 
 
-def invoke(args: Sequence[str], **env: str | None) -> Result:
-    return CliRunner().invoke(cli, list(args), env={**CLEAN_ENV, **env})
+def invoke(args: Sequence[str], stdin: str | None = None, **env: str | None) -> Result:
+    return CliRunner().invoke(cli, list(args), input=stdin, env={**CLEAN_ENV, **env})
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -174,19 +175,21 @@ class Daemon:
         self.runtime = runtime
         self.engine = engine
 
-    async def cli(self, *args: str, token: str | None = None) -> Result:
+    async def cli(self, *args: str, token: str | None = None, stdin: str | None = None) -> Result:
         """Run the CLI in a thread: it blocks on HTTP that this loop must answer."""
         env = {"ROOST_TOKEN": token} if token else {}
-        return await asyncio.to_thread(invoke, ["--url", self.url, *args], **env)
+        return await asyncio.to_thread(invoke, ["--url", self.url, *args], stdin, **env)
 
 
-async def _daemon(tmp_path: Path, *, token: str | None) -> AsyncIterator[Daemon]:
+async def _daemon(
+    tmp_path: Path, *, token: str | None, agents: Sequence[str] = ("echo",)
+) -> AsyncIterator[Daemon]:
     server: dict[str, object] = {}
     if token is not None:
         (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
         server["token_file"] = str(tmp_path / "token")
     settings: Settings = make_settings(
-        tmp_path, "cli-test", agents={"echo": {"image": IMAGE}}, server=server
+        tmp_path, "cli-test", agents={name: {"image": IMAGE} for name in agents}, server=server
     )
     runtime = FakeRuntime(images=[IMAGE])
     engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime))
@@ -240,8 +243,11 @@ async def test_start_ps_logs_stop_drive_the_agent_when_daemon_runs(daemon: Daemo
     table = await daemon.cli("ps")
     assert table.exit_code == 0
     header, row = table.stdout.splitlines()
-    assert header.split() == ["NAME", "STATE", "CONTAINER", "RESTARTS", "URL", "LAST-EXIT"]
-    assert row.split() == ["echo", "running", cid[:12], "0", agent["url"], "-"]
+    assert header.split() == ["NAME", "STATE", "AGE", "CONTAINER", "RESTARTS", "URL", "LAST-EXIT"]
+    name, state, age, *rest = row.split()
+    assert [name, state, *rest] == ["echo", "running", cid[:12], "0", agent["url"], "-"]
+    assert re.fullmatch(r"\d+s", age), age
+    assert "\x1b[" not in table.stdout  # not a terminal: no colour
 
     daemon.runtime.log_lines[cid] = ["hello", "world"]
     logs = await daemon.cli("logs", "echo", "--tail", "1")

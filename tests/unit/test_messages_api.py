@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from roost import serving
-from roost.cli_messages import parse_sse
 from roost.core.backoff import Backoff
 from roost.engine import Engine
 from roost.testing import EngineHarness
@@ -383,11 +382,3 @@ async def test_send_prints_the_reply_and_events_list_it_when_daemon_runs(
         assert plain.exit_code == 0
         assert "agent.state" in plain.stdout
         assert "message.status" in plain.stdout
-
-
-def test_parse_sse_yields_frames_and_skips_comments_when_stream_is_read() -> None:
-    lines = [": hello", "", "id: 7", "event: agent.state", 'data: {"a": 1}', "", "data: x", ""]
-    assert list(parse_sse(iter(lines))) == [
-        ("7", "agent.state", '{"a": 1}'),
-        (None, "message", "x"),
-    ]

@@ -1,49 +1,37 @@
 """``roost jobs ...``: one-shot jobs from the command line (run, ls, show, logs, cancel).
 
-Role: a thin client of the daemon's ``/api/jobs`` routes, registered on the main
-``roost`` group by ``roost.cli``. Same conventions as ``roost.cli``: exit 0 on
-success and 1 on failure (``run --wait``: 1 unless the job succeeded), ``--json``
-prints the daemon's JSON unchanged, messages for people go to stderr.
+Role: the job verbs, over ``/api/jobs`` through the one
+:class:`~roost.cli.client.ApiClient`.
 
 Invariants:
+- ``jobs run [OPTIONS] IMAGE [--] [COMMAND...]``: options go before IMAGE;
+  everything after IMAGE is the command, and a ``--`` right after IMAGE only
+  marks where it begins (it is never the program).
+- ``run --wait`` exits with the job's own exit code as ``docker run`` does: 0
+  when it succeeded, the container's exit code when it has a non-zero one,
+  else 1 (timed out, cancelled, or failed before the program ran).
 - Secrets never appear on a command line: ``--env NAME`` (no ``=``) takes the
   value from this process's environment, as ``docker run -e NAME`` does.
-- ``roost.cli`` is imported lazily (inside the commands): it imports this module
-  to register the group, so importing it here at load time would be circular.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
-import httpx
 
-if TYPE_CHECKING:
-    from roost.cli import ApiClient
+from roost.cli import client, output
 
-__all__ = ["jobs"]
+__all__ = ["exit_code_of", "jobs"]
 
 #: Seconds between polls of ``run --wait``.
 WAIT_POLL_INTERVAL = 0.5
 FINAL_STATUSES = ("succeeded", "failed", "timed_out", "cancelled")
 STATUSES = ("queued", "running", *FINAL_STATUSES)
-
-
-def _client() -> ApiClient:
-    from roost import cli
-
-    return cli._context().client()
-
-
-def _print_json(data: Any) -> None:
-    from roost import cli
-
-    cli._print_json(data)
+JOB_HEADERS = ("ID", "STATUS", "IMAGE", "PROJECT", "EXIT", "DURATION", "CREATED")
 
 
 def _pairs(values: tuple[str, ...], what: str, *, from_environment: bool) -> dict[str, str]:
@@ -65,13 +53,6 @@ def _pairs(values: tuple[str, ...], what: str, *, from_environment: bool) -> dic
     return pairs
 
 
-def _when(timestamp: object) -> str:
-    if not isinstance(timestamp, int | float):
-        return "-"
-    moment = datetime.datetime.fromtimestamp(timestamp)
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _duration(seconds: object) -> str:
     return f"{seconds:.1f}s" if isinstance(seconds, int | float) else "-"
 
@@ -82,7 +63,17 @@ def _exit(job: dict[str, Any]) -> str:
     return f"{text} OOM" if job.get("oom_killed") else text
 
 
-def _describe(job: dict[str, Any]) -> str:
+def exit_code_of(job: dict[str, Any]) -> int:
+    """What ``run --wait`` exits with: 0, the job's non-zero exit code, or 1."""
+    if job.get("status") == "succeeded":
+        return 0
+    code = job.get("exit_code")
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256:
+        return code
+    return client.EXIT_FAILURE
+
+
+def describe_job(job: dict[str, Any]) -> str:
     lines = [
         f"job {job.get('id')}: {job.get('status')}",
         f"  image:      {job.get('image')}"
@@ -90,9 +81,9 @@ def _describe(job: dict[str, Any]) -> str:
         f"  command:    {' '.join(job.get('command') or []) or '(image default)'}",
         f"  project:    {job.get('project') or '-'}",
         f"  snapshot:   {job.get('snapshot_key') or '-'}",
-        f"  created:    {_when(job.get('created_at'))}",
-        f"  started:    {_when(job.get('started_at'))}",
-        f"  finished:   {_when(job.get('finished_at'))}",
+        f"  created:    {output.when(job.get('created_at'))}",
+        f"  started:    {output.when(job.get('started_at'))}",
+        f"  finished:   {output.when(job.get('finished_at'))}",
         f"  duration:   {_duration(job.get('duration'))}",
         f"  exit code:  {_exit(job)}",
         f"  container:  {str(job.get('container_id') or '-')[:12]}",
@@ -128,8 +119,8 @@ def jobs() -> None:
 @click.option("-l", "--label", "label", multiple=True, help="Extra container label KEY=VALUE.")
 @click.option("--project", default="", help="Project name (for filtering).")
 @click.option("--snapshot-key", help="Start from / save the snapshot image of this key.")
-@click.option("--wait", is_flag=True, help="Wait for the job to end; exit 1 unless it succeeded.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its exit code.")
+@output.json_option
 def run(
     image: str,
     command: tuple[str, ...],
@@ -144,7 +135,11 @@ def run(
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Queue IMAGE [COMMAND...] as a job (put options before IMAGE)."""
+    """Queue IMAGE [--] [COMMAND...] as a job (put options before IMAGE)."""
+    if command[:1] == ("--",):
+        # Click stops parsing at IMAGE (so the command's own options pass through)
+        # and then keeps a `--` that follows it: it only marks where COMMAND begins.
+        command = command[1:]
     body: dict[str, Any] = {
         "image": image,
         "env": _pairs(env, "--env", from_environment=True),
@@ -162,20 +157,21 @@ def run(
     ):
         if value is not None:
             body[key] = value
-    with _client() as api:
+    with client.current().client() as api:
         job = api.json("POST", "/api/jobs", body=body)
         if wait:
-            while job.get("status") not in FINAL_STATUSES:
-                time.sleep(WAIT_POLL_INTERVAL)
-                job = api.json("GET", f"/api/jobs/{job['id']}")
+            with output.waiting(f"job {job.get('id')}: waiting until it ends"):
+                while job.get("status") not in FINAL_STATUSES:
+                    time.sleep(WAIT_POLL_INTERVAL)
+                    job = api.json("GET", f"/api/jobs/{job['id']}", retries=1)
     if as_json:
-        _print_json(job)
+        output.print_json(job)
     elif wait:
-        click.echo(_describe(job))
+        click.echo(describe_job(job))
     else:
         click.echo(f"{job.get('id')}: {job.get('status')}")
-    if wait and job.get("status") != "succeeded":
-        sys.exit(1)
+    if wait:
+        sys.exit(exit_code_of(job))
 
 
 @jobs.command(name="ls")
@@ -184,19 +180,16 @@ def run(
 )
 @click.option("--project", help="Only this project's jobs.")
 @click.option("--limit", type=click.IntRange(min=1, max=1000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@output.json_option
 def list_jobs(statuses: tuple[str, ...], project: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first: ID STATUS IMAGE PROJECT EXIT DURATION CREATED."""
-    from roost import cli
-
     query: dict[str, str | list[str]] = {"limit": str(limit), "status": list(statuses)}
     if project is not None:
         query["project"] = project
-    params = httpx.QueryParams(query)
-    with _client() as api:
-        data = api.json("GET", "/api/jobs", params=params)
+    with client.current().client() as api:
+        data = api.json("GET", "/api/jobs", params=query)
     if as_json:
-        _print_json(data)
+        output.print_json(data)
         return
     rows = [
         [
@@ -206,52 +199,54 @@ def list_jobs(statuses: tuple[str, ...], project: str | None, limit: int, as_jso
             str(job.get("project") or "-"),
             _exit(job),
             _duration(job.get("duration")),
-            _when(job.get("created_at")),
+            output.when(job.get("created_at")),
         ]
         for job in data.get("jobs", [])
     ]
     if not rows:
         click.echo("no jobs")
         return
-    headers = ["ID", "STATUS", "IMAGE", "PROJECT", "EXIT", "DURATION", "CREATED"]
-    click.echo(cli.format_table(headers, rows))
+    output.print_table(JOB_HEADERS, rows, status_columns=("STATUS",))
 
 
 @jobs.command()
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@output.json_option
 def show(job_id: str, as_json: bool) -> None:
     """Show job JOB_ID: state, times, exit code, error and log tail."""
-    with _client() as api:
+    with client.current().client() as api:
         job = api.json("GET", f"/api/jobs/{job_id}")
     if as_json:
-        _print_json(job)
+        output.print_json(job)
     else:
-        click.echo(_describe(job))
+        click.echo(describe_job(job))
 
 
 @jobs.command()
 @click.argument("job_id")
 @click.option("--tail", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@output.json_option
 def logs(job_id: str, tail: int, as_json: bool) -> None:
     """Print job JOB_ID's output (live while it runs)."""
-    with _client() as api:
+    with client.current().client() as api:
         response = api.request("GET", f"/api/jobs/{job_id}/logs", params={"tail": str(tail)})
     if as_json:
-        _print_json({"job": job_id, "tail": tail, "logs": response.text})
+        output.print_json({"job": job_id, "tail": tail, "logs": response.text})
     else:
         click.echo(response.text, nl=False)
 
 
 @jobs.command()
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@output.json_option
 def cancel(job_id: str, as_json: bool) -> None:
     """Cancel job JOB_ID (a running one is stopped: SIGTERM, grace, SIGKILL)."""
-    with _client() as api:
+    with (
+        client.current().client() as api,
+        output.waiting(f"job {job_id}: cancelling"),
+    ):
         job = api.json("POST", f"/api/jobs/{job_id}/cancel", read_timeout=None)
     if as_json:
-        _print_json(job)
+        output.print_json(job)
     else:
         click.echo(f"{job.get('id')}: {job.get('status')}")

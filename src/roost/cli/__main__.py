@@ -1,0 +1,5 @@
+"""``python -m roost.cli``: the ``roost`` script (handy for ``-X importtime``)."""
+
+from roost.cli import main
+
+main()
