@@ -58,7 +58,7 @@ def test_public_name_resolves_when_accessed(name: str) -> None:
 
 def test_unknown_attribute_raises_attribute_error_when_accessed() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        _ = roost.nope  # type: ignore[attr-defined]
+        _ = roost.nope
 
 
 def test_import_roost_imports_nothing_heavy_when_no_name_is_used() -> None:
