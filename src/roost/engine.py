@@ -45,6 +45,7 @@ from roost.reactor import swarming
 from roost.reactor.agents import Agents
 from roost.reactor.delivering import Dispatcher
 from roost.reactor.eventing import EventHub
+from roost.reactor.health import Health
 from roost.reactor.jobbing import JobRunner
 from roost.reactor.leasing import Leases
 from roost.reactor.supervising import Supervisor
@@ -85,8 +86,11 @@ class Engine:
         self.docker_api_version = ""
         #: every lifecycle change, message status change and notice, for SSE.
         self.events = EventHub(clock=self.clock)
+        #: Roost's own conditions: the engine unreachable, the state database failing.
+        self.health = Health(clock=self.clock, announce=self.announce)
         self.supervisor = Supervisor(
             store=self.store,
+            health=self.health,
             runtime=self.runtime,
             # The supervisor's notices (agent.failed) reach the event stream and the
             # webhook alike, with the same payload.
@@ -199,6 +203,7 @@ class Engine:
             await self.jobs.stop(leave_running=leave)
             await self.supervisor.shutdown(leave_running=leave, remove=remove)
             await self.agents.close()
+            await self.health.close()
         await self._close_resources()
 
     def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:

@@ -9,6 +9,7 @@
     │   └── ContainerNotFound
     ├── Conflict               a compare-and-set write lost, or a name already taken
     ├── StoreError             the state database failed or is locked by another Roost
+    │   ├── StorageFull        the disk (or the database) is full: nothing more can be stored
     │   └── AlreadyRunning     another Roost holds the state directory lock
     └── ContainerError         Docker failed or a container misbehaved (library contract name)
         ├── DockerUnavailable  the engine cannot be reached
@@ -37,6 +38,7 @@ __all__ = [
     "RoostError",
     "StartupTimeout",
     "StateError",
+    "StorageFull",
     "StoreError",
     "http_status",
 ]
@@ -96,6 +98,10 @@ class StoreError(RoostError):
     """The state database failed."""
 
 
+class StorageFull(StoreError):
+    """The disk holding the state database is full: writes fail until space is freed."""
+
+
 class AlreadyRunning(StoreError):
     """Another Roost process holds this state directory."""
 
@@ -132,7 +138,8 @@ _STATUS: tuple[tuple[type[RoostError], int], ...] = (
     (StartupTimeout, 504),
     (DockerUnavailable, 503),
     (ContainerError, 502),
-    (StoreError, 500),
+    (StorageFull, 507),
+    (StoreError, 503),
 )
 
 

@@ -44,7 +44,13 @@ async def test_healthz_reports_agent_count_and_docker_api_when_engine_started(
 ) -> None:
     response = await api.client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"ok": True, "agents": 2, "docker_api": "1.41"}
+    assert response.json() == {
+        "ok": True,
+        "status": "ok",
+        "problems": {},
+        "agents": 2,
+        "docker_api": "1.41",
+    }
 
 
 async def test_list_agents_returns_every_agent_sorted_when_none_started(api: Harness) -> None:

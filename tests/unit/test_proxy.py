@@ -181,6 +181,13 @@ class MappedRuntime(FakeRuntime):
             return state
         return dataclasses.replace(state, host_port=self.agent_port)
 
+    def serves(self, port: int) -> bool:
+        return port == self.agent_port and super().serves(self._fake_port())
+
+    def _fake_port(self) -> int:
+        ports = [c.host_port for c in self._containers.values() if c.status == "running"]
+        return next((p for p in ports if p is not None), -1)
+
     async def start(self, container_id: str) -> None:
         if self.start_gate is not None:
             await self.start_gate.wait()

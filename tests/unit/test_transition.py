@@ -697,7 +697,12 @@ EXITED_ROWS = [
         running(),
         ev.ContainerExited(CUR, CLEAN),
         ((S.STOPPED, "exited with code 0"),),
-        fields={"container_id": CUR, "last_exit": CLEAN, "url": None, "running_since": None},
+        fields={
+            "container_id": CUR,
+            "last_exit": at_cur(CLEAN),
+            "url": None,
+            "running_since": None,
+        },
     ),
     row(
         "idle-clean-exit-stopped",
@@ -1269,7 +1274,110 @@ def test_tick_follows_table_when_in_each_state(r: Row) -> None:
     check(r)
 
 
+# -- the engine's bad days ------------------------------------------------------------------
+
+ENGINE_WAIT = "engine unavailable: "
+WAITING = {"restart_at": None, "container_id": None, "url": None}
+
+ENGINE_ROWS = [
+    row(
+        "start-failed-engine-down-waits-uncounted",
+        starting(container_id=CUR, restart_count=2),
+        ev.StartFailed(CUR, "Docker is not reachable", engine_down=True),
+        ((S.RESTARTING, ENGINE_WAIT + "Docker is not reachable"),),
+        fields={
+            **WAITING,
+            "restart_count": 2,
+            "last_error": ENGINE_WAIT + "Docker is not reachable",
+        },
+    ),
+    row(
+        "start-failed-engine-down-even-at-the-limit",
+        starting(restart_count=3),
+        ev.StartFailed(None, "refused", engine_down=True),
+        ((S.RESTARTING, ENGINE_WAIT + "refused"),),
+        fields={**WAITING, "restart_count": 3},
+    ),
+    row(
+        "recovered-starts-who-waited",
+        restarting(restart_at=None),
+        ev.EngineRecovered(),
+        ((S.STARTING, "engine recovered"),),
+        (cmd.StartContainer(),),
+    ),
+    row("recovered-leaves-backoff-alone", restarting(), ev.EngineRecovered(), unchanged=True),
+    row("recovered-leaves-running-alone", running(), ev.EngineRecovered(), unchanged=True),
+    row("recovered-leaves-stopped-alone", stopped(), ev.EngineRecovered(), unchanged=True),
+    row(
+        "observed-exited-after-outage-restarts-uncounted",
+        running(restart_count=1),
+        ev.ContainerObserved(CUR, "exited", CRASH, after_outage=True),
+        ((S.STARTING, "container ended while the engine was down"),),
+        (cmd.StartContainer(replace=CUR),),
+        fields={"restart_count": 1, "container_id": None},
+    ),
+    row(
+        "observed-exited-after-outage-stopped-by-request-stays",
+        running(expected_exit=True),
+        ev.ContainerObserved(CUR, "exited", CLEAN, after_outage=True),
+        fields={"expected_exit": False},
+    ),
+    row(
+        "vanished-after-outage-restarts-uncounted",
+        running(restart_count=1),
+        ev.ContainerVanished(CUR, after_outage=True),
+        ((S.STARTING, "container vanished while the engine was down"),),
+        (cmd.StartContainer(),),
+        fields={"restart_count": 1},
+    ),
+    row(
+        "exit-blamed-gives-the-restart-back",
+        restarting(restart_count=2, last_exit=at_cur(CRASH)),
+        ev.ExitBlamedOnEngine(CUR, restart_count=1),
+        (),  # restarting already: it now waits for the engine, not for a deadline
+        fields={
+            **WAITING,
+            "restart_count": 1,
+            "last_error": ENGINE_WAIT + "the engine went down right after the container exited",
+        },
+    ),
+    row(
+        "exit-blamed-cancels-the-restart-under-way",
+        starting(restart_count=1, last_exit=at_cur(CRASH)),
+        ev.ExitBlamedOnEngine(CUR, restart_count=0),
+        ((S.RESTARTING, ENGINE_WAIT + "the engine went down right after the container exited"),),
+        (cmd.CancelStart(),),
+        fields={**WAITING, "restart_count": 0},
+    ),
+    row(
+        "exit-blamed-clean-exit-keeps-its-container",
+        stopped(last_exit=at_cur(CLEAN)),
+        ev.ExitBlamedOnEngine(CUR, restart_count=0),
+        ((S.RESTARTING, ENGINE_WAIT + "the engine went down right after the container exited"),),
+        fields={"restart_at": None, "container_id": CUR},
+    ),
+    row(
+        "exit-blamed-for-another-container-is-stale",
+        restarting(last_exit=at_cur(CRASH)),
+        ev.ExitBlamedOnEngine(OLD, restart_count=0),
+        unchanged=True,
+    ),
+    row(
+        "exit-blamed-while-running-again-changes-nothing",
+        running(last_exit=at_cur(CRASH)),
+        ev.ExitBlamedOnEngine(CUR, restart_count=0),
+        unchanged=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("r", ENGINE_ROWS)
+def test_engine_outage_follows_table_when_in_each_state(r: Row) -> None:
+    check(r)
+
+
 ALL_ROWS = [
+    *ENGINE_ROWS,
     *EXIT_DETAILS_ROWS,
     *START_ROWS,
     *STOP_ROWS,

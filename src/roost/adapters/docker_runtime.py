@@ -425,6 +425,8 @@ class DockerRuntime:
             try:
                 async with self._open_event_stream(filters, cursor.since()) as response:
                     if reconnecting:
+                        if failures > 1:
+                            log.info("Docker events stream is back")
                         _offer(queue, RuntimeEvent(kind="gap", time=time.time()))
                     failures = 0
                     async for line in response.content:
@@ -433,13 +435,13 @@ class DockerRuntime:
                         data = json.loads(line)
                         if cursor.is_new(_time_nano(data), line):
                             _offer(queue, _runtime_event(data))
-                log.info("Docker closed the events stream; reconnecting")
+                detail = "Docker closed the events stream"
             except (DockerError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                log.warning(
-                    "Docker events stream failed (%r); reconnecting in %.2fs",
-                    exc,
-                    _RECONNECT.delay(failures),
-                )
+                detail = f"Docker events stream failed ({exc!r})"
+            if failures == 0:
+                # Once per loss, not once per attempt: an outage is one line in the log.
+                log.warning("%s; reconnecting", detail)
+                _offer(queue, RuntimeEvent(kind="lost", time=time.time()))
             reconnecting = True
             await asyncio.sleep(_RECONNECT.delay(failures) or 0.0)
             failures += 1

@@ -168,9 +168,20 @@ def create_api(engine: Engine) -> FastAPI:
     install_error_handlers(app, actions=ACTIONS)
     _document_security(app)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness of Roost itself (no token needed).")
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="Roost itself (no token needed): ok, or degraded with the reasons.",
+    )
     async def healthz() -> dict[str, Any]:
-        return {"ok": True, "agents": len(agents), "docker_api": engine.docker_api_version}
+        problems = engine.health.problems()
+        return {
+            "ok": not problems,
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "agents": len(agents),
+            "docker_api": engine.docker_api_version,
+        }
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:

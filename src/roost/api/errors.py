@@ -30,6 +30,9 @@ __all__ = ["ErrorBody", "error_responses", "install_error_handlers", "refuse", "
 
 log = logging.getLogger("roost.api")
 
+#: Retry-After of an answer that failed for Roost's own reasons (engine, disk).
+RETRY_LATER_SECONDS = 5
+
 
 class ErrorBody(BaseModel):
     """What every error answer looks like."""
@@ -54,6 +57,9 @@ def render(
         headers.update(exc.headers)
     elif isinstance(exc, errors.ContainerError) and not isinstance(exc, errors.DockerUnavailable):
         body["log_tail"] = exc.log_tail
+    if isinstance(exc, errors.StoreError | errors.DockerUnavailable):
+        # Roost's bad day, not the request's: the same request will do later.
+        headers.setdefault("Retry-After", str(RETRY_LATER_SECONDS))
     return status, headers, json.dumps(body).encode()
 
 
@@ -93,8 +99,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "A parameter or body field has the wrong type.",
         429: "The agent's queue is full; see Retry-After.",
         502: "The agent could not start, failed, or answered badly.",
-        503: "Docker is unreachable or the agent is still waking; see Retry-After.",
+        503: "Docker is unreachable, the state database is failing, or the agent is "
+        "still waking; see Retry-After.",
         504: "The agent did not become healthy in time.",
+        507: "The disk holding the state database is full; nothing was stored.",
     }
     return {
         status: {"model": ErrorBody, "description": described.get(status, "Error.")}

@@ -142,12 +142,16 @@ def messages_router(engine: Engine) -> APIRouter:
         check_depth(body)
         try:
             message, created = await dispatcher.submit(name, body, idempotency_key=key)
+        except errors.StoreError as exc:
+            engine.health.fail("store", str(exc))
+            raise
         except QueueFull as exc:
             raise errors.Refusal(
                 429, f"{exc}; retry later", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}
             ) from None
         except errors.StateError as exc:
             raise errors.Refusal(503, str(exc)) from None
+        engine.health.clear("store")
         location = {"Location": f"/api/agents/{name}/messages/{message.id}"}
         if wait:
             limit = timeout if timeout is not None else agents.spec(name).wait_timeout

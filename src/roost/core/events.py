@@ -18,7 +18,9 @@ __all__ = [
     "ContainerExited",
     "ContainerObserved",
     "ContainerVanished",
+    "EngineRecovered",
     "Event",
+    "ExitBlamedOnEngine",
     "ExitDetails",
     "LivenessProbed",
     "PauseRequested",
@@ -81,12 +83,15 @@ class BecameHealthy:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StartFailed:
-    """The start procedure gave up. ``terminal``: retrying cannot help (no image)."""
+    """The start procedure gave up. ``terminal``: retrying cannot help (no image).
+    ``engine_down``: it failed because the Docker engine is unreachable — not the
+    agent's fault, so it is not counted against ``max_restarts``."""
 
     container_id: str | None
     error: str
     exit: ExitInfo | None = None
     terminal: bool = False
+    engine_down: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,18 +111,38 @@ class ExitDetails:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ContainerVanished:
-    """Reconcile: the agent's container no longer exists in Docker."""
+    """Reconcile: the agent's container no longer exists in Docker. ``after_outage``:
+    found by the reconcile after the engine came back (the engine lost it)."""
 
     container_id: str
+    after_outage: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ContainerObserved:
-    """Reconcile: the agent's container exists; ``status`` is Docker's."""
+    """Reconcile: the agent's container exists; ``status`` is Docker's.
+    ``after_outage``: found by the reconcile after the engine came back, so an exit
+    it shows happened while the engine was away (its restart is not the agent's)."""
 
     container_id: str
     status: str
     exit: ExitInfo | None = None
+    after_outage: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineRecovered:
+    """The Docker engine answers again after an outage: starts that waited for it go on."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExitBlamedOnEngine:
+    """The engine went down right after this container exited (a daemon stop kills
+    its containers): the exit was the engine's, not the agent's. ``restart_count``
+    is the agent's count before that exit, which is given back."""
+
+    container_id: str
+    restart_count: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -158,6 +183,8 @@ Event = (
     | ExitDetails
     | ContainerVanished
     | ContainerObserved
+    | EngineRecovered
+    | ExitBlamedOnEngine
     | Resumed
     | LivenessProbed
     | Activity

@@ -9,6 +9,8 @@ Rules (DESIGN.md, "Runtime contract"):
   Job containers are left to the job runner.
 - A record whose container is missing gets ``ContainerVanished``.
 - A record caught mid-start with no container yet gets ``Resumed``.
+- ``after_outage``: the engine just came back, so what the listing shows happened
+  while it was away; the events say so (the lifecycle does not count those exits).
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ class ReconcilePlan:
 
 
 def plan_reconcile(
-    records: Mapping[str, AgentRecord], containers: Sequence[Observed], *, instance: str
+    records: Mapping[str, AgentRecord],
+    containers: Sequence[Observed],
+    *,
+    instance: str,
+    after_outage: bool = False,
 ) -> ReconcilePlan:
     events: list[tuple[str, ev.Event]] = []
     orphans: list[str] = []
@@ -53,12 +59,17 @@ def plan_reconcile(
         record = records.get(name) if name is not None else None
         if record is not None and record.container_id == c.container_id:
             seen.add(c.container_id)
-            events.append((record.name, ev.ContainerObserved(c.container_id, c.status, c.exit)))
+            events.append(
+                (
+                    record.name,
+                    ev.ContainerObserved(c.container_id, c.status, c.exit, after_outage),
+                )
+            )
         else:
             orphans.append(c.container_id)
     for name, record in records.items():
         if record.container_id is not None and record.container_id not in seen:
-            events.append((name, ev.ContainerVanished(record.container_id)))
+            events.append((name, ev.ContainerVanished(record.container_id, after_outage)))
         elif record.container_id is None and record.state is AgentState.STARTING:
             events.append((name, ev.Resumed()))
     return ReconcilePlan(tuple(events), tuple(orphans))

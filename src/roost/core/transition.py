@@ -11,6 +11,11 @@ Invariants (property-tested in tests/unit/test_transition_properties.py):
 - ``failed`` is entered only when a crash happens with ``restart_count`` already
   at ``max_restarts`` (or a start fails terminally, e.g. the image is missing);
   nothing but ``reset`` leaves ``failed``.
+- The engine's bad days are not the agent's: a start that fails because Docker is
+  unreachable waits in ``restarting`` (no deadline, ``restart_at`` None) until
+  ``EngineRecovered``, and an exit the engine caused (found after an outage, or
+  blamed on the engine going down right after it) restarts without using up
+  ``max_restarts``.
 - No restart is ever scheduled for an agent that was stopped or paused by request.
 - Events about a container that no longer backs the agent change nothing.
 - Every state change is listed in ``Decision.changes`` with its reason.
@@ -226,6 +231,11 @@ def _on_start_failed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
         return None
     if e.container_id is not None and r.container_id != e.container_id:
         return None  # stale: a start procedure that was overtaken (crash, restart)
+    if e.engine_down:
+        # Not the agent's failure: wait for the engine. Whatever container the start
+        # made is an orphan the reconcile after the outage removes.
+        _wait_for_engine(b, e.error)
+        return None
     exit_info = e.exit or ExitInfo(error=e.error)
     if e.container_id is not None:
         b.do(cmd.RemoveContainer(e.container_id))
@@ -266,7 +276,13 @@ def _exited(b: _Builder, p: Policy, container_id: str, exit_info: ExitInfo) -> N
         )
         return
     if exit_info.is_clean and r.state is not S.STARTING:
-        b.go(S.STOPPED, "exited with code 0", last_exit=exit_info, url=None, running_since=None)
+        b.go(
+            S.STOPPED,
+            "exited with code 0",
+            last_exit=dataclasses.replace(exit_info, container_id=container_id),
+            url=None,
+            running_since=None,
+        )
         return
     b.do(cmd.RemoveContainer(container_id, diagnose=True))
     b.set(container_id=None, url=None)
@@ -298,6 +314,9 @@ def _on_vanished(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     r = b.record
     if r.container_id != e.container_id:
         return None
+    if e.after_outage and r.state in _LIVE and not r.expected_exit:
+        _restart_after_outage(b, None, "container vanished while the engine was down")
+        return None
     if r.state in _LIVE and not r.expected_exit:
         b.set(container_id=None, url=None)
         _crash(b, p, ExitInfo(error="container vanished"), "container vanished")
@@ -315,6 +334,9 @@ def _on_observed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     if r.container_id != e.container_id:
         return None
     status = e.status
+    if e.after_outage and status in ("exited", "dead") and r.state in _LIVE and not r.expected_exit:
+        _restart_after_outage(b, e.container_id, "container ended while the engine was down")
+        return None
     if status in ("exited", "dead", "created"):
         never_started = status == "created"
         # A clean old exit: Roost died between waking a stopped container and
@@ -339,6 +361,61 @@ def _on_observed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
         b.set(expected_exit=True)
         b.do(cmd.StopContainer(e.container_id, p.stop_timeout))
     return None
+
+
+def _on_engine_recovered(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    r = b.record
+    if r.state is S.RESTARTING and r.restart_at is None:
+        b.go(S.STARTING, "engine recovered", expected_exit=False, liveness_failures=0)
+        b.do(cmd.StartContainer())
+    return None
+
+
+def _on_exit_blamed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    assert isinstance(e, ev.ExitBlamedOnEngine)
+    r = b.record
+    last = r.last_exit
+    if last is None or last.container_id != e.container_id:
+        return None  # another exit happened since: nothing to give back
+    if r.state not in (S.CRASHED, S.RESTARTING, S.STARTING, S.STOPPED):
+        return None
+    if r.state is S.STARTING:
+        b.do(cmd.CancelStart())
+    b.set(restart_count=e.restart_count)
+    keep = r.container_id if r.state is S.STOPPED else None  # a clean exit's container stays
+    _wait_for_engine(b, "the engine went down right after the container exited")
+    b.set(container_id=keep)
+    return None
+
+
+def _wait_for_engine(b: _Builder, reason: str) -> None:
+    """Wait in ``restarting`` (no deadline) until ``EngineRecovered``."""
+    b.go(
+        S.RESTARTING,
+        f"engine unavailable: {reason}",
+        container_id=None,
+        url=None,
+        restart_at=None,
+        running_since=None,
+        expected_exit=False,
+        liveness_failures=0,
+        last_error=f"engine unavailable: {reason}",
+    )
+
+
+def _restart_after_outage(b: _Builder, container_id: str | None, reason: str) -> None:
+    """Start again at once, without counting a restart: the engine ended it."""
+    b.go(
+        S.STARTING,
+        reason,
+        container_id=None,
+        url=None,
+        restart_at=None,
+        running_since=None,
+        expected_exit=False,
+        liveness_failures=0,
+    )
+    b.do(cmd.StartContainer(replace=container_id))
 
 
 def _on_resumed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
@@ -526,6 +603,8 @@ _HANDLERS = {
     ev.ExitDetails: _on_exit_details,
     ev.ContainerVanished: _on_vanished,
     ev.ContainerObserved: _on_observed,
+    ev.EngineRecovered: _on_engine_recovered,
+    ev.ExitBlamedOnEngine: _on_exit_blamed,
     ev.Resumed: _on_resumed,
     ev.LivenessProbed: _on_liveness,
     ev.Activity: _on_activity,

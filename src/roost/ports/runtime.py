@@ -10,8 +10,9 @@ Invariants every implementation keeps (checked by tests/contract):
 - ``ensure_network`` / ``ensure_volume`` create only what is absent and never
   change or remove an existing network or volume.
 - ``events`` never blocks the engine: it reads continuously, reconnects on its
-  own and yields a ``gap`` event after every reconnect (events may have been
-  lost, so the caller must re-list and reconcile).
+  own, yields a ``lost`` event when the stream breaks (the engine may be going
+  away) and a ``gap`` event after every reconnect (events may have been lost, so
+  the caller must re-list and reconcile).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class ContainerState:
 class RuntimeEvent:
     """A container event. ``kind`` is Docker's action (``die``, ``oom``, ``start``,
     ``pause``, ``unpause``, ``stop``, ``kill``, ``destroy``, ``create``,
-    ``health_status``) or ``gap`` (the stream reconnected; re-list)."""
+    ``health_status``), ``lost`` (the stream broke) or ``gap`` (the stream
+    reconnected; re-list)."""
 
     kind: str
     container_id: str = ""

@@ -141,7 +141,9 @@ class Agents:
 
     def describe(self, name: str) -> dict[str, Any]:
         actor = self._supervisor.actor(name)
-        return describe(actor.record, self.spec(name))
+        body = describe(actor.record, self.spec(name))
+        body["degraded"] = actor.degraded
+        return body
 
     async def details(self, name: str, *, history: int = 20) -> dict[str, Any]:
         """``describe`` plus the latest ``history`` state changes, oldest first."""

@@ -14,6 +14,17 @@ Long Docker work never blocks the actor loop:
 
 Concurrent start/wake requests merge: the second one finds the agent already
 ``starting`` and simply waits for the same outcome.
+
+The engine's and the disk's bad days (``reactor.health``):
+- A Docker call that fails because the engine is unreachable marks the engine
+  down (one notice), and a start that failed that way waits for it without
+  counting against ``max_restarts``; a recovery loop pings the engine, and when it
+  answers it reconciles and releases the waiting starts (``EngineRecovered``).
+  Exits seen just before the engine went down are blamed on it. While it is down
+  nothing logs a traceback per call.
+- A record that cannot be written is retried with backoff until the write
+  succeeds: the actor never moves past what is stored, and the store's condition
+  is announced once when it begins and once when it ends.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from roost.config import ResolvedAgent, SpawnedAgent
 from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core import labels
+from roost.core.backoff import Backoff
 from roost.core.reconciling import Observed, plan_reconcile
 from roost.core.records import AgentRecord, ExitInfo, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
@@ -40,6 +52,7 @@ from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
+from roost.reactor.health import Health
 
 __all__ = ["AgentActor", "StateListener", "Supervisor"]
 
@@ -53,6 +66,13 @@ READINESS_PROBE_TIMEOUT = 1.0
 LOG_TAIL_LINES = 50
 #: Liveness probes due within this many seconds are sent together (see _liveness_loop).
 LIVENESS_BATCH_WINDOW = 1.0
+#: Pings of an unreachable engine: quick at first, so recovery is seen within ~1 s.
+ENGINE_PING = Backoff.doubling(0.05, 1.0)
+#: Exits this many seconds before the engine is found down are blamed on it (a
+#: daemon that stops kills its containers first; dockerd waits up to 15 s).
+ENGINE_EXIT_WINDOW = 20.0
+#: Retries of a record write the state database refused.
+STORE_RETRY = Backoff.doubling(0.05, 5.0)
 
 
 #: Called after every persisted decision: (agent record, state changes).
@@ -109,6 +129,8 @@ class AgentActor:
         self._last_touch_posted = 0.0
         #: start failures handled (in the record); fail-fast waiters compare it.
         self.start_failures = 0
+        #: why the agent cannot move on right now (its state cannot be written), or None.
+        self.degraded: str | None = None
         self.closed = False
 
     # -- lifecycle of the actor itself --------------------------------------------
@@ -226,9 +248,7 @@ class AgentActor:
             decision = transition(self.record, event, now=now, policy=self.policy)
         if decision.rejected is None and decision.record != self.record:
             # Intent first: persist before acting (compare-and-set on version).
-            self.record = await self.sup.store.update_agent(
-                decision.record, changes=decision.changes
-            )
+            self.record = await self._persist(decision)
             decision = Decision(self.record, decision.commands, decision.changes)
         for change in decision.changes:
             log.info(
@@ -256,6 +276,27 @@ class AgentActor:
         async with self._changed:
             self._changed.notify_all()
         return decision
+
+    async def _persist(self, decision: Decision) -> AgentRecord:
+        """Write the decided record; while the database refuses, retry with backoff
+        (the actor does not move past what is stored, and does nothing meanwhile)."""
+        failures = 0
+        while True:
+            try:
+                stored = await self.sup.store.update_agent(
+                    decision.record, changes=decision.changes
+                )
+            except errors.StoreError as exc:
+                if failures == 0:
+                    self.degraded = f"cannot write its state: {exc}"
+                    self.sup.health.fail("store", str(exc))
+                await self.sup.clock.sleep(STORE_RETRY.delay(failures) or 0.0)
+                failures += 1
+                continue
+            if self.degraded is not None:
+                self.degraded = None
+            self.sup.health.clear("store")
+            return stored
 
     async def _enrich_exit(
         self, event: ev.ContainerExited, *, always: bool = False
@@ -324,8 +365,14 @@ class AgentActor:
         container_id: str | None = None,
     ) -> None:
         async def tolerant() -> None:
-            with contextlib.suppress(errors.ContainerNotFound):
-                await work  # gone already: what the operation wanted
+            try:
+                await work
+            except errors.ContainerNotFound:
+                pass  # gone already: what the operation wanted
+            except errors.DockerUnavailable as exc:
+                self.sup.engine_failed(exc)
+            except errors.RoostError as exc:
+                log.warning("agent %s: %s failed: %s", self.name, what, exc)
 
         owner = self._ops if docker else self._notices
         task = owner.spawn(tolerant(), f"roost.{what}[{self.name}]")
@@ -458,15 +505,36 @@ class AgentActor:
             self._start_failed(cid, str(exc), tail=exc.log_tail)
             return
         except errors.RoostError as exc:
-            self._start_failed(cid, f"start failed: {exc}")
+            # The engine's failure is not the agent's: tell them apart before counting.
+            engine_down = isinstance(exc, errors.DockerUnavailable)
+            if engine_down:
+                self.sup.engine_failed(exc)
+            elif isinstance(exc, errors.ContainerError) and not _refused(exc):
+                engine_down = await self.sup.engine_unreachable()
+            self._start_failed(cid, f"start failed: {exc}", engine_down=engine_down)
             return
         self.post(ev.BecameHealthy(cid, url))
 
     def _start_failed(
-        self, cid: str | None, error: str, *, terminal: bool = False, tail: str = ""
+        self,
+        cid: str | None,
+        error: str,
+        *,
+        terminal: bool = False,
+        tail: str = "",
+        engine_down: bool = False,
     ) -> None:
-        log.warning("agent %s: %s", self.name, error.splitlines()[0] if error else "")
-        self.post(ev.StartFailed(cid, error, ExitInfo(error=error, log_tail=tail), terminal))
+        if not engine_down:  # the engine's own notice says it once for every agent
+            log.warning("agent %s: %s", self.name, error.splitlines()[0] if error else "")
+        self.post(
+            ev.StartFailed(
+                cid,
+                error,
+                ExitInfo(error=error, log_tail=tail),
+                terminal,
+                engine_down=engine_down,
+            )
+        )
 
     async def _wait_ready(self, cid: str, *, known_url: str | None = None) -> str:
         """Poll the health path over HTTP at millisecond granularity until it answers 200."""
@@ -580,6 +648,7 @@ class Supervisor:
         clock: Clock,
         agent_client: AgentClient,
         instance: str,
+        health: Health,
         public_url: str = "",
         publish_host: str = "127.0.0.1",
         network: str | None = None,
@@ -608,6 +677,11 @@ class Supervisor:
         self._liveness_wake_at: float | None = None
         self._tasks = TaskSet(log)
         self._oom_seen: set[str] = set()
+        #: Roost's own conditions (engine unreachable, store failing).
+        self.health = health
+        #: the latest exit seen per agent: (monotonic time, container, restart count before).
+        self._recent_exits: dict[str, tuple[float, str, int]] = {}
+        self._recovery: asyncio.Task[None] | None = None
         self.reconciles = 0
         self.closed = False
 
@@ -750,11 +824,64 @@ class Supervisor:
 
     async def _watch(self, events: AsyncIterator[RuntimeEvent]) -> None:
         async for event in events:
+            if event.kind == "lost":
+                # The stream broke: the engine may be going away. Ask it now.
+                self._tasks.spawn(self.engine_unreachable(), "roost.engine-check")
+                continue
             if event.kind == "gap":
+                if self.health.holds("engine"):
+                    continue  # the recovery reconciles once the engine answers pings
                 log.info("docker event stream had a gap; reconciling")
                 self._spawn_reconcile()
                 continue
             self._dispatch(event.kind, event.container_id, event.labels, event.exit_code)
+
+    # -- the engine's bad days ------------------------------------------------------------
+
+    def engine_failed(self, exc: BaseException) -> None:
+        """The engine did not answer: mark it down (once) and wait for it to return."""
+        if self.closed or not self.health.fail("engine", str(exc) or type(exc).__name__):
+            return
+        now = self.clock.monotonic()
+        for name, (seen_at, cid, restarts_before) in list(self._recent_exits.items()):
+            actor = self.actors.get(name)
+            if actor is not None and now - seen_at <= ENGINE_EXIT_WINDOW:
+                actor.post(ev.ExitBlamedOnEngine(cid, restarts_before))
+        self._recent_exits.clear()
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover(), name="roost.engine-recovery")
+
+    async def engine_unreachable(self) -> bool:
+        """Ping the engine now; True (and marked down) when it does not answer."""
+        try:
+            await self.runtime.ping()
+        except errors.DockerUnavailable as exc:
+            self.engine_failed(exc)
+            return True
+        except errors.RoostError:
+            return False
+        return False
+
+    async def _recover(self) -> None:
+        """Ping until the engine answers, then reconcile and release waiting starts."""
+        failures = 0
+        while not self.closed:
+            try:
+                await self.runtime.ping()
+                break
+            except errors.RoostError:
+                await self.clock.sleep(ENGINE_PING.delay(failures) or 0.0)
+                failures += 1
+        if self.closed:
+            return
+        self.health.clear("engine")
+        try:
+            await self.reconcile(after_outage=True)
+        except errors.DockerUnavailable as exc:
+            self.engine_failed(exc)  # gone again already: start over
+            return
+        for actor in list(self.actors.values()):
+            actor.post(ev.EngineRecovered())
 
     def _dispatch(
         self, kind: str, cid: str, attrs: Mapping[str, str], exit_code: int | None
@@ -769,6 +896,14 @@ class Supervisor:
         if kind == "die":
             oom = cid in self._oom_seen
             self._oom_seen.discard(cid)
+            if cid == actor.record.container_id and not actor.record.expected_exit:
+                # Kept in case the engine turns out to be going down: then this exit
+                # was its doing, and the restart it costs is given back.
+                self._recent_exits[name] = (
+                    self.clock.monotonic(),
+                    cid,
+                    actor.record.restart_count,
+                )
             actor.post(ev.ContainerExited(cid, ExitInfo(exit_code=exit_code, oom_killed=oom)))
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
@@ -776,11 +911,20 @@ class Supervisor:
     def _spawn_reconcile(self) -> None:
         self._tasks.spawn(self.reconcile(), "roost.reconcile (after an event-stream gap)")
 
-    async def reconcile(self) -> None:
-        """Re-list this instance's containers and reconcile both ways (pure plan)."""
+    async def reconcile(self, *, after_outage: bool = False) -> None:
+        """Re-list this instance's containers and reconcile both ways (pure plan).
+
+        ``after_outage``: the engine just came back; exits and disappearances found
+        now happened while it was away, so they restart without counting."""
         async with self._reconcile_lock:
             self.reconciles += 1
-            containers = await self.runtime.list(labels.ownership(self.instance))
+            try:
+                containers = await self.runtime.list(labels.ownership(self.instance))
+            except errors.DockerUnavailable as exc:
+                self.engine_failed(exc)
+                if after_outage:
+                    raise
+                return
             observed: list[Observed] = []
             for c in containers:
                 exit_info = None
@@ -823,6 +967,9 @@ class Supervisor:
         if self.closed:
             return
         self.closed = True
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
@@ -844,6 +991,11 @@ class Supervisor:
                 *(self.runtime.remove(cid, force=True) for cid in ids if cid),
                 return_exceptions=True,
             )
+
+
+def _refused(exc: errors.ContainerError) -> bool:
+    """Docker refused the request itself (4xx): the engine is there."""
+    return exc.status is not None and 400 <= exc.status < 500
 
 
 def _gives_up(decision: Decision) -> bool:

@@ -16,19 +16,19 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from roost import errors
 from roost.ports.agent_http import AgentResponse, ProbeResult
-from roost.ports.runtime import ContainerRuntime
+from roost.testing.fake_runtime import FakeRuntime
 
 __all__ = ["FakeAgentClient"]
 
 
 class FakeAgentClient:
-    def __init__(self, runtime: ContainerRuntime) -> None:
+    def __init__(self, runtime: FakeRuntime) -> None:
         self.runtime = runtime
         self.unhealthy_ports: set[int] = set()
         #: every ``post_json`` as (url, body), in call order.
@@ -40,16 +40,8 @@ class FakeAgentClient:
         port = urllib.parse.urlsplit(url).port
         if port is None:
             return None
-        for info in await self.runtime.list({}):
-            if info.status != "running":
-                continue
-            try:
-                state = await self.runtime.inspect(info.id)
-            except errors.ContainerNotFound:
-                continue
-            if state.running and not state.paused and state.host_port == port:
-                return port
-        return None
+        await asyncio.sleep(0)  # a real request yields to the loop
+        return port if self.runtime.serves(port) else None
 
     async def probe(self, url: str, *, timeout: float) -> ProbeResult:
         port = await self._serves(url)

@@ -100,8 +100,8 @@ class FakeRuntime:
 
     Test hooks: ``images`` (present images), ``pullable`` (what ``ensure_image``
     can fetch), ``log_lines[container_id]``, ``stop_exit_code``, ``crash(...)``,
-    ``emit_gap()``, and ``calls`` — every operation as ``(method, container id or
-    image)`` in call order.
+    ``emit_gap()``, ``go_down()`` / ``come_back()`` (an engine outage), and ``calls``
+    — every operation as ``(method, container id or image)`` in call order.
     """
 
     def __init__(
@@ -128,6 +128,8 @@ class FakeRuntime:
         }
         self.volumes: dict[str, dict[str, str]] = {}
         self._addresses = itertools.count()
+        #: the engine is unreachable: every call raises DockerUnavailable.
+        self.down = False
 
     # -- test hooks --------------------------------------------------------------
 
@@ -145,6 +147,29 @@ class FakeRuntime:
         """Queue a ``gap`` for every subscriber, as after an events reconnect."""
         for subscriber in self._subscribers:
             subscriber.queue.put_nowait(RuntimeEvent(kind="gap", time=self._clock()))
+
+    def go_down(self, *, kill_containers: bool = False, exit_code: int = 143) -> None:
+        """The engine stops: with ``kill_containers`` (a daemon stop without
+        live-restore) its running containers exit first, reported as ``die`` like
+        the real daemon does before it closes; then the event stream is ``lost``
+        and every call raises ``DockerUnavailable`` until ``come_back``."""
+        if kill_containers:
+            for container in list(self._containers.values()):
+                if container.running:
+                    self._exit(container, exit_code)
+        self.down = True
+        for subscriber in self._subscribers:
+            subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
+
+    def come_back(self) -> None:
+        """The engine answers again: the event stream reconnects (``gap``)."""
+        self.down = False
+        self.emit_gap()
+
+    def serves(self, port: int) -> bool:
+        """Whether a running, unpaused container publishes ``port`` — what a client
+        of the agent sees, whether or not the engine's API answers."""
+        return any(c.status == "running" and c.host_port == port for c in self._containers.values())
 
     def container_spec(self, container_id: str) -> ContainerSpec:
         """The spec a container was created from (for assertions on limits)."""
@@ -424,6 +449,10 @@ class FakeRuntime:
     # -- internals ---------------------------------------------------------------------
 
     def _record(self, method: str, target: str) -> None:
+        if self.down and method != "close":
+            raise errors.DockerUnavailable(
+                "Cannot connect to the Docker daemon (the fake engine is down)"
+            )
         self.calls.append((method, target))
 
     def _get(self, container_id: str) -> _FakeContainer:
