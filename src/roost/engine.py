@@ -2,7 +2,8 @@
 
 Start-up order (each step must succeed before the next):
 1. take the state-directory lock (one Roost per state directory);
-2. open and migrate the SQLite store;
+2. open and migrate the SQLite database (its one owner, ``Database``), then the
+   store and inbox repositories built on it;
 3. reach Docker (DockerUnavailable names the host and what to do);
 4. load agents: configured ones are inserted or their spec refreshed, ones
    registered over the API are restored from the store (a spawned agent's
@@ -13,7 +14,7 @@ Start-up order (each step must succeed before the next):
 6. start the job runner: re-attach to jobs left running, then dispatch the queue.
 
 Shutdown runs the same list backwards: stop (or leave running) containers, stop
-actors, close Docker, the store and the lock.
+actors, close Docker, the repositories, the database and the lock.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from roost import errors
 from roost.adapters.aiohttp_agent_client import AiohttpAgentClient
 from roost.adapters.docker_runtime import DockerRuntime
+from roost.adapters.sqlite_database import Database
 from roost.adapters.sqlite_inbox import SqliteInbox
 from roost.adapters.sqlite_jobs import SqliteJobStore
 from roost.adapters.sqlite_store import SqliteStore
@@ -77,7 +79,10 @@ class Engine:
         self.runtime: ContainerRuntime = runtime or DockerRuntime(
             settings.docker.host or None, connection_limit=settings.docker.connection_limit
         )
-        self.store: Store = store or SqliteStore(state_dir / "roost.db")
+        #: the state file's one owner; None while no repository on it is built here
+        #: (tests may inject every repository: store=, job_store=, inbox=).
+        self.database: Database | None = None
+        self.store: Store = store or SqliteStore(self._database())
         self.notifier: Notifier = notifier or WebhookNotifier(
             settings.notify.webhook, timeout=settings.notify.timeout
         )
@@ -114,9 +119,7 @@ class Engine:
             instance=self.instance,
         )
         if job_store is None:
-            if not isinstance(self.store, SqliteStore):
-                raise TypeError("Engine: pass job_store= when store is not a SqliteStore")
-            job_store = SqliteJobStore(self.store, secret_env=settings.jobs.secret_env)
+            job_store = SqliteJobStore(self._database(), secret_env=settings.jobs.secret_env)
         #: one-shot jobs (reactor.jobbing); started after the reconcile, stopped first.
         self.jobs = JobRunner(
             store=job_store,
@@ -130,9 +133,7 @@ class Engine:
         )
         self.jobs.add_listener(self._publish_job)
         if inbox is None:
-            if not isinstance(self.store, SqliteStore):
-                raise TypeError("Engine: pass inbox= when store is not a SqliteStore")
-            inbox = SqliteInbox(self.store)
+            inbox = SqliteInbox(self._database())
         #: durable messages (same SQLite file) and their delivery lanes (reactor.delivering).
         self.inbox: Inbox = inbox
         self.dispatcher = Dispatcher(
@@ -165,6 +166,8 @@ class Engine:
         if self._lock is not None:
             self._lock.acquire()
         try:
+            if self.database is not None:
+                await self.database.open()
             await self.store.open()
             await self.inbox.open()
             self.docker_api_version = await self.runtime.ping()
@@ -213,7 +216,8 @@ class Engine:
 
     async def _close_resources(self) -> None:
         closers = (self.agent_client.close, self.runtime.close, self.inbox.close, self.store.close)
-        for closer in closers:
+        database = () if self.database is None else (self.database.close,)
+        for closer in (*closers, *database):
             try:
                 await closer()
             except Exception:
@@ -226,6 +230,13 @@ class Engine:
                 log.exception("error while closing the notifier")
         if self._lock is not None:
             self._lock.release()
+
+    def _database(self) -> Database:
+        """The state file's owner, built on first need (never when every repository
+        is injected)."""
+        if self.database is None:
+            self.database = Database(self.settings.state_path() / "roost.db")
+        return self.database
 
     # -- events -----------------------------------------------------------------------
 

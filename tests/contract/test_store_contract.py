@@ -1,27 +1,32 @@
 """Contract tests for the ``Store`` port.
 
 The first half runs against every implementation through the parametrised
-``store`` fixture (only ``SqliteStore`` today; an in-memory fake joins by adding
-a param). The second half checks what only a file-backed store can promise:
-migrations, refusing foreign or newer files, and surviving SIGKILL.
+``store`` fixture (only ``SqliteStore`` on a ``Database`` today; an in-memory
+fake joins by adding a param). The second half checks what only a file-backed
+store can promise: migrations, refusing foreign or newer files, all-or-nothing
+writes, and surviving SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import signal
 import sqlite3
 import sys
 import tempfile
 import textwrap
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roost.adapters.sqlite_store import SCHEMA_VERSION, SqliteStore
+from roost.adapters.sqlite_database import SCHEMA_VERSION, Database
+from roost.adapters.sqlite_store import SqliteStore
 from roost.core.records import AgentRecord, ExitInfo, StateChange
 from roost.core.states import AgentState
 from roost.errors import Conflict, NotFound, StoreError
@@ -32,8 +37,32 @@ SUBPROCESS_DEADLINE = 30.0
 SPEC = {"image": "roost-mimic:latest", "port": 8000, "env": {"MODE": "echo"}, "cpus": 0.5}
 
 
-def make_sqlite_store(directory: pathlib.Path) -> SqliteStore:
-    return SqliteStore(directory / "roost.db", wall_clock=lambda: 1_700_000_000.0)
+@contextlib.asynccontextmanager
+async def opened(
+    path: pathlib.Path, *, wall_clock: Callable[[], float] | None = None
+) -> AsyncIterator[tuple[Database, SqliteStore]]:
+    """An open ``Database`` at ``path`` and a ``SqliteStore`` on it; closed afterwards."""
+    database = Database(path)
+    await database.open()
+    try:
+        if wall_clock is None:
+            yield database, SqliteStore(database)
+        else:
+            yield database, SqliteStore(database, wall_clock=wall_clock)
+    finally:
+        await database.close()
+
+
+@contextlib.asynccontextmanager
+async def opened_store(
+    path: pathlib.Path, *, wall_clock: Callable[[], float] | None = None
+) -> AsyncIterator[SqliteStore]:
+    async with opened(path, wall_clock=wall_clock) as (_, store):
+        yield store
+
+
+def make_sqlite_store(directory: pathlib.Path) -> AbstractAsyncContextManager[Store]:
+    return opened_store(directory / "roost.db", wall_clock=lambda: 1_700_000_000.0)
 
 
 STORE_FACTORIES = {"sqlite": make_sqlite_store}
@@ -41,10 +70,10 @@ STORE_FACTORIES = {"sqlite": make_sqlite_store}
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
-    implementation = STORE_FACTORIES[request.param](tmp_path)
-    await implementation.open()
-    yield implementation
-    await implementation.close()
+    async with STORE_FACTORIES[request.param](tmp_path) as implementation:
+        await implementation.open()
+        yield implementation
+        await implementation.close()
 
 
 def full_record(name: str = "echo") -> AgentRecord:
@@ -281,7 +310,7 @@ async def test_delete_removes_agent_and_history_when_agent_exists(store: Store) 
     assert await store.history("echo") == []
 
 
-# -- SqliteStore: files, migrations, durability ---------------------------------------
+# -- SqliteStore on a Database: files, migrations, durability --------------------------
 
 
 def user_version(path: pathlib.Path) -> int:
@@ -292,14 +321,11 @@ def user_version(path: pathlib.Path) -> int:
 async def test_schema_is_created_when_file_is_empty(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "roost.db"
     path.touch()
-    store = SqliteStore(path)
 
-    await store.open()
-    try:
-        assert await store.schema_version() == SCHEMA_VERSION
+    async with opened(path) as (database, store):
+        await store.open()
+        assert await database.schema_version() == SCHEMA_VERSION
         await store.insert_agent(AgentRecord(name="echo"), SPEC)
-    finally:
-        await store.close()
 
     assert user_version(path) == SCHEMA_VERSION
     with sqlite3.connect(path) as connection:
@@ -308,78 +334,30 @@ async def test_schema_is_created_when_file_is_empty(tmp_path: pathlib.Path) -> N
 
 async def test_reopen_keeps_data_and_schema_when_opened_twice(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "roost.db"
-    first = SqliteStore(path)
+    database = Database(path)
+    await database.open()
+    await database.open()  # idempotent on the same instance
+    first = SqliteStore(database)
     await first.open()
-    await first.open()  # idempotent on the same instance
     inserted = await first.insert_agent(full_record(), SPEC)
     await first.close()
-    await first.close()
+    await database.close()
+    await database.close()
 
-    second = SqliteStore(path)
-    await second.open()
-    try:
+    async with opened_store(path) as second:
         stored = await second.get_agent("echo")
         assert stored is not None
         assert stored.record == inserted
-        assert await second.schema_version() == SCHEMA_VERSION
-    finally:
-        await second.close()
 
 
-async def test_open_raises_store_error_naming_versions_when_db_is_newer(
-    tmp_path: pathlib.Path,
-) -> None:
-    path = tmp_path / "roost.db"
-    store = SqliteStore(path)
-    await store.open()
-    await store.insert_agent(AgentRecord(name="echo"), SPEC)
-    await store.close()
-    newer = SCHEMA_VERSION + 7
-    with sqlite3.connect(path) as connection:
-        connection.execute(f"PRAGMA user_version = {newer}")
-
-    with pytest.raises(StoreError) as raised:
-        await SqliteStore(path).open()
-
-    message = str(raised.value)
-    assert str(path) in message
-    assert f"version {newer}" in message
-    assert f"version {SCHEMA_VERSION}" in message
-    assert user_version(path) == newer  # refused, not "migrated" down
+# Refusing newer, foreign and non-SQLite files: tests/unit/test_database.py.
 
 
-async def test_open_raises_store_error_naming_path_when_file_is_not_sqlite(
-    tmp_path: pathlib.Path,
-) -> None:
-    path = tmp_path / "roost.db"
-    garbage = b"this is not a database, it is a shopping list\n" * 200
-    path.write_bytes(garbage)
+async def test_calls_raise_store_error_when_database_is_not_open(tmp_path: pathlib.Path) -> None:
+    store = SqliteStore(Database(tmp_path / "roost.db"))
 
-    with pytest.raises(StoreError, match="not a usable SQLite database") as raised:
-        await SqliteStore(path).open()
-
-    assert str(path) in str(raised.value)
-    assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
-    assert path.read_bytes() == garbage
-
-
-async def test_open_raises_store_error_when_file_belongs_to_another_program(
-    tmp_path: pathlib.Path,
-) -> None:
-    path = tmp_path / "other.db"
-    with sqlite3.connect(path) as connection:
-        connection.execute("PRAGMA application_id = 42")
-        connection.execute("CREATE TABLE mine (x)")
-
-    with pytest.raises(StoreError, match="another program") as raised:
-        await SqliteStore(path).open()
-
-    assert str(path) in str(raised.value)
-
-
-async def test_calls_raise_store_error_when_store_is_not_open(tmp_path: pathlib.Path) -> None:
-    store = SqliteStore(tmp_path / "roost.db")
-
+    with pytest.raises(StoreError, match="not open"):
+        await store.open()
     with pytest.raises(StoreError, match="not open"):
         await store.get_agent("echo")
     with pytest.raises(StoreError, match="not open"):
@@ -390,9 +368,7 @@ async def test_failed_write_keeps_earlier_data_when_history_row_is_rejected(
     tmp_path: pathlib.Path,
 ) -> None:
     path = tmp_path / "roost.db"
-    store = SqliteStore(path)
-    await store.open()
-    try:
+    async with opened_store(path) as store:
         inserted = await store.insert_agent(full_record(), SPEC)
         # The history row's ``at`` is not a number: SQLite rejects it inside the
         # transaction, after the agent's UPDATE has already run.
@@ -403,6 +379,7 @@ async def test_failed_write_keeps_earlier_data_when_history_row_is_rejected(
             )
         assert isinstance(raised.value.__cause__, sqlite3.Error)
         assert str(path) in str(raised.value)
+        assert "update agent" in str(raised.value)
         stored = await store.get_agent("echo")
         assert stored is not None
         assert stored.record == inserted  # the UPDATE was rolled back with the history
@@ -410,25 +387,19 @@ async def test_failed_write_keeps_earlier_data_when_history_row_is_rejected(
         # No transaction was left open: the next write goes through.
         updated = await store.update_agent(inserted.replace(state=AgentState.RUNNING))
         assert updated.version == 2
-    finally:
-        await store.close()
 
 
 @pytest.mark.parametrize(
-    ("statement", "committed"),
-    [
-        ("BEGIN IMMEDIATE", False),
-        ("UPDATE agents", False),
-        ("INSERT INTO agent_history", False),
-        ("COMMIT", True),
-    ],
+    "statement",
+    ["(queued)", "BEGIN IMMEDIATE", "UPDATE agents", "INSERT INTO agent_history", "COMMIT"],
 )
-async def test_write_is_all_or_nothing_when_cancelled_during_a_statement(
-    tmp_path: pathlib.Path, statement: str, committed: bool
+async def test_write_commits_whole_when_its_caller_is_cancelled_during_a_statement(
+    tmp_path: pathlib.Path, statement: str
 ) -> None:
-    store = SqliteStore(tmp_path / "roost.db")
-    await store.open()
-    try:
+    """Once queued, a write is applied whole: cancelling its caller at any point,
+    even while the writer thread is inside one of its statements, only stops the
+    caller waiting. (All-or-nothing, and here always "all".)"""
+    async with opened(tmp_path / "roost.db") as (database, store):
         record = await store.insert_agent(AgentRecord(name="echo"), SPEC)
         changes = [
             StateChange(AgentState.CREATED, AgentState.STARTING, f"change {i}", float(i))
@@ -436,55 +407,65 @@ async def test_write_is_all_or_nothing_when_cancelled_during_a_statement(
         ]
         loop = asyncio.get_running_loop()
         reached = asyncio.Event()
+        armed = threading.Event()  # set once only the update's statements follow
+        release = threading.Event()
 
-        def on_statement(sql: str) -> None:  # runs on aiosqlite's worker thread
-            if sql.startswith(statement):
+        def on_statement(sql: str) -> None:  # on the writer thread, as a statement starts
+            if armed.is_set() and not reached.is_set() and sql.startswith(statement):
                 loop.call_soon_threadsafe(reached.set)
+                release.wait(SUBPROCESS_DEADLINE)  # hold the writer inside the statement
 
-        # White-box: watch the private writer connection to cancel at a known point.
-        # Its callback is queued before the statement's result, so the cancel lands
-        # while the write is awaiting exactly that statement.
-        await store._writer.set_trace_callback(on_statement)  # type: ignore[union-attr]
+        def hold_writer(db: sqlite3.Connection) -> None:  # keeps the next write queued
+            loop.call_soon_threadsafe(reached.set)
+            release.wait(SUBPROCESS_DEADLINE)
+
+        if statement == "(queued)":
+            gate = asyncio.create_task(database.write("gate", hold_writer))
+        else:
+            await database.write("trace", lambda db: db.set_trace_callback(on_statement))
+            armed.set()  # the trace write has committed: what comes next is the update
         write = asyncio.create_task(
             store.update_agent(record.replace(state=AgentState.STARTING), changes=changes)
         )
-        # asyncio.timeout, not wait_for: wait_for's extra task would cost a loop
-        # turn, letting the write run on to its next statement before the cancel.
         async with asyncio.timeout(SUBPROCESS_DEADLINE):
             await reached.wait()
         write.cancel()
         with pytest.raises(asyncio.CancelledError):
             await write
+        release.set()
+        if statement == "(queued)":
+            await gate
+        else:
+            await database.write("untrace", lambda db: db.set_trace_callback(None))
 
         stored = await store.get_agent("echo")
         assert stored is not None
-        history = await store.history("echo", limit=1000)
-        assert len(history) == (len(changes) if committed else 0)
-        assert stored.record.version == (2 if committed else 1)
+        assert stored.record.version == 2
+        assert len(await store.history("echo", limit=1000)) == len(changes)
         # No transaction was left open: the next write goes through.
         again = await store.update_agent(stored.record.replace(last_error="after cancel"))
-        assert again.version == stored.record.version + 1
-    finally:
-        await store.close()
+        assert again.version == 3
 
 
 SIGKILL_WRITER = textwrap.dedent(
     """
     import asyncio, sys
+    from roost.adapters.sqlite_database import Database
     from roost.adapters.sqlite_store import SqliteStore
     from roost.core.records import AgentRecord, StateChange
     from roost.core.states import AgentState
 
     async def main():
-        store = SqliteStore(sys.argv[1])
-        await store.open()
+        database = Database(sys.argv[1])
+        await database.open()
+        store = SqliteStore(database)
         record = await store.insert_agent(AgentRecord(name="survivor"), {"image": "x"})
         await store.update_agent(
             record.replace(state=AgentState.RUNNING, container_id="abc"),
             changes=[StateChange(AgentState.CREATED, AgentState.RUNNING, "committed", 1.0)],
         )
         print("committed", flush=True)
-        await asyncio.Event().wait()  # block until killed; never close the store
+        await asyncio.Event().wait()  # block until killed; never close the database
 
     asyncio.run(main())
     """
@@ -515,17 +496,13 @@ async def test_committed_write_survives_when_writer_process_is_sigkilled(
     wal = await asyncio.to_thread(pathlib.Path(f"{path}-wal").stat)
     assert wal.st_size > 0
 
-    store = SqliteStore(path)
-    await store.open()
-    try:
+    async with opened_store(path) as store:
         stored = await store.get_agent("survivor")
         assert stored is not None
         assert stored.record.state == AgentState.RUNNING
         assert stored.record.container_id == "abc"
         assert stored.record.version == 2
         assert [h.change.reason for h in await store.history("survivor")] == ["committed"]
-    finally:
-        await store.close()
 
 
 # -- property: versions and history under random update sequences ---------------------
@@ -547,9 +524,7 @@ def test_version_increases_and_history_counts_changes_when_updates_are_random(
     steps: list[tuple[AgentState, bool, int]],
 ) -> None:
     async def scenario(directory: pathlib.Path) -> None:
-        store = SqliteStore(directory / "roost.db")
-        await store.open()
-        try:
+        async with opened_store(directory / "roost.db") as store:
             current = await store.insert_agent(AgentRecord(name="prop"), {})
             previous: AgentRecord | None = None
             versions = [current.version]
@@ -577,8 +552,6 @@ def test_version_increases_and_history_counts_changes_when_updates_are_random(
             history = await store.history("prop", limit=1000)
             assert len(history) == written_changes
             assert [h.seq for h in history] == sorted({h.seq for h in history})
-        finally:
-            await store.close()
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(scenario(pathlib.Path(directory)))

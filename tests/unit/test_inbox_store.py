@@ -1,4 +1,4 @@
-"""``SqliteInbox`` on a real SQLite file: order, idempotency, statuses, limits, reopening."""
+"""``SqliteInbox`` on a real ``Database``: order, idempotency, statuses, limits, reopening."""
 
 from __future__ import annotations
 
@@ -8,35 +8,44 @@ from pathlib import Path
 
 import pytest
 
+from roost.adapters.sqlite_database import Database
 from roost.adapters.sqlite_inbox import SqliteInbox
-from roost.adapters.sqlite_store import SqliteStore
 from roost.ports.inbox import MessageStatus, QueueFull
 
 M = MessageStatus
 
 
-async def _open(path: Path) -> tuple[SqliteStore, SqliteInbox]:
-    store = SqliteStore(path)
-    await store.open()
-    inbox = SqliteInbox(store)
+async def _open(path: Path) -> tuple[Database, SqliteInbox]:
+    database = Database(path)
+    await database.open()
+    inbox = SqliteInbox(database)
     await inbox.open()
-    return store, inbox
+    return database, inbox
 
 
-async def _close(store: SqliteStore, inbox: SqliteInbox) -> None:
+async def _close(database: Database, inbox: SqliteInbox) -> None:
     await inbox.close()
-    await store.close()
+    await database.close()
 
 
 @pytest.fixture
-async def inbox(tmp_path: Path) -> AsyncIterator[SqliteInbox]:
-    store, box = await _open(tmp_path / "roost.db")
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    db = Database(tmp_path / "roost.db")
+    await db.open()
+    yield db
+    await db.close()
+
+
+@pytest.fixture
+async def inbox(database: Database) -> AsyncIterator[SqliteInbox]:
+    box = SqliteInbox(database)
+    await box.open()
     yield box
-    await _close(store, box)
+    await box.close()
 
 
 async def test_messages_keep_acceptance_order_when_enqueued_concurrently(
-    inbox: SqliteInbox,
+    database: Database, inbox: SqliteInbox
 ) -> None:
     results = await asyncio.gather(*(inbox.enqueue("a", {"i": i}) for i in range(200)))
     seqs = [message.seq for message, _ in results]
@@ -46,7 +55,7 @@ async def test_messages_keep_acceptance_order_when_enqueued_concurrently(
     assert [m.body["i"] for m in queued] == list(range(200))
     assert inbox.pending_count("a") == 200
     # group commit: fewer transactions than writes
-    assert inbox.commits < inbox.writes
+    assert database.commits < database.writes
 
 
 async def test_next_queued_pages_after_seq_when_asked_for_a_batch(inbox: SqliteInbox) -> None:
@@ -165,13 +174,13 @@ async def test_messages_survive_reopen_and_delivering_is_requeued_when_roost_res
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "roost.db"
-    store, inbox = await _open(path)
+    database, inbox = await _open(path)
     messages = [(await inbox.enqueue("a", {"i": i}, idempotency_key=f"k{i}"))[0] for i in range(4)]
     await inbox.mark_delivered(messages[0], "done")
     await inbox.mark_delivering(messages[1].id, attempts=1)
-    await _close(store, inbox)
+    await _close(database, inbox)
 
-    store, inbox = await _open(path)
+    database, inbox = await _open(path)
     try:
         assert inbox.pending_count("a") == 3
         assert await inbox.recover() == ["a"]
@@ -184,7 +193,7 @@ async def test_messages_survive_reopen_and_delivering_is_requeued_when_roost_res
         newer, _ = await inbox.enqueue("a", "newer")
         assert newer.seq > messages[-1].seq
     finally:
-        await _close(store, inbox)
+        await _close(database, inbox)
 
 
 async def test_body_that_is_not_json_is_refused_when_enqueued(inbox: SqliteInbox) -> None:
@@ -198,17 +207,17 @@ async def test_close_commits_a_lazy_write_and_returns_when_one_is_still_queued(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "roost.db"
-    store, inbox = await _open(path)
+    database, inbox = await _open(path)
     message, _ = await inbox.enqueue("a", {"i": 1})
     inbox.mark_delivering(message.id, attempts=1)  # lazy: not awaited, still queued
     async with asyncio.timeout(10):  # a hang here was a bug: close waited forever
-        await _close(store, inbox)
+        await _close(database, inbox)
 
-    store, inbox = await _open(path)
+    database, inbox = await _open(path)
     try:
         stored = await inbox.get("a", message.id)
         assert stored is not None
         assert stored.status is M.DELIVERING
         assert stored.attempts == 1
     finally:
-        await _close(store, inbox)
+        await _close(database, inbox)

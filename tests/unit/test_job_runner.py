@@ -1,6 +1,6 @@
 """JobRunner on FakeRuntime and FakeClock (timeouts run on fake time), with the real
-SQLite job store. Store writes run on aiosqlite's thread, so tests wait for their
-effects by polling with a deadline (``wait_until``), never by sleeping."""
+SQLite job store. Store writes run on the database's writer thread, so tests wait for
+their effects by polling with a deadline (``wait_until``), never by sleeping."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from roost import errors
+from roost.adapters.sqlite_database import Database
 from roost.adapters.sqlite_jobs import SqliteJobStore
-from roost.adapters.sqlite_store import SqliteStore
 from roost.config import JobsConfig
 from roost.core import labels
 from roost.core.backoff import Backoff
@@ -70,7 +70,7 @@ class RecordingRuntime(FakeRuntime):
 class Rig:
     clock: FakeClock
     runtime: RecordingRuntime
-    sqlite: SqliteStore
+    database: Database
     store: SqliteJobStore
     runner: JobRunner
     config: JobsConfig
@@ -128,9 +128,9 @@ def _config(**overrides: Any) -> JobsConfig:
 async def _rig(tmp_path: Path, **config: Any) -> AsyncIterator[Rig]:
     clock = FakeClock()
     runtime = RecordingRuntime(images=[BASE], clock=clock.now)
-    sqlite = SqliteStore(tmp_path / "roost.db", wall_clock=clock.now)
-    await sqlite.open()
-    store = SqliteJobStore(sqlite, secret_env=("EXTRA_SECRET_NAME",))
+    database = Database(tmp_path / "roost.db")
+    await database.open()
+    store = SqliteJobStore(database, secret_env=("EXTRA_SECRET_NAME",), wall_clock=clock.now)
     jobs_config = _config(**config)
     runner = JobRunner(
         store=store,
@@ -142,12 +142,12 @@ async def _rig(tmp_path: Path, **config: Any) -> AsyncIterator[Rig]:
         retry=Backoff((1.0, 2.0)),
     )
     await runner.start()
-    rig = Rig(clock, runtime, sqlite, store, runner, jobs_config)
+    rig = Rig(clock, runtime, database, store, runner, jobs_config)
     try:
         yield rig
     finally:
         await rig.runner.stop(leave_running=True)
-        await sqlite.close()
+        await database.close()
 
 
 @pytest.fixture
@@ -348,7 +348,7 @@ async def test_next_job_starts_from_scrubbed_snapshot_when_key_succeeded_before(
     assert "MODE=x" in image_env
     assert not any("supersecret" in e or "hidden" in e for e in image_env)
     # the stored job keeps names, not secret values, once it is over
-    rows = await rig.sqlite._read("SELECT env FROM jobs WHERE id = ?", (first.id,))
+    rows = await rig.database.fetch_all("SELECT env FROM jobs WHERE id = ?", (first.id,))
     assert json.loads(rows[0][0]) == {"API_TOKEN": "", "EXTRA_SECRET_NAME": "", "MODE": "x"}
 
     second = await rig.runner.submit(image=BASE, snapshot_key="Repo/42")

@@ -3,7 +3,7 @@
 Every time-driven rule (readiness, restart backoff, idle steps, liveness, the
 restart-counter reset) runs on ``FakeClock``: a test moves time with
 ``clock.advance`` and then waits, with a real-time deadline, for the actor to
-have acted (state changes are persisted through aiosqlite, i.e. on a thread).
+have acted (state changes are persisted on the database's writer thread).
 No test sleeps to let time pass. Durations in these tests are sums of powers of
 two, so fake-time arithmetic is exact and "after exactly N seconds" is exact.
 

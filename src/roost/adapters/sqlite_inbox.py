@@ -1,26 +1,25 @@
-"""``SqliteInbox``: the ``Inbox`` port on the ``messages`` table of Roost's SQLite file.
+"""``SqliteInbox``: the ``Inbox`` port on the ``messages`` table of Roost's ``Database``.
 
-Role: durable messages, in the same file as ``SqliteStore`` (which creates the
-table in its migrations). Reads go through the store's read connection; writes
-through a connection of the inbox's own, used by one dedicated thread, so a
-whole batch (BEGIN, statements, COMMIT) costs one thread hop instead of one per
-statement. SQLite's write lock (WAL, ``busy_timeout``) serialises it with the
-store's writer.
+Role: durable messages. A repository on
+``roost.adapters.sqlite_database.Database``'s public methods: that object owns
+the file and its schema (migration step 2 creates the table) and commits every
+write through its one group-commit writer, shared with the store and the job
+store. This module keeps the inbox's own state (next ``seq``, pending sets).
 
 Invariants:
-- Group commit: every write is queued to one writer task, which commits
-  whatever has accumulated (while the previous commit ran) in a single
-  ``BEGIN IMMEDIATE … COMMIT``, running consecutive writes of the same
+- Group commit (the ``Database``'s): writes queued while a commit runs are
+  committed together in one ``BEGIN IMMEDIATE … COMMIT``, runs of the same
   statement as one ``executemany``. A caller's await returns only after *its*
   write has committed; if the transaction fails, every write in it fails (and
-  nothing of it is stored). Durability is the store's: WAL with
-  ``synchronous=NORMAL`` (a commit survives the process being killed).
+  nothing of it is stored). Durability: WAL with ``synchronous=NORMAL`` (a
+  commit survives the process being killed).
 - Writes are applied in the order they were queued, so a message's status
   updates can never overtake its insert or each other. ``mark_delivering`` is
   lazy: it does not wake the writer, it joins the next commit (normally the
-  attempt's outcome), or commits alone after ``LAZY_COMMIT_DELAY``. That halves
-  the commits per delivery and changes no outcome: after a crash a ``queued``
-  message is redelivered exactly like a ``delivering`` one.
+  attempt's outcome), or commits alone after the database's
+  ``lazy_commit_delay`` (50 ms). That halves the commits per delivery and
+  changes no outcome: after a crash a ``queued`` message is redelivered
+  exactly like a ``delivering`` one.
 - ``seq`` (the rowid) is assigned here, in acceptance order, by the only
   writer of the table; a failed insert leaves a gap, never a reordering.
 - The per-agent set of pending (queued/delivering) ids is kept in memory,
@@ -29,35 +28,26 @@ Invariants:
 - Idempotency is enforced by the unique index on ``(agent, idempotency_key)``:
   a keyed insert that loses a race is a no-op (``ON CONFLICT DO NOTHING``) and
   the caller gets the stored message instead.
-- ``close`` commits every write already queued before returning.
+- ``close`` returns once every write already queued has committed; the
+  ``Database`` itself is opened and closed by its owner.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import dataclasses
 import json
-import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from roost import errors
-from roost.adapters.sqlite_store import BUSY_TIMEOUT, SqliteStore
+from roost.adapters.sqlite_database import Database
 from roost.ports.inbox import Message, MessageStatus, QueueFull
 
 __all__ = ["SqliteInbox"]
 
-log = logging.getLogger("roost.inbox")
-
 M = MessageStatus
-
-#: Longest a lazy write (``mark_delivering``) waits for a commit to ride with.
-LAZY_COMMIT_DELAY: Final = 0.05
 
 _COLUMNS: Final = (
     "id, agent, seq, body, status, attempts, reply, error, idempotency_key, "
@@ -95,78 +85,50 @@ _REQUEUE: Final = (
 )
 
 
-@dataclasses.dataclass(slots=True)
-class _Write:
-    sql: str
-    params: tuple[Any, ...]
-    done: asyncio.Future[list[Any]]
-    #: RETURNING statements run alone and hand their rows back.
-    returning: bool = False
-
-
 class SqliteInbox:
-    """The ``Inbox`` port over an open (or about to be opened) ``SqliteStore``.
+    """The ``Inbox`` port on ``database`` (opened by its owner before ``open``).
 
     ``wall_clock`` stamps the ``*_at`` columns (seconds since the epoch).
     """
 
-    def __init__(self, store: SqliteStore, *, wall_clock: Callable[[], float] = time.time) -> None:
-        self._store = store
+    def __init__(self, database: Database, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self._db = database
         self._wall_clock = wall_clock
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._db: sqlite3.Connection | None = None
-        self._queue: list[_Write] = []
-        self._wakeup = asyncio.Event()
-        self._lazy_timer: asyncio.TimerHandle | None = None
-        self._writer_task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._open = False
         self._next_seq = 1
         self._pending: dict[str, set[str]] = {}
-        #: committed transactions and the writes they held (for benchmarks/metrics).
-        self.commits = 0
-        self.writes = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def open(self) -> None:
-        """Load the next seq and the pending sets; start the writer. Idempotent.
-        The store must be open (its migrations create the table)."""
-        if self._writer_task is not None:
+        """Load the next seq and the pending sets. Idempotent. The database must be
+        open (its migrations create the table)."""
+        if self._open:
             return
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "roost-inbox-writer")
-        try:
-            await self._in_thread(self._connect)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
-        rows = await self._store._read("SELECT COALESCE(MAX(seq), 0) FROM messages", ())
-        self._next_seq = int(rows[0][0]) + 1
-        rows = await self._store._read(
-            "SELECT agent, id FROM messages WHERE status IN ('queued', 'delivering')", ()
+        row = await self._db.fetch_one("SELECT COALESCE(MAX(seq), 0) FROM messages")
+        assert row is not None
+        rows = await self._db.fetch_all(
+            "SELECT agent, id FROM messages WHERE status IN ('queued', 'delivering')"
         )
+        self._next_seq = int(row[0]) + 1
         self._pending = {}
         for agent, message_id in rows:
             self._pending.setdefault(agent, set()).add(message_id)
-        self._closing = False
-        self._writer_task = asyncio.create_task(self._write_loop(), name="roost.inbox.writer")
+        self._open = True
 
     async def close(self) -> None:
-        task = self._writer_task
-        if task is None:
+        """Commit every write already queued (lazy ones too), then stop. Idempotent."""
+        if not self._open:
             return
-        self._closing = True
-        self._wakeup.set()
-        await asyncio.gather(task, return_exceptions=True)
-        self._writer_task = None
-        with contextlib.suppress(sqlite3.Error):
-            await self._in_thread(self._disconnect)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        self._open = False
+        await self._db.flush()
 
     async def recover(self) -> list[str]:
-        await self._write("UPDATE messages SET status = 'queued' WHERE status = 'delivering'", ())
+        self._require_open()
+        await self._db.execute(
+            "requeue delivering messages",
+            "UPDATE messages SET status = 'queued' WHERE status = 'delivering'",
+        )
         return sorted(agent for agent, ids in self._pending.items() if ids)
 
     # -- writes ----------------------------------------------------------------------
@@ -179,6 +141,7 @@ class SqliteInbox:
         idempotency_key: str | None = None,
         limit: int | None = None,
     ) -> tuple[Message, bool]:
+        self._require_open()
         if idempotency_key is not None:
             existing = await self._by_key(agent, idempotency_key)
             if existing is not None:
@@ -205,7 +168,8 @@ class SqliteInbox:
         self._next_seq += 1
         pending.add(message.id)  # reserve the place before the commit
         try:
-            await self._write(
+            await self._db.execute(
+                "enqueue message",
                 _INSERT,
                 (message.seq, message.id, agent, body_json, idempotency_key, now, now),
             )
@@ -224,28 +188,41 @@ class SqliteInbox:
 
     def mark_delivering(self, message_id: str, *, attempts: int) -> asyncio.Future[Any]:
         """Lazy: committed with the attempt's outcome when that comes within
-        ``LAZY_COMMIT_DELAY``, else on its own then (a slow agent's message shows
+        the database's ``lazy_commit_delay``, else on its own then (a slow agent's message shows
         ``delivering`` meanwhile). Either way it commits before the outcome."""
-        done = self._queue_write(
-            _MARK_DELIVERING, (attempts, self._wall_clock(), message_id), lazy=True
+        self._require_open()
+        return self._db.execute_lazily(
+            "mark message delivering", _MARK_DELIVERING, (attempts, self._wall_clock(), message_id)
         )
-        done.add_done_callback(_retrieve)
-        return done
 
     async def mark_delivered(self, message: Message, reply: Any) -> None:
+        self._require_open()
         now = self._wall_clock()
-        await self._write(_MARK_DELIVERED, (json.dumps(reply), now, now, message.id))
+        await self._db.execute(
+            "mark message delivered", _MARK_DELIVERED, (json.dumps(reply), now, now, message.id)
+        )
         self._settled(message)
 
     async def mark_failed(self, message: Message, error: str) -> None:
-        await self._write(_MARK_FAILED, (error, self._wall_clock(), message.id))
+        self._require_open()
+        await self._db.execute(
+            "mark message failed", _MARK_FAILED, (error, self._wall_clock(), message.id)
+        )
         self._settled(message)
 
     async def mark_retry(self, message_id: str, error: str, *, next_attempt_at: float) -> None:
-        await self._write(_MARK_RETRY, (error, self._wall_clock(), next_attempt_at, message_id))
+        self._require_open()
+        await self._db.execute(
+            "mark message for retry",
+            _MARK_RETRY,
+            (error, self._wall_clock(), next_attempt_at, message_id),
+        )
 
     async def kill_pending(self, agent: str, reason: str) -> Sequence[str]:
-        rows = await self._write(_KILL, (reason, self._wall_clock(), agent), returning=True)
+        self._require_open()
+        rows = await self._db.execute_returning(
+            "kill pending messages", _KILL, (reason, self._wall_clock(), agent)
+        )
         ids = [str(row[0]) for row in rows]
         pending = self._pending.get(agent)
         if pending is not None:
@@ -253,7 +230,10 @@ class SqliteInbox:
         return ids
 
     async def requeue_dead(self, agent: str) -> Sequence[str]:
-        rows = await self._write(_REQUEUE, (self._wall_clock(), agent), returning=True)
+        self._require_open()
+        rows = await self._db.execute_returning(
+            "requeue dead messages", _REQUEUE, (self._wall_clock(), agent)
+        )
         ids = [str(row[0]) for row in rows]
         self._pending.setdefault(agent, set()).update(ids)
         return ids
@@ -263,13 +243,19 @@ class SqliteInbox:
         if pending is not None:
             pending.discard(message.id)
 
+    def _require_open(self) -> None:
+        # The seq counter and pending sets are loaded by ``open``: writing before
+        # it would reuse a seq.
+        if not self._open:
+            raise errors.StoreError(f"the inbox of {self._db.path} is not open")
+
     # -- reads -----------------------------------------------------------------------
 
     async def get(self, agent: str, message_id: str) -> Message | None:
-        rows = await self._store._read(
+        row = await self._db.fetch_one(
             f"SELECT {_COLUMNS} FROM messages WHERE id = ? AND agent = ?", (message_id, agent)
         )
-        return _message(rows[0]) if rows else None
+        return _message(row) if row is not None else None
 
     async def list_messages(
         self,
@@ -291,7 +277,7 @@ class SqliteInbox:
             params.append(after_seq)
         order = "DESC" if after_seq is None else "ASC"
         params.append(max(limit, 0))
-        rows = await self._store._read(
+        rows = await self._db.fetch_all(
             f"SELECT {_COLUMNS} FROM messages WHERE {where} ORDER BY seq {order} LIMIT ?",
             params,
         )
@@ -299,7 +285,7 @@ class SqliteInbox:
         return messages if after_seq is not None else messages[::-1]
 
     async def next_queued(self, agent: str, *, after_seq: int, limit: int) -> list[Message]:
-        rows = await self._store._read(
+        rows = await self._db.fetch_all(
             f"SELECT {_COLUMNS} FROM messages WHERE agent = ? AND status = 'queued' AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (agent, after_seq, limit),
@@ -307,136 +293,11 @@ class SqliteInbox:
         return [_message(row) for row in rows]
 
     async def _by_key(self, agent: str, key: str) -> Message | None:
-        rows = await self._store._read(
+        row = await self._db.fetch_one(
             f"SELECT {_COLUMNS} FROM messages WHERE agent = ? AND idempotency_key = ?",
             (agent, key),
         )
-        return _message(rows[0]) if rows else None
-
-    # -- the group-commit writer -------------------------------------------------------
-
-    def _queue_write(
-        self, sql: str, params: tuple[Any, ...], *, returning: bool = False, lazy: bool = False
-    ) -> asyncio.Future[list[Any]]:
-        """Queue a write now (ordered before every later one); its future resolves
-        once committed. ``lazy``: no commit of its own, it rides with the next one
-        (at most ``LAZY_COMMIT_DELAY`` later)."""
-        if self._writer_task is None or self._closing:
-            raise errors.StoreError(f"the inbox of {self._store.path} is not open")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[Any]] = loop.create_future()
-        self._queue.append(_Write(sql, params, done, returning))
-        if not lazy:
-            self._wakeup.set()
-        elif self._lazy_timer is None:
-            self._lazy_timer = loop.call_later(LAZY_COMMIT_DELAY, self._wakeup.set)
-        return done
-
-    async def _write(
-        self, sql: str, params: tuple[Any, ...], *, returning: bool = False
-    ) -> list[Any]:
-        done = self._queue_write(sql, params, returning=returning)
-        # Not cancellable half-way: once queued, the write happens; a cancelled
-        # caller simply stops waiting for it.
-        return await asyncio.shield(done)
-
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if self._lazy_timer is not None:
-                self._lazy_timer.cancel()
-                self._lazy_timer = None
-            batch, self._queue = self._queue, []
-            if batch:
-                await self._commit(batch)
-            # Closing: ``close`` woke us once; whatever is still queued (a lazy write
-            # that arrived meanwhile) is committed before the loop ends.
-            if self._closing and not self._queue:
-                return
-            if self._closing:
-                self._wakeup.set()
-
-    async def _commit(self, batch: list[_Write]) -> None:
-        work = [(w.sql, w.params, w.returning) for w in batch]
-        try:
-            results = await self._in_thread(self._apply, work)
-        except Exception as exc:
-            log.error("inbox: a batch of %d writes failed: %s", len(batch), exc)
-            for write in batch:
-                if not write.done.done():
-                    write.done.set_exception(exc)
-            return
-        self.commits += 1
-        self.writes += len(batch)
-        for write, rows in zip(batch, results, strict=True):
-            if not write.done.done():
-                write.done.set_result(rows)
-
-    # -- the writer thread (only it touches ``_db``) --------------------------------------
-
-    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        executor = self._executor
-        if executor is None:
-            raise errors.StoreError(f"the inbox of {self._store.path} is not open")
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-
-    def _connect(self) -> None:
-        try:
-            db = sqlite3.connect(self._store.path, isolation_level=None, check_same_thread=False)
-            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-            db.execute("PRAGMA synchronous = NORMAL")  # per connection; WAL is the file's
-        except sqlite3.Error as exc:
-            raise errors.StoreError(
-                f"state database {self._store.path}: cannot open the inbox writer: {exc}"
-            ) from exc
-        self._db = db
-
-    def _disconnect(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()
-
-    def _apply(self, work: list[tuple[str, tuple[Any, ...], bool]]) -> list[list[Any]]:
-        """One transaction: runs of the same statement as ``executemany``."""
-        db = self._db
-        if db is None:
-            raise errors.StoreError(f"the inbox of {self._store.path} is not open")
-        results: list[list[Any]] = [[] for _ in work]
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                start = 0
-                while start < len(work):
-                    sql, params, returning = work[start]
-                    if returning:
-                        results[start] = db.execute(sql, params).fetchall()
-                        start += 1
-                        continue
-                    end = start + 1
-                    while end < len(work) and work[end][0] == sql and not work[end][2]:
-                        end += 1
-                    if end - start == 1:
-                        db.execute(sql, params)
-                    else:
-                        db.executemany(sql, [w[1] for w in work[start:end]])
-                    start = end
-                db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise errors.StoreError(
-                f"state database {self._store.path}: inbox write failed: {exc}"
-            ) from exc
-        return results
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # A lazy write nobody awaits must not log "exception was never retrieved".
-    if not future.cancelled():
-        future.exception()
+        return _message(row) if row is not None else None
 
 
 def _loads(text: str | None) -> Any:

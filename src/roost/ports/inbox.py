@@ -95,7 +95,7 @@ class Message:
 
 class Inbox(Protocol):
     async def open(self) -> None:
-        """Start the inbox (its schema comes with the store it shares). Idempotent."""
+        """Start the inbox (its schema comes with the database it shares). Idempotent."""
         ...
 
     async def close(self) -> None:

@@ -36,7 +36,8 @@ class HistoryEntry:
 
 class Store(Protocol):
     async def open(self) -> None:
-        """Create or migrate the schema. Idempotent."""
+        """Make the store ready (create or migrate the schema, or check that the
+        database it is built on was opened and migrated by its owner). Idempotent."""
         ...
 
     async def close(self) -> None: ...

@@ -5,7 +5,7 @@ start counts from the current time, not from after the jump), then moves time
 forward and wakes every sleeper whose deadline has passed, in deadline order,
 letting the loop run between wake-ups so that work triggered by one timer is
 done before the next fires. Only loop scheduling is settled: work waiting on a
-thread (e.g. aiosqlite) may still be in flight when ``advance`` returns.
+thread (e.g. a database write) may still be in flight when ``advance`` returns.
 """
 
 from __future__ import annotations
