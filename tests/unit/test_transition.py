@@ -1299,6 +1299,19 @@ ENGINE_ROWS = [
         fields={**WAITING, "restart_count": 3},
     ),
     row(
+        "exit-as-engine-goes-down-waits-uncounted",
+        running(restart_count=3),
+        ev.ContainerExited(CUR, CRASH, engine_down=True),
+        ((S.RESTARTING, ENGINE_WAIT + "the engine went down as the container exited"),),
+        fields={**WAITING, "restart_count": 3, "last_exit": at_cur(CRASH)},
+    ),
+    row(
+        "exit-as-engine-goes-down-of-a-stopped-agent-is-just-recorded",
+        stopped(expected_exit=True),
+        ev.ContainerExited(CUR, CLEAN, engine_down=True),
+        fields={"expected_exit": False},
+    ),
+    row(
         "recovered-starts-who-waited",
         restarting(restart_at=None),
         ev.EngineRecovered(),
@@ -1350,11 +1363,11 @@ ENGINE_ROWS = [
         fields={**WAITING, "restart_count": 0},
     ),
     row(
-        "exit-blamed-clean-exit-keeps-its-container",
+        "exit-blamed-clean-exit-lets-its-container-go",
         stopped(last_exit=at_cur(CLEAN)),
         ev.ExitBlamedOnEngine(CUR, restart_count=0),
         ((S.RESTARTING, ENGINE_WAIT + "the engine went down right after the container exited"),),
-        fields={"restart_at": None, "container_id": CUR},
+        fields=WAITING,
     ),
     row(
         "exit-blamed-for-another-container-is-stale",

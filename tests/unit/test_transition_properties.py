@@ -204,21 +204,38 @@ class LifecycleMachine(RuleBasedStateMachine):
         container = None if which == "none" else self.pick(which)
         self.step(ev.StartFailed(container, "start failed", exit_info, terminal))
 
-    @rule(which=targets, exit_info=exits)
-    def container_exited(self, which: str, exit_info: ExitInfo) -> None:
-        self.step(ev.ContainerExited(self.pick(which), exit_info))
+    @rule(which=st.sampled_from(["current", "stale", "none"]))
+    def start_failed_engine_down(self, which: str) -> None:
+        container = None if which == "none" else self.pick(which)
+        self.step(ev.StartFailed(container, "Docker unreachable", engine_down=True))
 
-    @rule(which=targets)
-    def container_vanished(self, which: str) -> None:
-        self.step(ev.ContainerVanished(self.pick(which)))
+    @rule(which=targets, exit_info=exits, engine_down=st.booleans())
+    def container_exited(self, which: str, exit_info: ExitInfo, engine_down: bool) -> None:
+        self.step(ev.ContainerExited(self.pick(which), exit_info, engine_down))
+
+    @rule(which=targets, after_outage=st.booleans())
+    def container_vanished(self, which: str, after_outage: bool) -> None:
+        self.step(ev.ContainerVanished(self.pick(which), after_outage))
 
     @rule(
         which=targets,
         status=st.sampled_from(["running", "paused", "exited", "dead", "created"]),
         exit_info=st.none() | exits,
+        after_outage=st.booleans(),
     )
-    def container_observed(self, which: str, status: str, exit_info: ExitInfo | None) -> None:
-        self.step(ev.ContainerObserved(self.pick(which), status, exit_info))
+    def container_observed(
+        self, which: str, status: str, exit_info: ExitInfo | None, after_outage: bool
+    ) -> None:
+        self.step(ev.ContainerObserved(self.pick(which), status, exit_info, after_outage))
+
+    @rule()
+    def engine_recovered(self) -> None:
+        self.step(ev.EngineRecovered())
+
+    @rule(which=targets, restarts=st.integers(min_value=0, max_value=4))
+    def exit_blamed_on_engine(self, which: str, restarts: int) -> None:
+        budget = min(restarts, self.policy.max_restarts)  # the count it had before the exit
+        self.step(ev.ExitBlamedOnEngine(self.pick(which), budget))
 
     @rule()
     def resumed(self) -> None:
@@ -311,7 +328,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert S.RESTARTING not in entered
             assert S.STARTING not in entered
         if before.state is S.STOPPED and not waking:
-            assert after.state is S.STOPPED
+            # (an exit blamed on the engine waits for it: the agent did not choose it)
+            blamed = isinstance(event, ev.ExitBlamedOnEngine)
+            assert after.state is S.STOPPED or (blamed and after.state is S.RESTARTING)
         put_to_sleep = (
             isinstance(event, ev.StopRequested)
             or (isinstance(event, ev.ShutdownRequested) and not event.leave_running)
@@ -323,7 +342,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.asleep_by_request = True
 
         # Backoff follows restart_delay, is capped, and never shrinks within a loop.
-        if S.RESTARTING in entered:
+        if S.RESTARTING in entered and after.restart_at is not None:
             delay = restart_delay(self.policy, after.restart_count - 1)
             assert after.restart_at == self.now + delay
             assert 0 < delay <= self.policy.restart_backoff_max
@@ -362,7 +381,11 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @invariant()
     def restart_at_set_only_while_restarting(self) -> None:
-        assert (self.record.restart_at is not None) == (self.record.state is S.RESTARTING)
+        r = self.record
+        if r.restart_at is not None:
+            assert r.state is S.RESTARTING
+        elif r.state is S.RESTARTING:  # no deadline: it waits for the engine, and says so
+            assert r.last_error.startswith("engine unavailable")
 
     @invariant()
     def url_only_while_up(self) -> None:

@@ -63,7 +63,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, cast
 
-from roost.errors import StoreError
+from roost.errors import StorageFull, StoreError
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -272,6 +272,8 @@ class Database:
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
         self._commits = 0
+        #: the last transaction failed (logged once until one commits again).
+        self._failing = False
         self._writes = 0
 
     @property
@@ -507,6 +509,9 @@ class Database:
             self._in_flight = []
         self._commits += 1
         self._writes += len(batch)
+        if self._failing:
+            self._failing = False
+            log.warning("state database %s: writes commit again", self.path)
         for write, (ok, value) in zip(batch, outcomes, strict=True):
             if write.done.done():
                 continue
@@ -518,13 +523,22 @@ class Database:
     def _fail(self, batch: list[_Write], failed: _BatchFailed) -> None:
         cause = failed.cause
         culprit = batch[failed.culprit].operation if failed.culprit is not None else None
-        log.error(
+        # One error line when writes start failing (a full disk fails every retry),
+        # details at debug level after that until a commit succeeds again.
+        level = logging.DEBUG if self._failing else logging.ERROR
+        self._failing = True
+        log.log(
+            level,
             "state database %s: a transaction of %d writes failed and was rolled back (%s): %s",
             self.path,
             len(batch),
             culprit or "at BEGIN/COMMIT",
             cause,
         )
+        full = isinstance(cause, sqlite3.Error) and (
+            getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        )
+        kind = StorageFull if full else StoreError
         for index, write in enumerate(batch):
             if write.done.done():
                 continue
@@ -534,7 +548,7 @@ class Database:
                 why = f"rolled back with its transaction, in which {culprit!r} failed: {cause}"
             else:
                 why = f"its transaction failed: {cause}"
-            error = StoreError(f"state database {self.path}: {write.operation} failed: {why}")
+            error = kind(f"state database {self.path}: {write.operation} failed: {why}")
             error.__cause__ = cause
             write.done.set_exception(error)
 

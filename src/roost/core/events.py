@@ -96,8 +96,12 @@ class StartFailed:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ContainerExited:
+    """The container exited. ``engine_down``: the engine stopped answering right
+    then (it could not even tell why), so the exit is taken as the engine's."""
+
     container_id: str
     exit: ExitInfo
+    engine_down: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -124,6 +124,10 @@ def _stop(b: _Builder, p: Policy, reason: str, *, keep_failed: bool) -> None:
     r = b.record
     if r.state is S.FAILED and keep_failed:
         return
+    if r.last_exit is not None and r.last_exit.container_id:
+        # Asked to stop after it exited: that exit is no longer the engine's to give
+        # back (ExitBlamedOnEngine matches on this container id).
+        b.set(last_exit=dataclasses.replace(r.last_exit, container_id=None))
     if r.state is S.STARTING:
         b.do(cmd.CancelStart())
     if r.container_id is not None and r.state not in (S.STOPPED, S.FAILED):
@@ -253,6 +257,13 @@ def _on_start_failed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
 
 def _on_exited(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     assert isinstance(e, ev.ContainerExited)
+    r = b.record
+    engine_s = e.engine_down and r.container_id == e.container_id and not r.expected_exit
+    if engine_s and r.state in _LIVE:
+        exit_info = dataclasses.replace(e.exit, container_id=e.container_id)
+        _wait_for_engine(b, "the engine went down as the container exited")
+        b.set(last_exit=exit_info)
+        return None
     _exited(b, p, e.container_id, e.exit)
     return None
 
@@ -382,9 +393,9 @@ def _on_exit_blamed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     if r.state is S.STARTING:
         b.do(cmd.CancelStart())
     b.set(restart_count=e.restart_count)
-    keep = r.container_id if r.state is S.STOPPED else None  # a clean exit's container stays
+    # A clean exit's container is let go too: the reconcile after the outage removes
+    # it, and the start that follows makes a fresh one.
     _wait_for_engine(b, "the engine went down right after the container exited")
-    b.set(container_id=keep)
     return None
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -243,6 +244,7 @@ class AgentActor:
             # The admin's notice needs the diagnostics: read them first. Crashes
             # that restart decide from the die event alone (restart within ms) and
             # read them while removing the container (RemoveContainer.diagnose).
+            # An engine that cannot say why is going away itself: its exit, not ours.
             event = await self._enrich_exit(event)
             now = self.sup.clock.now()
             decision = transition(self.record, event, now=now, policy=self.policy)
@@ -312,6 +314,9 @@ class AgentActor:
             rt.logs_tail(event.container_id, lines=LOG_TAIL_LINES),
             return_exceptions=True,
         )
+        if isinstance(state_res, errors.DockerUnavailable):
+            self.sup.engine_failed(state_res)
+            return dataclasses.replace(event, engine_down=True)
         info = event.exit
         if not isinstance(state_res, BaseException) and state_res.exit is not None:
             found = state_res.exit

@@ -1,0 +1,147 @@
+"""The engine's and the disk's bad days, on fakes and fake time: an unreachable Docker
+engine is not an agent failure, and a state write that fails is retried, never dropped.
+
+The same scenarios run against a real second dockerd that is stopped and restarted
+in the fault suite (tests/faults, ``make faults``)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from roost import errors
+from roost.core import events as ev
+from roost.core.records import AgentRecord, StateChange
+from roost.core.states import AgentState
+from tests.support import ScriptedAgent, advance_until, open_rig
+
+S = AgentState
+
+
+def notices(rig: Any, kind: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = rig.notifier.of_kind(kind)
+    return found
+
+
+async def test_start_waits_for_the_engine_uncounted_and_runs_when_it_comes_back(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path, defaults={"max_restarts": 0}) as rig:
+        rig.runtime.go_down()
+        await rig.sup.request("echo", ev.StartRequested("test"))
+        waiting = await rig.reaches("echo", S.RESTARTING)
+        assert waiting.restart_at is None
+        assert waiting.restart_count == 0
+        assert waiting.last_error.startswith("engine unavailable")
+        # Time passes: a waiting start has no deadline, and max_restarts 0 is not used up.
+        await rig.clock.advance(600)
+        assert rig.record("echo").state is S.RESTARTING
+        assert notices(rig, "agent.failed") == []
+        assert len(notices(rig, "engine.unavailable")) == 1
+
+        rig.runtime.come_back()
+        await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.1)
+        assert rig.record("echo").restart_count == 0
+        await advance_until(rig.clock, lambda: bool(notices(rig, "engine.recovered")), step=0.1)
+        assert len(notices(rig, "engine.recovered")) == 1
+        assert len(notices(rig, "engine.unavailable")) == 1
+
+
+async def test_exits_when_the_daemon_stops_are_blamed_on_it_and_agents_come_back_uncounted(
+    tmp_path: Path,
+) -> None:
+    agents = {"one": {"image": "roost-mimic:latest"}, "two": {"image": "roost-mimic:latest"}}
+    async with open_rig(
+        tmp_path, agents=agents, defaults={"max_restarts": 0, "restart_backoff": 0}
+    ) as rig:
+        for name in agents:
+            await rig.start(name)
+        # A daemon stop without live-restore: every container dies, then the stream is lost.
+        rig.runtime.go_down(kill_containers=True, exit_code=143)
+        for name in agents:
+            await rig.until(
+                name,
+                lambda r: r.state is S.RESTARTING and r.restart_at is None,
+                "waiting for the engine",
+            )
+        assert notices(rig, "agent.failed") == []
+        rig.runtime.come_back()
+        for name in agents:
+            await advance_until(
+                rig.clock, lambda n=name: rig.record(n).state is S.RUNNING, step=0.1, what=name
+            )
+            assert rig.record(name).restart_count == 0
+        assert notices(rig, "agent.failed") == []
+        assert len(notices(rig, "engine.unavailable")) == 1
+
+
+async def test_running_agent_keeps_its_container_when_the_engine_restarts_with_live_restore(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path) as rig:
+        before = await rig.start("echo")
+        creates = len(rig.calls("create"))
+        rig.runtime.go_down()  # live-restore: containers keep running
+        await advance_until(rig.clock, lambda: rig.engine.health.holds("engine"), step=0.1)
+        rig.runtime.come_back()
+        await advance_until(rig.clock, lambda: not rig.engine.health.holds("engine"), step=0.1)
+        after = await rig.until("echo", lambda r: r.state is S.RUNNING, "still running")
+        assert after.container_id == before.container_id
+        assert after.restart_count == 0
+        assert len(rig.calls("create")) == creates
+
+
+async def test_messages_stay_queued_through_an_outage_and_are_delivered_in_order_after(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path, defaults={"max_restarts": 0}) as rig:
+        agent = ScriptedAgent(rig.runtime)
+        rig.engine.dispatcher.agent_client = agent
+        rig.runtime.go_down()
+        sent = [(await rig.engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(5)]
+        await rig.reaches("echo", S.RESTARTING)
+        await rig.clock.advance(120)
+        for message in sent:
+            stored = await rig.engine.inbox.get("echo", message.id)
+            assert stored is not None
+            assert stored.status.value in ("queued", "delivering")
+        rig.runtime.come_back()
+        await advance_until(
+            rig.clock, lambda: rig.engine.inbox.pending_count("echo") == 0, step=0.1
+        )
+        assert [body["i"] for _, body in agent.deliveries] == [0, 1, 2, 3, 4]
+
+
+async def test_a_failed_state_write_is_retried_until_stored_and_the_store_announced_once(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path) as rig:
+        store = rig.engine.store
+        real_update = store.update_agent
+        failures = {"left": 5}
+
+        async def flaky_update(
+            record: AgentRecord, *, changes: tuple[StateChange, ...] | list[StateChange] = ()
+        ) -> AgentRecord:
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise errors.StorageFull("state database: database or disk is full")
+            return await real_update(record, changes=changes)
+
+        store.update_agent = flaky_update  # type: ignore[method-assign]
+        starting = asyncio.ensure_future(rig.sup.request("echo", ev.StartRequested("test")))
+        await advance_until(rig.clock, lambda: rig.engine.health.holds("store"), step=0.01)
+        # Not moved past what is stored: the record is still as it was.
+        assert rig.record("echo").state is S.CREATED
+        assert rig.engine.agents.describe("echo")["degraded"] is not None
+        await advance_until(rig.clock, starting.done, step=0.5)
+        assert failures["left"] == 0
+        await rig.reaches("echo", S.RUNNING)
+        assert rig.engine.agents.describe("echo")["degraded"] is None
+        assert not rig.engine.health.holds("store")
+        assert len(notices(rig, "store.degraded")) == 1
+        assert len(notices(rig, "store.recovered")) == 1
+        stored = await store.get_agent("echo")
+        assert stored is not None
+        assert stored.record.state is S.RUNNING
