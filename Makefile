@@ -1,7 +1,7 @@
 # Developer and CI entry points; each target delegates to scripts/.
 # `make test ARGS="-k echo"` passes ARGS to pytest.
 
-.PHONY: setup test lint images up bench
+.PHONY: setup test swarm-test faults lint images up bench
 
 ARGS ?=
 
@@ -10,6 +10,15 @@ setup:
 
 test:
 	scripts/test $(ARGS)
+
+# Tests excluded from `make test` (pyproject addopts): they start their own
+# daemons as root. swarm-test: a three-node Docker Swarm (scripts/swarm-fixture);
+# faults: a private dockerd the tests stop and restart (scripts/private-dockerd).
+swarm-test:
+	SKIP_LINT=1 scripts/test -m swarm tests/swarm $(ARGS)
+
+faults:
+	SKIP_LINT=1 scripts/test -m faults tests/faults $(ARGS)
 
 lint:
 	scripts/lint
