@@ -7,6 +7,7 @@ in the fault suite (tests/faults, ``make faults``)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,11 @@ async def test_exits_when_the_daemon_stops_are_blamed_on_it_and_agents_come_back
         assert notices(rig, "agent.failed") == []
         rig.runtime.come_back()
         for name in agents:
-            await advance_until(
-                rig.clock, lambda n=name: rig.record(n).state is S.RUNNING, step=0.1, what=name
-            )
+
+            def running(n: str = name) -> bool:
+                return rig.record(n).state is S.RUNNING
+
+            await advance_until(rig.clock, running, step=0.1, what=name)
             assert rig.record(name).restart_count == 0
         assert notices(rig, "agent.failed") == []
         assert len(notices(rig, "engine.unavailable")) == 1
@@ -122,7 +125,7 @@ async def test_a_failed_state_write_is_retried_until_stored_and_the_store_announ
         failures = {"left": 5}
 
         async def flaky_update(
-            record: AgentRecord, *, changes: tuple[StateChange, ...] | list[StateChange] = ()
+            record: AgentRecord, *, changes: Sequence[StateChange] = ()
         ) -> AgentRecord:
             if failures["left"] > 0:
                 failures["left"] -= 1
