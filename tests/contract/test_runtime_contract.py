@@ -311,15 +311,20 @@ async def test_stop_and_remove_are_noops_when_container_gone(harness: Harness) -
 
 
 @pytest.mark.parametrize(
-    "operation", ["inspect", "start", "pause", "unpause", "kill", "wait", "logs_tail"]
+    "operation", ["inspect", "start", "pause", "unpause", "kill", "wait", "logs_tail", "logs"]
 )
 async def test_operation_raises_container_not_found_when_container_unknown(
     runtime: ContainerRuntime, operation: str
 ) -> None:
     unknown = secrets.token_hex(32)
 
+    async def call() -> object:
+        if operation == "logs":
+            return [chunk async for chunk in runtime.logs(unknown)]
+        return await getattr(runtime, operation)(unknown)
+
     with pytest.raises(errors.ContainerNotFound):
-        await getattr(runtime, operation)(unknown)
+        await call()
 
 
 # -- wait, logs, list -----------------------------------------------------------------
@@ -352,6 +357,44 @@ async def test_logs_tail_returns_last_lines_when_container_printed(harness: Harn
     )
 
     assert tail.splitlines() == ["two", "three"]
+
+
+async def test_logs_give_the_last_lines_when_asked_without_follow(harness: Harness) -> None:
+    container_id = await harness.started_printing(["one", "two", "three"])
+    await eventually(
+        lambda: harness.runtime.logs_tail(container_id, lines=3),
+        lambda text: text.count("\n") == 3,
+    )
+
+    text = "".join([chunk async for chunk in harness.runtime.logs(container_id, tail=2)])
+    everything = "".join([chunk async for chunk in harness.runtime.logs(container_id)])
+
+    assert text.splitlines() == ["two", "three"]
+    assert everything.splitlines() == ["one", "two", "three"]
+
+
+async def test_followed_logs_end_when_the_container_stops(harness: Harness) -> None:
+    container_id = await harness.started_printing(["first"])
+    await eventually(
+        lambda: harness.runtime.logs_tail(container_id, lines=1),
+        lambda text: text.strip() == "first",
+    )
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for chunk in harness.runtime.logs(container_id, follow=True, tail=10):
+            seen.append(chunk)
+
+    following = asyncio.create_task(follow())
+    await eventually(lambda: _joined(seen), lambda text: "first" in text)
+    await harness.crash(container_id)
+    async with asyncio.timeout(15):
+        await following  # ends on its own once the container is gone
+    assert "first" in "".join(seen)
+
+
+async def _joined(chunks: list[str]) -> str:
+    return "".join(chunks)
 
 
 async def test_list_returns_only_containers_carrying_all_labels(harness: Harness) -> None:

@@ -555,3 +555,36 @@ def test_version_increases_and_history_counts_changes_when_updates_are_random(
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(scenario(pathlib.Path(directory)))
+
+
+# -- exits ------------------------------------------------------------------------------
+
+
+async def test_exits_are_kept_newest_first_and_completed_by_container_when_written(
+    store: Store,
+) -> None:
+    record = await store.insert_agent(AgentRecord(name="crashy"), SPEC)
+    for n in range(12):
+        crash = ExitInfo(exit_code=n, container_id=f"c{n}")
+        record = await store.update_agent(record.replace(last_exit=crash), exit=crash)
+    # the last one's diagnostics arrive later (ExitDetails): its row is completed
+    detailed = ExitInfo(exit_code=11, oom_killed=True, log_tail="boom\n", container_id="c11")
+    record = await store.update_agent(record.replace(last_exit=detailed), exit=detailed)
+    exits = await store.exits("crashy")
+    assert [e.exit_code for e in exits] == [11, 10, 9, 8, 7, 6, 5, 4, 3, 2]  # 10 kept
+    assert exits[0].oom_killed is True
+    assert exits[0].log_tail == "boom\n"
+    assert exits[0].container_id == "c11"
+    vanished = ExitInfo(error="container vanished")
+    await store.update_agent(record.replace(last_exit=vanished), exit=vanished)
+    newest = (await store.exits("crashy", limit=1))[0]
+    assert newest.error == "container vanished"
+    assert newest.container_id is None
+
+
+async def test_exits_go_with_the_agent_when_it_is_deleted(store: Store) -> None:
+    record = await store.insert_agent(AgentRecord(name="gone"), SPEC)
+    crash = ExitInfo(exit_code=1, container_id="c1")
+    await store.update_agent(record.replace(last_exit=crash), exit=crash)
+    assert await store.delete_agent("gone")
+    assert await store.exits("gone") == []

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from roost.core.records import ExitInfo
 from roost.reactor.agents import ACTIONS
 from roost.testing import EngineHarness as Harness
 from tests.conftest import make_settings, wait_until
@@ -287,3 +288,42 @@ async def test_unexpected_failure_answers_json_500_when_store_breaks(
         response = await client.get("/api/agents/echo")
     assert response.status_code == 500
     assert response.json() == {"error": "internal error while serving GET /api/agents/echo"}
+
+
+async def test_crash_log_tail_is_kept_and_shown_after_a_daemon_restart_when_agent_crashed(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        "exits-test",
+        agents={"crashy": {"image": IMAGE}},
+        defaults={"max_restarts": 0},
+    )
+    async with Harness.running(settings, images=[IMAGE]) as first:
+        started = await first.client.post("/api/agents/crashy/start")
+        cid = started.json()["container_id"]
+        first.runtime.log_lines[cid] = ["booting", "Traceback: boom"]
+        first.runtime.crash(cid, exit_code=3)
+        await wait_until(
+            lambda: first.engine.agents.get("crashy").state.value == "failed",
+            what="crashy failed",
+        )
+        await wait_until(
+            lambda: (
+                first.engine.agents.get("crashy").last_exit is not None
+                and "boom" in (first.engine.agents.get("crashy").last_exit or ExitInfo()).log_tail
+            ),
+            what="the log tail read",
+        )
+        runtime = first.runtime
+    # A new daemon on the same state directory: the exit and its log tail are still there.
+    async with Harness.running(settings, runtime=runtime) as second:
+        agent = await second.agent("crashy")
+        assert agent["state"] == "failed"
+        assert agent["last_exit"]["exit_code"] == 3
+        assert "Traceback: boom" in agent["last_exit"]["log_tail"]
+        [latest] = agent["exits"]
+        assert latest["exit_code"] == 3
+        assert latest["container_id"] == cid
+        assert "Traceback: boom" in latest["log_tail"]
+        assert agent["config"]["image"] == IMAGE

@@ -25,7 +25,19 @@ from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import free_port, make_settings, wait_until
 
 IMAGE = "roost-mimic:latest"
-VERBS = ["up", "ps", "start", "stop", "pause", "wake", "restart", "reset", "logs", "doctor"]
+VERBS = [
+    "up",
+    "ps",
+    "start",
+    "stop",
+    "pause",
+    "wake",
+    "restart",
+    "reset",
+    "logs",
+    "inspect",
+    "doctor",
+]
 #: Variables that would leak the developer's environment into the CLI under test.
 CLEAN_ENV: dict[str, str | None] = {"ROOST_TOKEN": None, "ROOST_CONFIG": None, "ROOST_URL": None}
 

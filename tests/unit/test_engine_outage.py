@@ -13,7 +13,7 @@ from typing import Any
 
 from roost import errors
 from roost.core import events as ev
-from roost.core.records import AgentRecord, StateChange
+from roost.core.records import AgentRecord, ExitInfo, StateChange
 from roost.core.states import AgentState
 from tests.support import ScriptedAgent, advance_until, open_rig
 
@@ -125,12 +125,15 @@ async def test_a_failed_state_write_is_retried_until_stored_and_the_store_announ
         failures = {"left": 5}
 
         async def flaky_update(
-            record: AgentRecord, *, changes: Sequence[StateChange] = ()
+            record: AgentRecord,
+            *,
+            changes: Sequence[StateChange] = (),
+            exit: ExitInfo | None = None,
         ) -> AgentRecord:
             if failures["left"] > 0:
                 failures["left"] -= 1
                 raise errors.StorageFull("state database: database or disk is full")
-            return await real_update(record, changes=changes)
+            return await real_update(record, changes=changes, exit=exit)
 
         store.update_agent = flaky_update  # type: ignore[method-assign]
         starting = asyncio.ensure_future(rig.sup.request("echo", ev.StartRequested("test")))

@@ -154,7 +154,7 @@ async def test_agent_fails_and_admin_is_notified_once_when_max_restarts_exceeded
         await _crash_and_expect_restart(rig, "echo", exit_code=1, delay=16, restarts=2)
         cid = rig.record("echo").container_id
         assert cid is not None
-        rig.runtime.log_lines[cid] = [f"line {i}" for i in range(80)] + ["out of memory"]
+        rig.runtime.log_lines[cid] = [f"line {i}" for i in range(180)] + ["out of memory"]
         rig.runtime.crash(cid, exit_code=137, oom=True)
         record = await rig.reaches("echo", S.FAILED)
         assert record.restart_count == 2
@@ -179,7 +179,7 @@ async def test_agent_fails_and_admin_is_notified_once_when_max_restarts_exceeded
         assert notice["max_restarts"] == 2
         tail = notice["log_tail"].splitlines()
         assert tail[-1] == "out of memory"
-        assert len(tail) == 50  # the last LOG_TAIL_LINES lines, not the whole log
+        assert len(tail) == 100  # the last LOG_TAIL_LINES lines, not the whole log
         assert "OOM" in (await rig.history("echo"))[-1].reason
 
         with pytest.raises(errors.StateError):

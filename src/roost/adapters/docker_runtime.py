@@ -284,6 +284,30 @@ class DockerRuntime:
             chunks = await self._container(container_id).log(stdout=True, stderr=True, tail=lines)
         return "".join(chunks)
 
+    async def logs(
+        self,
+        container_id: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> AsyncIterator[str]:
+        params: dict[str, Any] = {"tail": "all" if tail is None else str(tail)}
+        if since is not None:
+            params["since"] = str(int(since))
+        if timestamps:
+            params["timestamps"] = True
+        container = self._container(container_id)
+        with _translated("read logs of container", container_id):
+            if not follow:
+                for chunk in await container.log(stdout=True, stderr=True, **params):
+                    yield chunk
+                return
+            stream = container.log(stdout=True, stderr=True, follow=True, **params)
+            async for chunk in stream:
+                yield chunk
+
     async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
         with _translated("list containers labelled", _label_filters(labels)):
             containers = await self._client().containers.list(

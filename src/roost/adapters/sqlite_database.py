@@ -216,6 +216,22 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX snapshots_by_key ON snapshots (key, created_at)",
         ),
     ),
+    # Step 4 (version 4): why it failed, kept. Owned by roost.adapters.sqlite_store.
+    Migration(
+        "agent exits: the last few with their log tails",
+        (
+            """
+            CREATE TABLE agent_exits (
+                seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+                agent        TEXT    NOT NULL REFERENCES agents (name) ON DELETE CASCADE,
+                container_id TEXT,              -- NULL: no container (e.g. vanished)
+                exit         TEXT    NOT NULL,  -- JSON: ExitInfo.to_json() + log_tail
+                at           REAL    NOT NULL
+            ) STRICT
+            """,
+            "CREATE INDEX agent_exits_by_agent ON agent_exits (agent, seq)",
+        ),
+    ),
 )
 
 #: The schema version this code writes and understands.

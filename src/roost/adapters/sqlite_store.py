@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -59,6 +60,17 @@ _UPDATE_AGENT: Final = (
 )
 _INSERT_HISTORY: Final = (
     "INSERT INTO agent_history (agent, from_state, to_state, reason, at) VALUES (?, ?, ?, ?, ?)"
+)
+#: Exits kept per agent (older ones are deleted as new ones arrive).
+EXITS_KEPT: Final = 10
+_UPDATE_EXIT: Final = (
+    "UPDATE agent_exits SET exit = ? WHERE agent = ? AND container_id = ? "
+    "AND seq = (SELECT MAX(seq) FROM agent_exits WHERE agent = ? AND container_id = ?)"
+)
+_INSERT_EXIT: Final = "INSERT INTO agent_exits (agent, container_id, exit, at) VALUES (?, ?, ?, ?)"
+_TRIM_EXITS: Final = (
+    "DELETE FROM agent_exits WHERE agent = ? AND seq NOT IN "
+    "(SELECT seq FROM agent_exits WHERE agent = ? ORDER BY seq DESC LIMIT ?)"
 )
 
 
@@ -131,10 +143,29 @@ class SqliteStore:
             raise Conflict(f"agent {record.name!r} already exists")
         return stored
 
+    async def exits(self, name: str, *, limit: int = EXITS_KEPT) -> list[ExitInfo]:
+        """The agent's latest exits, newest first."""
+        rows = await self._db.fetch_all(
+            "SELECT exit, container_id FROM agent_exits WHERE agent = ? ORDER BY seq DESC LIMIT ?",
+            (name, max(limit, 0)),
+        )
+        found = []
+        for row in rows:
+            info = ExitInfo.from_json(json.loads(row[0]))
+            if info is not None:
+                found.append(dataclasses.replace(info, container_id=row[1]))
+        return found
+
     async def update_agent(
-        self, record: AgentRecord, *, changes: Sequence[StateChange] = ()
+        self,
+        record: AgentRecord,
+        *,
+        changes: Sequence[StateChange] = (),
+        exit: ExitInfo | None = None,
     ) -> AgentRecord:
-        """Compare-and-set ``record`` against its ``version``; append ``changes``."""
+        """Compare-and-set ``record`` against its ``version``; append ``changes``;
+        keep ``exit`` in the agent's exit history (the row of the same container is
+        completed, e.g. with its log tail read later)."""
         base_version = record.version
         stored = record.replace(version=base_version + 1)
         values = (*_record_values(stored)[1:], self._wall_clock(), record.name, base_version)
@@ -156,6 +187,18 @@ class SqliteStore:
                 )
             if history:
                 db.executemany(_INSERT_HISTORY, history)
+            if exit is not None:
+                document = json.dumps({**exit.to_json(), "log_tail": exit.log_tail})
+                cid = exit.container_id
+                updated = cid is not None and (
+                    db.execute(
+                        _UPDATE_EXIT, (document, record.name, cid, record.name, cid)
+                    ).rowcount
+                    > 0
+                )
+                if not updated:
+                    db.execute(_INSERT_EXIT, (record.name, cid, document, self._wall_clock()))
+                    db.execute(_TRIM_EXITS, (record.name, record.name, EXITS_KEPT))
 
         await self._db.write("update agent", compare_and_set)
         return stored

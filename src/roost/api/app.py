@@ -23,12 +23,20 @@ from typing import Annotated, Any
 import prometheus_client
 from fastapi import FastAPI, Query
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from roost import errors
 from roost.api import events, jobs, leases, messages, registry
 from roost.api.errors import error_responses, install_error_handlers
+from roost.config import parse_duration
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
 from roost.engine import Engine
@@ -167,6 +175,10 @@ def create_api(engine: Engine) -> FastAPI:
     )
     install_error_handlers(app, actions=ACTIONS)
     _document_security(app)
+    # Open streams (events, followed logs) end when the server stops (serving closes
+    # them) or the engine does.
+    app.state.event_streams = event_streams = events.EventStreams()
+    engine.add_closer(event_streams.close)
 
     @app.get(
         "/healthz",
@@ -211,8 +223,38 @@ def create_api(engine: Engine) -> FastAPI:
     async def agent_logs(
         name: str,
         tail: Annotated[int, Query(ge=1, le=MAX_LOG_TAIL_LINES)] = 100,
-    ) -> PlainTextResponse:
-        return PlainTextResponse(await agents.logs(name, tail=tail))
+        follow: Annotated[
+            bool, Query(description="Stream new output as it comes, across restarts.")
+        ] = False,
+        since: Annotated[
+            str | None,
+            Query(description="Only output from this long ago on: '90s', '10m', '1h'."),
+        ] = None,
+        timestamps: Annotated[bool, Query(description="Prefix each line with its time.")] = False,
+        previous: Annotated[
+            bool,
+            Query(description="The output kept from the latest exit (a crashed container)."),
+        ] = False,
+    ) -> Response:
+        if previous:
+            return PlainTextResponse(await agents.previous_logs(name))
+        start = None
+        if since is not None:
+            try:
+                start = engine.clock.now() - parse_duration(since)
+            except ValueError as exc:
+                raise errors.Refusal(400, f"since: {exc}") from None
+        if not follow:
+            return PlainTextResponse(
+                await agents.logs(name, tail=tail, since=start, timestamps=timestamps)
+            )
+        agents.get(name)  # NotFound before the stream starts
+        chunks = agents.follow_logs(name, tail=tail, since=start, timestamps=timestamps)
+        return StreamingResponse(
+            event_streams.until_closed(chunks),
+            media_type="text/plain; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     def add_action(action: Action) -> None:
         waits = action in ("start", "wake")
@@ -264,9 +306,6 @@ def create_api(engine: Engine) -> FastAPI:
     app.include_router(registry.registry_router(engine))
     app.include_router(jobs.jobs_router(engine))
     app.include_router(messages.messages_router(engine))
-    # Open event streams end when the server stops (serving closes them) or the engine does.
-    app.state.event_streams = event_streams = events.EventStreams()
-    engine.add_closer(event_streams.close)
     app.include_router(events.events_router(engine, event_streams))
     app.include_router(leases.lease_router(engine.leases))
     return app

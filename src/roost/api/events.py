@@ -38,13 +38,43 @@ MAX_RECENT = 10_000
 
 
 class EventStreams:
-    """Ends every open event stream when closed (call it when the server stops)."""
+    """Ends every open stream (events, followed logs) when closed (call it when the
+    server stops)."""
 
     def __init__(self) -> None:
         self.closing = asyncio.Event()
 
     async def close(self) -> None:
         self.closing.set()
+
+    async def until_closed(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``chunks`` until they end or the streams are closed."""
+        closing = asyncio.ensure_future(self.closing.wait())
+        following: asyncio.Future[str] | None = None
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(chunks))
+                done, _ = await asyncio.wait(
+                    {following, closing}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if following not in done:
+                    return
+                try:
+                    yield following.result()
+                except StopAsyncIteration:
+                    return
+                following = None
+        finally:
+            for task in (following, closing):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(
+                *(t for t in (following, closing) if t is not None), return_exceptions=True
+            )
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(RuntimeError):
+                    await aclose()
 
 
 def sse_frame(event: HubEvent) -> bytes:

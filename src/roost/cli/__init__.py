@@ -9,7 +9,7 @@ modules import ``client`` and ``output``, never each other; an import-linter
 contract in pyproject.toml keeps it so)::
 
     __init__   the root group, global options, main()
-    agents     ps, start, stop, pause, wake, restart, reset, logs
+    agents     ps, start, stop, pause, wake, restart, reset, logs, inspect
     messages   send, messages ls|show
     events     events [-f]
     jobs       jobs run|ls|show|logs|cancel
@@ -77,6 +77,7 @@ for _command in [
     agents.ps,
     *agents.action_commands(),
     agents.logs,
+    agents.inspect,
     messages.send,
     messages.messages,
     events.events,

@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -363,14 +364,99 @@ def action_commands() -> list[click.Command]:
 @click.command()
 @click.argument("name", shell_complete=client.complete_agent_name)
 @click.option(
-    "--tail", type=click.IntRange(min=1), default=100, show_default=True, help="Number of lines."
+    "-n",
+    "--tail",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Number of lines.",
+)
+@click.option(
+    "-f", "--follow", is_flag=True, help="Keep printing new output, across restarts (Ctrl-C ends)."
+)
+@click.option("--since", metavar="DURATION", help="Only output from this long ago on: 10m, 1h.")
+@click.option("-t", "--timestamps", is_flag=True, help="Prefix each line with its time.")
+@click.option(
+    "--previous",
+    is_flag=True,
+    help="The output kept from the latest exit (a crashed container, also after a restart).",
 )
 @output.json_option
-def logs(name: str, tail: int, as_json: bool) -> None:
-    """Print the last lines of agent NAME's container output."""
+def logs(
+    name: str,
+    tail: int,
+    follow: bool,
+    since: str | None,
+    timestamps: bool,
+    previous: bool,
+    as_json: bool,
+) -> None:
+    """Print agent NAME's container output."""
+    params = {"tail": str(tail)}
+    if since:
+        params["since"] = since
+    if timestamps:
+        params["timestamps"] = "true"
+    if previous:
+        params = {"previous": "true"}
+    path = f"/api/agents/{name}/logs"
     with client.current().client() as api:
-        response = api.request("GET", f"/api/agents/{name}/logs", params={"tail": str(tail)})
+        if follow and not previous:
+            try:
+                for text in api.text_stream(path, {**params, "follow": "true"}):
+                    click.echo(text, nl=False)
+            except KeyboardInterrupt:
+                pass
+            return
+        response = api.request("GET", path, params=params)
     if as_json:
-        output.print_json({"agent": name, "tail": tail, "logs": response.text})
+        output.print_json({"agent": name, "previous": previous, "logs": response.text})
     else:
         click.echo(response.text, nl=False)
+
+
+@click.command()
+@click.argument("name", shell_complete=client.complete_agent_name)
+@output.json_option
+def inspect(name: str, as_json: bool) -> None:
+    """Show agent NAME in full: state, config, history, exits, queue and leases."""
+    with client.current().client() as api:
+        agent = api.json("GET", f"/api/agents/{name}")
+        queue = api.json("GET", f"/api/agents/{name}/messages", params={"limit": "1"})
+        leases = api.json("GET", f"/api/agents/{name}/leases")
+    detail = {
+        **agent,
+        "queue_depth": queue.get("pending"),
+        "leases": leases.get("leases", []),
+    }
+    if as_json:
+        output.print_json(detail)
+        return
+    click.echo(
+        f"{detail['name']}: {detail['state']}"
+        + (f" ({detail['last_error']})" if detail.get("last_error") else "")
+    )
+    click.echo(f"  container: {detail.get('container_id') or '-'}")
+    click.echo(f"  url: {detail.get('url') or '-'}")
+    click.echo(f"  restarts: {detail.get('restart_count', 0)}")
+    click.echo(f"  queue depth: {detail['queue_depth']}")
+    click.echo(f"  leases: {len(detail['leases'])}")
+    if detail.get("degraded"):
+        click.echo(f"  degraded: {detail['degraded']}")
+    config = detail.get("config") or {}
+    click.echo("config:")
+    for key in sorted(config):
+        click.echo(f"  {key} = {json.dumps(config[key])}")
+    click.echo("history (oldest first):")
+    for entry in detail.get("history", []):
+        click.echo(
+            f"  {output.when(entry['at'])}  {entry['from']} -> {entry['to']}  ({entry['reason']})"
+        )
+    click.echo("exits (newest first):")
+    for exit_info in detail.get("exits", []):
+        code = exit_info.get("exit_code")
+        oom = " OOM" if exit_info.get("oom_killed") else ""
+        error = f" {exit_info['error']}" if exit_info.get("error") else ""
+        click.echo(f"  {exit_info.get('finished_at') or '?'}  exit {code}{oom}{error}")
+        for line in (exit_info.get("log_tail") or "").splitlines()[-5:]:
+            click.echo(f"      | {line}")

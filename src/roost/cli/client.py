@@ -367,6 +367,20 @@ class ApiClient:
         except httpx.HTTPError as exc:
             raise self._failure("GET", "/api/events", exc) from exc
 
+    def text_stream(self, path: str, params: Mapping[str, str]) -> Iterator[str]:
+        """Follow a streamed text answer (e.g. followed logs) until the daemon ends it."""
+        import httpx
+
+        timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT)
+        try:
+            with self._http.stream("GET", path, params=params, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise Refused(self._refusal(response))
+                yield from response.iter_text()
+        except httpx.HTTPError as exc:
+            raise self._failure("GET", path, exc) from exc
+
 
 def complete_agent_name(
     ctx: click.Context, param: click.Parameter, incomplete: str

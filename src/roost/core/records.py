@@ -42,12 +42,17 @@ class ExitInfo:
     container_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The contract fields (DESIGN.md "Interfaces")."""
         return {
             "exit_code": self.exit_code,
             "oom_killed": self.oom_killed,
             "error": self.error,
             "finished_at": self.finished_at,
         }
+
+    def to_json_with_tail(self) -> dict[str, Any]:
+        """The contract fields and the log tail (what the API shows of an exit)."""
+        return {**self.to_json(), "log_tail": self.log_tail}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> ExitInfo | None:

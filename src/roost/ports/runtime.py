@@ -149,6 +149,21 @@ class ContainerRuntime(Protocol):
 
     async def logs_tail(self, container_id: str, *, lines: int = 50) -> str: ...
 
+    def logs(
+        self,
+        container_id: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> AsyncIterator[str]:
+        """The container's output (stdout and stderr) as text: the last ``tail`` lines
+        (None: all) written at or after ``since`` (epoch seconds), each prefixed with
+        its time when ``timestamps``; with ``follow``, then new output as it comes
+        until the container stops. ContainerNotFound if absent."""
+        ...
+
     async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
         """All containers (any status) carrying every one of ``labels``."""
         ...

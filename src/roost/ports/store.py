@@ -1,4 +1,5 @@
-"""The store port: durable intent, history (and, later, messages and jobs).
+"""The store port: agents' durable intent, state history and latest exits (messages
+and jobs have ports of their own: ``ports.inbox``, ``ports.jobs``).
 
 Invariants every implementation keeps (checked by tests/contract):
 - Updates are compare-and-set on ``AgentRecord.version``: a write based on a
@@ -13,7 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from roost.core.records import AgentRecord, StateChange
+from roost.core.records import AgentRecord, ExitInfo, StateChange
 
 __all__ = ["HistoryEntry", "Store", "StoredAgent"]
 
@@ -53,12 +54,21 @@ class Store(Protocol):
         ...
 
     async def update_agent(
-        self, record: AgentRecord, *, changes: Sequence[StateChange] = ()
+        self,
+        record: AgentRecord,
+        *,
+        changes: Sequence[StateChange] = (),
+        exit: ExitInfo | None = None,
     ) -> AgentRecord:
         """Write ``record`` if the stored version equals ``record.version``; append
-        ``changes`` to history in the same transaction; return the record with the
+        ``changes`` to history in the same transaction, and ``exit`` to the exit
+        history (completing the row of the same container); return the record with the
         version bumped. Conflict (nothing written) if the version moved; NotFound if
         the agent is gone."""
+        ...
+
+    async def exits(self, name: str, *, limit: int = 10) -> list[ExitInfo]:
+        """The agent's latest exits (at most ``limit``, 10 are kept), newest first."""
         ...
 
     async def update_spec(self, name: str, spec: dict[str, Any], *, source: str) -> None:

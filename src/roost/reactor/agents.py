@@ -74,7 +74,7 @@ def describe(record: AgentRecord, spec: ResolvedAgent | None = None) -> dict[str
         "url": record.url if record.state in ACTIVE_STATES else None,
         "restart_count": record.restart_count,
         "last_activity_at": record.last_activity_at,
-        "last_exit": record.last_exit.to_json() if record.last_exit else None,
+        "last_exit": record.last_exit.to_json_with_tail() if record.last_exit else None,
         "last_error": record.last_error or None,
         "state_since": record.state_since,
         "config_hash": record.config_hash,
@@ -85,6 +85,19 @@ def describe(record: AgentRecord, spec: ResolvedAgent | None = None) -> dict[str
         body["agent_id"] = spec.agent_id
         body["capabilities"] = list(spec.capabilities)
     return body
+
+
+def _new_run(followed: tuple[str, float | None] | None) -> Callable[[AgentRecord], bool]:
+    """True once the agent runs a container (or a run of it) other than ``followed``."""
+
+    def new(record: AgentRecord) -> bool:
+        return (
+            record.container_id is not None
+            and record.state in ACTIVE_STATES
+            and (record.container_id, record.running_since) != followed
+        )
+
+    return new
 
 
 class Agents:
@@ -146,8 +159,17 @@ class Agents:
         return body
 
     async def details(self, name: str, *, history: int = 20) -> dict[str, Any]:
-        """``describe`` plus the latest ``history`` state changes, oldest first."""
+        """``describe`` plus the latest ``history`` state changes (oldest first), the
+        latest exits with their log tails (newest first), and the agent's settings
+        (env values left out: they may be secrets)."""
         body = self.describe(name)
+        spec = self.spec(name).model_dump(mode="json")
+        spec["env"] = sorted(spec.get("env", {}))
+        body["config"] = spec
+        body["exits"] = [
+            {**info.to_json_with_tail(), "container_id": info.container_id}
+            for info in await self._store.exits(name)
+        ]
         entries = await self._store.history(name, limit=history)
         body["history"] = [
             {
@@ -160,17 +182,75 @@ class Agents:
         ]
         return body
 
-    async def logs(self, name: str, *, tail: int) -> str:
-        """The last ``tail`` lines of the agent's current container's output."""
+    async def logs(
+        self, name: str, *, tail: int, since: float | None = None, timestamps: bool = False
+    ) -> str:
+        """The last ``tail`` lines of the agent's current container's output (written
+        since ``since``, epoch seconds, when given)."""
         record = self.get(name)
         if record.container_id is None:
-            raise errors.NotFound(f"agent {name!r} has no container ({record.state.value})")
+            raise errors.NotFound(
+                f"agent {name!r} has no container ({record.state.value}); "
+                "its last crash's output is in logs --previous"
+            )
         try:
-            return await self._runtime.logs_tail(record.container_id, lines=tail)
+            chunks = self._runtime.logs(
+                record.container_id, tail=tail, since=since, timestamps=timestamps
+            )
+            return "".join([chunk async for chunk in chunks])
         except errors.ContainerNotFound:
             raise errors.NotFound(
                 f"agent {name!r}: container {record.container_id[:12]} no longer exists"
             ) from None
+
+    async def previous_logs(self, name: str) -> str:
+        """The log tail kept from the agent's latest exit (it survives the container
+        and a Roost restart). NotFound when no exit was kept."""
+        self.get(name)
+        exits = await self._store.exits(name, limit=1)
+        if not exits:
+            raise errors.NotFound(f"agent {name!r} has no recorded exit")
+        return exits[0].log_tail
+
+    async def follow_logs(
+        self,
+        name: str,
+        *,
+        tail: int | None = 100,
+        since: float | None = None,
+        timestamps: bool = False,
+        wait_step: float = 30.0,
+    ) -> AsyncIterator[str]:
+        """The agent's output as it comes, across restarts: each new container is
+        announced by a line ``--- container <id> started ---``. Runs until the
+        caller stops reading (or the agent is deleted)."""
+        actor = self._supervisor.actor(name)
+        followed: tuple[str, float | None] | None = None
+        first = True
+        while not actor.closed:
+            record = actor.record
+            run = (record.container_id, record.running_since) if record.container_id else None
+            if run is None or run == followed or record.state not in ACTIVE_STATES:
+                # Nothing (new) to follow yet: wait for the next run of the agent.
+                await actor.wait_for(_new_run(followed), wait_step)
+                continue
+            cid = run[0]
+            assert cid is not None
+            if not first:
+                yield f"--- container {cid[:12]} started ---\n"
+            try:
+                async for chunk in self._runtime.logs(
+                    cid,
+                    follow=True,
+                    tail=tail if first else None,
+                    since=since if first else record.running_since,
+                    timestamps=timestamps,
+                ):
+                    yield chunk
+            except errors.ContainerNotFound:
+                pass
+            followed = run
+            first = False
 
     def add_listener(self, listener: StateListener) -> None:
         """Call ``listener(record, changes)`` after every persisted state change."""

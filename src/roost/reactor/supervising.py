@@ -64,7 +64,9 @@ S = AgentState
 READINESS_POLL_INTERVAL = 0.005
 #: Per-probe HTTP timeout during readiness: a listening-but-hung app must not stall us.
 READINESS_PROBE_TIMEOUT = 1.0
-LOG_TAIL_LINES = 50
+#: What is kept of a crashed container's output: its last lines, at most this many bytes.
+LOG_TAIL_LINES = 100
+LOG_TAIL_BYTES = 16 * 1024
 #: Liveness probes due within this many seconds are sent together (see _liveness_loop).
 LIVENESS_BATCH_WINDOW = 1.0
 #: Pings of an unreachable engine: quick at first, so recovery is seen within ~1 s.
@@ -284,9 +286,12 @@ class AgentActor:
         (the actor does not move past what is stored, and does nothing meanwhile)."""
         failures = 0
         while True:
+            exit_info = decision.record.last_exit
             try:
                 stored = await self.sup.store.update_agent(
-                    decision.record, changes=decision.changes
+                    decision.record,
+                    changes=decision.changes,
+                    exit=exit_info if exit_info != self.record.last_exit else None,
                 )
             except errors.StoreError as exc:
                 if failures == 0:
@@ -326,7 +331,7 @@ class AgentActor:
                 error=found.error or info.error,
                 finished_at=found.finished_at or info.finished_at,
             )
-        tail = "" if isinstance(tail_res, BaseException) else tail_res
+        tail = "" if isinstance(tail_res, BaseException) else _clip_tail(tail_res)
         return ev.ContainerExited(
             event.container_id,
             ExitInfo(info.exit_code, info.oom_killed, info.error, info.finished_at, tail),
@@ -996,6 +1001,15 @@ class Supervisor:
                 *(self.runtime.remove(cid, force=True) for cid in ids if cid),
                 return_exceptions=True,
             )
+
+
+def _clip_tail(text: str) -> str:
+    """The end of a log tail, at most ``LOG_TAIL_BYTES`` of it (whole lines)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= LOG_TAIL_BYTES:
+        return text
+    clipped = data[-LOG_TAIL_BYTES:].decode("utf-8", "ignore")
+    return clipped.split("\n", 1)[1] if "\n" in clipped else clipped
 
 
 def _refused(exc: errors.ContainerError) -> bool:

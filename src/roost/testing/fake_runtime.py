@@ -83,6 +83,8 @@ class _FakeContainer:
     host_port: int | None = None
     ip_address: str | None = None
     exited: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: set when the container printed something (log followers wake).
+    output: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
     def running(self) -> bool:
@@ -373,6 +375,41 @@ class FakeRuntime:
         self._get(container_id)
         tail = self.log_lines.get(container_id, [])[-lines:] if lines > 0 else []
         return "".join(f"{line}\n" for line in tail)
+
+    def write_log(self, container_id: str, line: str) -> None:
+        """The container prints ``line`` (followers of its logs see it at once)."""
+        self.log_lines.setdefault(container_id, []).append(line)
+        self._get(container_id).output.set()
+
+    async def logs(
+        self,
+        container_id: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        timestamps: bool = False,
+    ) -> AsyncIterator[str]:
+        self._record("logs", container_id)
+        container = self._get(container_id)
+        lines = self.log_lines.get(container_id, [])
+        sent = max(0, len(lines) - tail) if tail is not None else 0
+        stamp = f"{self._timestamp()} " if timestamps else ""
+        while True:
+            container.output.clear()
+            lines = self.log_lines.get(container_id, [])
+            for line in lines[sent:]:
+                yield f"{stamp}{line}\n"
+            sent = len(lines)
+            if not follow or not container.running:
+                return
+            waiting = asyncio.ensure_future(container.output.wait())
+            ending = asyncio.ensure_future(container.exited.wait())
+            try:
+                await asyncio.wait((waiting, ending), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+                ending.cancel()
 
     async def list(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
         self._record("list", "")
