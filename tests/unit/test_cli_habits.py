@@ -245,11 +245,13 @@ async def test_jobs_run_passes_the_command_after_dashes_and_exits_with_its_code(
     )
     cid = await _job_container(daemon.runtime)
     assert daemon.runtime.container_spec(cid).command == ("sh", "-c", "exit 3")
+    daemon.runtime.write_log(cid, "working on it")  # streamed while the job runs
     daemon.runtime.crash(cid, exit_code=3)
     result = await running
     assert result.exit_code == 3, result.output
+    assert "working on it" in result.stdout
+    assert result.stdout.index("working on it") < result.stdout.index("exit code:  3")
     assert "job " in result.stdout
-    assert "exit code:  3" in result.stdout
 
 
 async def test_jobs_run_wait_exits_0_when_the_job_succeeds(daemon: Daemon) -> None:

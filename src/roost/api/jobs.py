@@ -19,7 +19,7 @@ import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from roost.config.fields import DOCKER_MIN_MEMORY, parse_size
@@ -172,7 +172,17 @@ def jobs_router(engine: Engine) -> APIRouter:
     async def job_logs(
         job_id: str,
         tail: Annotated[int, Query(ge=1, le=MAX_LOG_LINES)] = LOG_TAIL_LINES,
-    ) -> PlainTextResponse:
+        follow: Annotated[
+            bool, Query(description="Stream the output as it comes, until the job ends.")
+        ] = False,
+    ) -> Response:
+        if follow:
+            await runner.get(job_id)  # NotFound before the stream starts
+            return StreamingResponse(
+                runner.follow_logs(job_id),
+                media_type="text/plain; charset=utf-8",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return PlainTextResponse(await runner.logs(job_id, tail=tail))
 
     return router

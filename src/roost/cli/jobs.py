@@ -159,6 +159,10 @@ def run(
             body[key] = value
     with client.current().client() as api:
         job = api.json("POST", "/api/jobs", body=body)
+        if wait and not as_json:
+            # The job's own output, as it runs (like docker run), then its outcome.
+            for text in api.text_stream(f"/api/jobs/{job['id']}/logs", {"follow": "true"}):
+                click.echo(text, nl=False)
         if wait:
             with output.waiting(f"job {job.get('id')}: waiting until it ends"):
                 while job.get("status") not in FINAL_STATUSES:
@@ -224,11 +228,19 @@ def show(job_id: str, as_json: bool) -> None:
 
 @jobs.command()
 @click.argument("job_id")
-@click.option("--tail", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("-n", "--tail", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing its output until it ends.")
 @output.json_option
-def logs(job_id: str, tail: int, as_json: bool) -> None:
+def logs(job_id: str, tail: int, follow: bool, as_json: bool) -> None:
     """Print job JOB_ID's output (live while it runs)."""
     with client.current().client() as api:
+        if follow and not as_json:
+            try:
+                for text in api.text_stream(f"/api/jobs/{job_id}/logs", {"follow": "true"}):
+                    click.echo(text, nl=False)
+            except KeyboardInterrupt:
+                pass
+            return
         response = api.request("GET", f"/api/jobs/{job_id}/logs", params={"tail": str(tail)})
     if as_json:
         output.print_json({"job": job_id, "tail": tail, "logs": response.text})

@@ -44,7 +44,7 @@ import dataclasses
 import datetime
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from roost import errors
@@ -319,6 +319,33 @@ class JobRunner:
             job = await self.get(job_id)
         lines = job.log_tail.splitlines(keepends=True)
         return "".join(lines[-tail:]) if tail > 0 else ""
+
+    async def follow_logs(self, job_id: str, *, poll: float = 0.1) -> AsyncIterator[str]:
+        """The job's output as it comes, whole lines with secrets redacted: waits while
+        the job is queued, follows its container until it ends, or gives the stored
+        tail of a job that already ended."""
+        job = await self.get(job_id)
+        while job.status is JobStatus.QUEUED or (
+            job.status is JobStatus.RUNNING and job.container_id is None
+        ):
+            await self.clock.sleep(poll)
+            job = await self.get(job_id)
+        if job.status is not JobStatus.RUNNING or job.container_id is None:
+            if job.log_tail:
+                yield job.log_tail
+            return
+        secrets_ = secret_values(job.env, self.config.secret_env)
+        pending = ""
+        try:
+            async for chunk in self.runtime.logs(job.container_id, follow=True):
+                pending += chunk
+                lines, _, pending = pending.rpartition("\n")
+                if lines:
+                    yield redact(lines + "\n", secrets_)
+        except errors.ContainerNotFound:
+            pass  # removed at its end: what it printed last is in the stored tail
+        if pending:
+            yield redact(pending, secrets_)
 
     # -- dispatching ----------------------------------------------------------------
 
