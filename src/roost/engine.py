@@ -19,6 +19,7 @@ actors, close Docker, the repositories, the database and the lock.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -34,7 +35,7 @@ from roost.adapters.sqlite_store import SqliteStore
 from roost.adapters.state_lock import StateDirLock, instance_id
 from roost.adapters.system_clock import SystemClock
 from roost.adapters.webhook_notifier import WebhookNotifier
-from roost.config import ResolvedAgent, Settings, SpawnedAgent
+from roost.config import ResolvedAgent, Settings, SpawnedAgent, load_settings
 from roost.core.records import AgentRecord, StateChange
 from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
@@ -267,6 +268,47 @@ class Engine:
         self.events.publish(kind, data)
         if webhook:
             await self.notifier.notify(kind, data)
+
+    # -- reload -----------------------------------------------------------------------
+
+    #: Sections a reload cannot apply while running (they shape the process itself).
+    RESTART_SECTIONS = ("server", "docker", "jobs", "swarm", "notify")
+
+    async def reload_from_file(self, *, restart: bool = False) -> dict[str, Any]:
+        """Re-read the file these settings came from and apply it (see ``reload``).
+        ConfigError (naming the key, nothing changed) when the file is invalid;
+        StateError when Roost runs on built-in defaults (there is no file)."""
+        source = self.settings.source_file
+        if source is None:
+            raise errors.StateError(
+                "Roost runs on built-in defaults (no config file): there is nothing to reload"
+            )
+        settings = await asyncio.to_thread(load_settings, source)
+        return await self.reload(settings, restart=restart)
+
+    async def reload(self, settings: Settings, *, restart: bool = False) -> dict[str, Any]:
+        """Apply a re-read configuration (SIGHUP, ``roost reload``): its agents and
+        ``[defaults]`` now; sections that need a new process are reported, not applied.
+        ``settings`` was validated already, so a bad file never gets here."""
+        needs_restart = [
+            section
+            for section in self.RESTART_SECTIONS
+            if getattr(settings, section) != getattr(self.settings, section)
+        ]
+        report: dict[str, Any] = dict(
+            await self.agents.apply_config(settings.resolved_agents(), restart=restart)
+        )
+        report["needs_restart"] = needs_restart
+        report["source_file"] = settings.source_file
+        self.settings = settings
+        log.info(
+            "configuration reloaded from %s: %s",
+            settings.source_file or "<defaults>",
+            ", ".join(f"{k} {v}" for k, v in report.items() if isinstance(v, list) and v)
+            or "nothing changed",
+        )
+        await self.announce("config.reloaded", report, webhook=False)
+        return report
 
     # -- agents -----------------------------------------------------------------------
 

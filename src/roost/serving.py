@@ -5,7 +5,9 @@ Order (each step must succeed before the next, so a refusal starts nothing):
    ``server.token_file``) when ``listen`` is not loopback and there is none;
 2. bind the listen socket (a taken port fails here, before any container is touched);
 3. start the engine (state lock, store, Docker, reconcile);
-4. serve HTTP until SIGTERM or SIGINT (a second one forces the close of open
+4. serve HTTP until SIGTERM or SIGINT (SIGHUP re-reads the config file and
+   applies its agents; an invalid file changes nothing and never stops the
+   daemon; a second SIGTERM/SIGINT forces the close of open
    connections), or until the ``shutdown`` event is set;
 5. stop the engine: managed containers are stopped with their grace period, or
    left running when ``docker.leave_running`` (the next start adopts them).
@@ -31,6 +33,7 @@ from collections.abc import Generator
 import uvicorn
 
 from roost import errors
+from roost.aio import TaskSet
 from roost.config import Settings
 from roost.edge import create_app
 from roost.edge.connections import protocol_with_head_deadline
@@ -214,11 +217,26 @@ async def _run_http(
         await edge.api.state.event_streams.close()
         server.should_exit = True
 
+    reloads = TaskSet(log)
+
+    async def reload() -> None:
+        try:
+            await engine.reload_from_file()
+        except errors.RoostError as exc:
+            # An invalid file changes nothing; the daemon goes on as it was.
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+
+    def on_hangup() -> None:
+        log.info("SIGHUP: reloading the configuration")
+        reloads.spawn(reload(), "roost.reload")
+
     installed: list[signal.Signals] = []
     if handle_signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        installed.append(signal.SIGHUP)
     watcher = asyncio.create_task(stop_when_asked(), name="roost.serving.shutdown")
     log.info("roost listening on %s (dashboard /, API /api, docs /docs)", _url_of(sock))
     try:
@@ -230,6 +248,7 @@ async def _run_http(
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+        await reloads.close()
         for signum in installed:
             loop.remove_signal_handler(signum)
     return EXIT_OK if server.started else EXIT_FAILURE

@@ -111,3 +111,28 @@ async def test_leave_running_keeps_agents_up_and_next_roost_adopts_them_when_sig
         assert agent["restart_count"] == 0
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=60) == 0
+
+
+async def test_sighup_reloads_the_file_and_never_kills_the_daemon_when_roost_up_runs(
+    tmp_path: Path, instance: str, docker_images: dict[str, str]
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, instance, port, leave_running=False)
+    async with roost_up(config, port) as process:
+        text = config.read_text(encoding="utf-8")
+        # An invalid file first: nothing changes, the daemon goes on.
+        config.write_text(text + '\n[agents.bad]\nimage = "x"\nmemroy = "1g"\n', encoding="utf-8")
+        process.send_signal(signal.SIGHUP)
+        config.write_text(text + '\n[agents.added]\nimage = "roost-mimic:latest"\n', "utf-8")
+
+        async def added() -> bool:
+            process.send_signal(signal.SIGHUP)
+            agents = (await api(port, "GET", "/api/agents"))["agents"]
+            return "added" in [a["name"] for a in agents]
+
+        await wait_until(added, what="the reloaded agent")
+        assert process.returncode is None
+        names = [a["name"] for a in (await api(port, "GET", "/api/agents"))["agents"]]
+        assert names == ["added", "echo"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=60) == 0

@@ -294,6 +294,32 @@ def create_api(engine: Engine) -> FastAPI:
     for action in ACTIONS:
         add_action(action)
 
+    @app.post(
+        "/api/reload",
+        tags=["health"],
+        summary="Re-read the config file and apply its agents (like SIGHUP).",
+        responses=error_responses(400, 409),
+    )
+    async def reload(
+        restart: Annotated[
+            bool, Query(description="Restart running agents whose container changed now.")
+        ] = False,
+    ) -> dict[str, Any]:
+        return await engine.reload_from_file(restart=restart)
+
+    @app.get(
+        "/api/config",
+        tags=["health"],
+        summary="The configuration the daemon runs: its file and each configured agent.",
+    )
+    async def config() -> dict[str, Any]:
+        agents_json = {}
+        for name, spec in engine.settings.resolved_agents().items():
+            shown = spec.model_dump(mode="json")
+            shown["env"] = sorted(shown.get("env", {}))  # values may be secrets
+            agents_json[name] = shown
+        return {"source_file": engine.settings.source_file, "agents": agents_json}
+
     @app.get(
         "/metrics",
         tags=["health"],

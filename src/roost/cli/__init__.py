@@ -83,6 +83,7 @@ for _command in [
     events.events,
     jobs.jobs,
     daemon.doctor,
+    daemon.reload,
 ]:
     cli.add_command(_command)
 

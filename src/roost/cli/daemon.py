@@ -143,8 +143,46 @@ def _check_daemon(url: str | None) -> Check:
             f"Docker API {body.get('docker_api')})",
             required=False,
         )
+    if body is not None:
+        problems = body.get("problems") or {}
+        reasons = "; ".join(f"{k}: {v}" for k, v in problems.items()) or "degraded"
+        return Check("daemon", "warn", f"Roost at {url} is degraded: {reasons}", required=False)
     return Check(
         "daemon", "warn", f"no Roost answers at {url}", "start it with `roost up`", required=False
+    )
+
+
+def _check_drift(url: str, token: str | None, settings: Settings) -> Check | None:
+    """The daemon's configured agents against the file's: what ``roost reload`` would do."""
+    try:
+        with client.ApiClient(url, token) as api:
+            running = api.json("GET", "/api/config", read_timeout=DOCTOR_PROBE_TIMEOUT)
+    except client.CliError:
+        return None  # an older or unreachable daemon: nothing to compare
+    theirs = running.get("agents") if isinstance(running, dict) else None
+    if not isinstance(theirs, dict):
+        return None
+    ours = {}
+    for name, spec in settings.resolved_agents().items():
+        shown = spec.model_dump(mode="json")
+        shown["env"] = sorted(shown.get("env", {}))
+        ours[name] = shown
+    added = sorted(set(ours) - set(theirs))
+    removed = sorted(set(theirs) - set(ours))
+    changed = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
+    if not (added or removed or changed):
+        return Check("drift", "ok", "the daemon runs what the file says", required=False)
+    parts = [
+        f"{what}: {', '.join(names)}"
+        for what, names in (("added", added), ("removed", removed), ("changed", changed))
+        if names
+    ]
+    return Check(
+        "drift",
+        "warn",
+        "the file differs from the running daemon (" + "; ".join(parts) + ")",
+        "apply it with `roost reload` (or SIGHUP)",
+        required=False,
     )
 
 
@@ -173,10 +211,48 @@ def run_doctor(connection: client.Connection) -> tuple[list[Check], int]:
     if url is None and settings is not None:
         url = client.default_api_url(settings)
     checks.append(_check_daemon(url))
+    if url is not None and settings is not None and checks[-1].status != "warn":
+        try:
+            token = connection.token()
+        except click.ClickException:
+            token = None
+        drift = _check_drift(url, token, settings)
+        if drift is not None:
+            checks.append(drift)
     if checks[0].status == "fail":
         return checks, client.EXIT_CONFIG
     failed = any(c.status == "fail" and c.required for c in checks)
     return checks, client.EXIT_FAILURE if failed else 0
+
+
+@click.command()
+@click.option(
+    "--restart", is_flag=True, help="Also restart running agents whose container changed."
+)
+@output.json_option
+def reload(restart: bool, as_json: bool) -> None:
+    """Re-read the daemon's config file and apply it (as SIGHUP does)."""
+    with client.current().client() as api:
+        report = api.json("POST", "/api/reload", params={"restart": "true"} if restart else {})
+    if as_json:
+        output.print_json(report)
+        return
+    changes = [
+        f"{what} {', '.join(report.get(what) or [])}"
+        for what in ("added", "removed", "changed")
+        if report.get(what)
+    ]
+    click.echo(
+        "reloaded "
+        + str(report.get("source_file"))
+        + ": "
+        + ("; ".join(changes) or "no agent changed")
+    )
+    if report.get("needs_restart"):
+        click.echo(
+            "not applied until `roost up` restarts: " + ", ".join(report["needs_restart"]),
+            err=True,
+        )
 
 
 @click.command()

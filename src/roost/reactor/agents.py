@@ -370,7 +370,60 @@ class Agents:
     async def delete(self, name: str) -> None:
         """Stop (SIGTERM, ``stop_timeout``, SIGKILL) and remove the agent's container,
         and forget the agent. NotFound for an unknown agent; Conflict for one from the
-        configuration file.
+        configuration file."""
+        self._supervisor.actor(name)
+        stored = await self._store.get_agent(name)
+        if stored is not None and stored.source == "config":
+            raise errors.Conflict(
+                f"agent {name!r} is configured in the config file; remove it there instead"
+            )
+        await self._remove(name)
+        await self._announce("agent.deleted", {"agent": name}, webhook=False)
+
+    async def apply_config(
+        self, configured: dict[str, ResolvedAgent], *, restart: bool = False
+    ) -> dict[str, list[str]]:
+        """Make the configured agents what ``configured`` says (a config reload):
+        new ones are added, ones that left the file are stopped and forgotten, changed
+        ones get their new spec — a changed container is recreated at its next start,
+        or at once (running agents) with ``restart``. Agents registered over the API
+        are left alone. Each change is an event. Returns the names by what happened."""
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+        stored = {s.record.name: s for s in await self._store.list_agents()}
+        for name, spec in configured.items():
+            spec_json = spec.model_dump(mode="json")
+            existing = stored.get(name)
+            if existing is None:
+                record = await self._store.insert_agent(
+                    AgentRecord(name=name, state_since=self._clock.now()), spec_json
+                )
+                self._supervisor.add_actor(record, spec)
+                report["added"].append(name)
+                await self._announce("agent.added", {"agent": name}, webhook=False)
+                continue
+            if existing.spec == spec_json and existing.source == "config":
+                continue
+            await self._store.update_spec(name, spec_json, source="config")
+            actor = self._supervisor.actor(name)
+            recreate = actor.spec.config_hash != spec.config_hash
+            actor.spec = spec
+            report["changed"].append(name)
+            await self._announce(
+                "agent.changed",
+                {"agent": name, "container_changed": recreate, "restarting": recreate and restart},
+                webhook=False,
+            )
+            if recreate and restart and actor.record.state in ACTIVE_STATES:
+                await self.act(name, "restart", reason="config reloaded with --restart")
+        for name, existing in stored.items():
+            if existing.source == "config" and name not in configured:
+                await self._remove(name)
+                report["removed"].append(name)
+                await self._announce("agent.removed", {"agent": name}, webhook=False)
+        return report
+
+    async def _remove(self, name: str) -> None:
+        """Stop and remove the agent's containers and forget it.
 
         The agent is forgotten before its container goes: if Docker fails here, the
         error propagates and the container is an orphan that the next reconcile
@@ -378,11 +431,6 @@ class Agents:
         recorded one: a start cut short by the removal may have created one that
         was not recorded yet."""
         actor = self._supervisor.actor(name)
-        stored = await self._store.get_agent(name)
-        if stored is not None and stored.source == "config":
-            raise errors.Conflict(
-                f"agent {name!r} is configured in the config file; remove it there instead"
-            )
         grace = actor.spec.stop_timeout
         recorded = actor.record.container_id
         await self._supervisor.remove_actor(name)
@@ -392,7 +440,6 @@ class Agents:
         for container_id in sorted(ids):
             await self._runtime.stop(container_id, grace=grace)
             await self._runtime.remove(container_id, force=True)
-        await self._announce("agent.deleted", {"agent": name}, webhook=False)
 
     # -- waking notices --------------------------------------------------------------
 
