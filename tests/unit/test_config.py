@@ -754,3 +754,43 @@ def test_settings_round_trip_when_dumped_by_alias_and_validated_again() -> None:
     settings = load_settings(str(ROOT / "examples" / "roost.toml"), environ={})
     again = Settings.model_validate(settings.model_dump(by_alias=True))
     assert again.model_dump() == settings.model_dump()
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_environment_overrides_any_key_when_named_section_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agents.echo]\nimage = 'roost-mimic:latest'\nmemory = '128m'\n")
+    settings = load_settings(
+        str(path),
+        environ={
+            "ROOST_DEFAULTS__IDLE_TIMEOUT": "5m",
+            "ROOST_AGENTS__ECHO__MEMORY": "256m",
+            "ROOST_AGENTS__ECHO__ENV__Mode": "echo",
+            "ROOST_SERVER__LISTEN": "127.0.0.1:9999",
+            "ROOST_DOCKER__LEAVE_RUNNING": "true",
+            "ROOST_DEFAULTS__MAX_RESTARTS": "7",
+            "ROOST_CONFIG": "",  # not a key: ignored here
+        },
+    )
+    echo = settings.agent("echo")
+    assert echo.idle_timeout == 300.0
+    assert echo.memory == 256 * 1024**2
+    assert echo.env == {"Mode": "echo"}
+    assert echo.max_restarts == 7
+    assert settings.server.listen == "127.0.0.1:9999"
+    assert settings.docker.leave_running is True
+
+
+def test_environment_error_names_the_variable_and_suggests_the_key_when_misspelt(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "")
+    with pytest.raises(errors.ConfigError) as bad:
+        load_settings(str(path), environ={"ROOST_DEFAULTS__IDLE_TIMEOUT": "-5"})
+    assert "defaults.idle_timeout: must not be negative" in str(bad.value)
+    assert "$ROOST_DEFAULTS__IDLE_TIMEOUT" in str(bad.value)
+    with pytest.raises(errors.ConfigError) as misspelt:
+        load_settings(str(path), environ={"ROOST_SERVR__LISTEN": "x:1"})
+    assert "did you mean 'server'?" in str(misspelt.value)
+    assert "$ROOST_SERVR__LISTEN" in str(misspelt.value)

@@ -123,15 +123,25 @@ def _problem(
     return key, str(error["msg"])
 
 
+def _origin(key: str, origins: Mapping[str, str]) -> str:
+    """`` (from $VAR)`` when an environment variable set ``key`` (or a key under it)."""
+    found = [v for k, v in origins.items() if k == key or k.startswith(key + ".")]
+    return f" (from ${', $'.join(sorted(found))})" if found else ""
+
+
 def config_error(
     exc: ValidationError,
     *,
     file: str,
     prefix: tuple[str, ...],
     root: type[BaseModel] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> ConfigError:
-    """One ConfigError listing every problem of ``exc`` as ``file: key: message``."""
+    """One ConfigError listing every problem of ``exc`` as ``file: key: message``
+    (``origins``: the environment variable that set a key, named after it)."""
     problems = [_problem(error, prefix, root) for error in exc.errors()]
+    if origins:
+        problems = [(key, message + _origin(key, origins)) for key, message in problems]
     lines = [
         f"{file}: {key}: {message}" if key else f"{file}: {message}" for key, message in problems
     ]

@@ -19,6 +19,11 @@ Invariants:
 
 Where the file comes from (first match wins): the explicit path (``--config``),
 ``ROOST_CONFIG``, ``roost.toml`` in the working directory, built-in defaults.
+Then every key can be overridden from the environment as
+``ROOST_<SECTION>__<KEY>`` (``ROOST_DEFAULTS__IDLE_TIMEOUT=5m``,
+``ROOST_AGENTS__ECHO__MEMORY=256m``, ``ROOST_AGENTS__ECHO__ENV__MODE=echo``): a
+value is read as a TOML value when it is one (``30``, ``true``, ``["a"]``), else as
+text; an error in it names the variable.
 A ``.json`` file is parsed as JSON and may use the original proposal's keys
 ``{"docker": {"agentIdleTimeout", "agentMaxRestarts",
 "agentRestartBackoffSeconds"}}``, which map onto ``[defaults]`` (also accepted
@@ -460,17 +465,74 @@ class Settings(BaseModel):
 # --------------------------------------------------------------------------- loading
 
 
+ENV_PREFIX = "ROOST_"
+ENV_DELIMITER = "__"
+
+
+def environment_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``ROOST_<SECTION>__<KEY>`` variables as a document to lay over the file's,
+    and which variable set each dotted key."""
+    overlay: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for variable, raw in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX) or ENV_DELIMITER not in variable:
+            continue
+        parts = variable[len(ENV_PREFIX) :].split(ENV_DELIMITER)
+        if any(not part for part in parts):
+            raise ConfigError(f"environment {variable}: empty key between '__'")
+        # Names are lower case in the file; an agent's env keeps its variables' case.
+        keys = [
+            part if index > 0 and parts[index - 1].lower() == "env" else part.lower()
+            for index, part in enumerate(parts)
+        ]
+        table = overlay
+        for key in keys[:-1]:
+            child = table.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {variable}: {'.'.join(keys)} is not a table")
+            table = child
+        table[keys[-1]] = _env_value(raw)
+        origins[".".join(keys)] = variable
+    return overlay, origins
+
+
+def _env_value(raw: str) -> Any:
+    """A TOML value when the text is one (``30``, ``true``, ``["a"]``), else the text."""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _laid_over(document: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(document)
+    for key, value in overlay.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, Mapping):
+            merged[key] = _laid_over(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def parse_settings(
-    data: Mapping[str, Any], *, file: str | None = None, base_dir: Path | None = None
+    data: Mapping[str, Any],
+    *,
+    file: str | None = None,
+    base_dir: Path | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Validate an already-parsed document; errors name ``file`` and the dotted key."""
+    """Validate an already-parsed document; errors name ``file`` and the dotted key
+    (and the environment variable, for keys in ``origins``)."""
     display = file or "<config>"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{display}: the top level must be a table/object", file=file)
     try:
         settings = Settings.model_validate(dict(data))
     except ValidationError as exc:
-        raise config_error(exc, file=display, prefix=(), root=Settings) from exc
+        raise config_error(
+            exc, file=display, prefix=(), root=Settings, origins=origins or {}
+        ) from exc
     settings._source_file = file
     settings._base_dir = base_dir
     return settings
@@ -560,11 +622,14 @@ def load_settings(
     """
     file = find_config_file(path, cwd=cwd, environ=environ)
     base_dir = Path(cwd) if cwd is not None else None
+    overlay, origins = environment_overrides(os.environ if environ is None else environ)
     if file is None:
-        settings = parse_settings({}, file=None, base_dir=base_dir)
+        settings = parse_settings(overlay, file=None, base_dir=base_dir, origins=origins)
     else:
-        document = _read_document(file)
-        settings = parse_settings(document, file=str(file), base_dir=file.parent.absolute())
+        document = _laid_over(_read_document(file), overlay)
+        settings = parse_settings(
+            document, file=str(file), base_dir=file.parent.absolute(), origins=origins
+        )
     if settings.requires_token():
         display = settings.source_file or "<defaults>"
         if not settings.server.token_file:
