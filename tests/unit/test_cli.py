@@ -69,7 +69,7 @@ def test_help_lists_every_verb_when_run_without_arguments() -> None:
         assert verb in result.output
 
 
-@pytest.mark.parametrize("verb", ["ps", "up", "doctor"])
+@pytest.mark.parametrize("verb", ["up", "doctor"])
 def test_config_error_exits_2_naming_the_key_when_key_unknown(tmp_path: Path, verb: str) -> None:
     config = write_config(tmp_path, '[server]\nstate_dir = "state"\nlisten_typo = "x"\n')
     result = invoke(["--config", str(config), verb])
@@ -77,6 +77,16 @@ def test_config_error_exits_2_naming_the_key_when_key_unknown(tmp_path: Path, ve
     assert "server.listen_typo" in result.stderr
     assert "unknown key" in result.stderr
     assert not (tmp_path / "state").exists()  # nothing started
+
+
+def test_ps_exits_2_naming_listen_when_the_address_it_needs_is_invalid(tmp_path: Path) -> None:
+    # ps reads only what it needs to reach the daemon (listen, token_file): a typo
+    # elsewhere is for `roost up` and `roost doctor` to report, not a reason to refuse.
+    config = write_config(tmp_path, '[server]\nlisten = "nowhere"\n[defaults]\ntypo = 1\n')
+    result = invoke(["--config", str(config), "ps"])
+    assert result.exit_code == 2, result.output
+    assert "server.listen" in result.stderr
+    assert "typo" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -291,3 +292,11 @@ def test_ps_imports_no_server_stack_and_no_rich_when_output_is_plain() -> None:
     loaded = _top(_modules_after("--url", "http://127.0.0.1:9", "--token", "t", "ps"))
     assert "httpx" in loaded  # it did reach the client
     assert not loaded & NOT_ON_THE_PS_PATH
+
+
+def test_ps_reads_its_config_without_pydantic_when_a_file_is_given(tmp_path: Path) -> None:
+    config = tmp_path / "roost.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:9"\n[agents.echo]\nimage = "x"\n')
+    loaded = _top(_modules_after("--config", str(config), "ps"))
+    assert "roost.config.sources" in loaded  # it did read the file
+    assert not loaded & (NOT_ON_THE_PS_PATH | {"pydantic", "roost.config.settings"})

@@ -794,3 +794,29 @@ def test_environment_error_names_the_variable_and_suggests_the_key_when_misspelt
         load_settings(str(path), environ={"ROOST_SERVR__LISTEN": "x:1"})
     assert "did you mean 'server'?" in str(misspelt.value)
     assert "$ROOST_SERVR__LISTEN" in str(misspelt.value)
+
+
+def test_config_package_loads_every_public_name_lazily_when_accessed() -> None:
+    from roost import config
+
+    assert sorted(config._LAZY) == sorted(config.__all__)
+    for name in config.__all__:
+        assert getattr(config, name) is not None, name
+
+
+def test_client_view_reads_listen_and_token_without_validating_the_rest(tmp_path: Path) -> None:
+    from roost.config.sources import client_view
+
+    (tmp_path / "token").write_text("s3cret\n")
+    path = write(
+        tmp_path,
+        '[server]\nlisten = "0.0.0.0:7100"\ntoken_file = "token"\n[defaults]\ntypo = 1\n',
+    )
+    view = client_view(str(path), environ={})
+    assert (view.listen_host, view.listen_port) == ("0.0.0.0", 7100)
+    assert view.token() == "s3cret"
+    moved = client_view(str(path), environ={"ROOST_SERVER__LISTEN": "127.0.0.1:7200"})
+    assert moved.listen_port == 7200
+    with pytest.raises(errors.ConfigError) as bad:
+        client_view(str(write(tmp_path, '[server]\nlisten = "nowhere"\n')), environ={})
+    assert bad.value.key == "server.listen"

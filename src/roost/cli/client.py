@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from click.shell_completion import CompletionItem
 
     from roost.config import Settings
+    from roost.config.sources import ClientView
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -96,15 +97,20 @@ class CliUsageError(CliError):
     exit_code = EXIT_CONFIG
 
 
-def default_api_url(settings: Settings) -> str:
+def default_api_url(settings: Settings | ClientView) -> str:
     """The URL a local client uses to reach ``server.listen``."""
-    host = settings.server.listen_host
+    from roost.config.sources import ClientView
+
+    if isinstance(settings, ClientView):
+        host, port = settings.listen_host, settings.listen_port
+    else:
+        host, port = settings.server.listen_host, settings.server.listen_port
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{settings.server.listen_port}"
+    return f"http://{shown}:{port}"
 
 
 def _config_failure(exc: errors.ConfigError) -> CliUsageError:
@@ -119,10 +125,12 @@ class Connection:
     url_option: str | None
     token_option: str | None
     _settings: Settings | None = None
+    _view: ClientView | None = None
 
     def settings(self) -> Settings:
+        """The whole configuration, validated (``up``, ``doctor``: pydantic is loaded)."""
         if self._settings is None:
-            from roost import config  # pydantic: only when a value is needed from it
+            from roost import config
 
             try:
                 self._settings = config.load_settings(self.config_path)
@@ -130,20 +138,33 @@ class Connection:
                 raise _config_failure(exc) from exc
         return self._settings
 
+    def view(self) -> ClientView:
+        """Just where the daemon listens and its token file (talking to a daemon needs
+        no more, and reading it this way keeps ``roost ps`` fast)."""
+        if self._view is None:
+            from roost.config.sources import client_view
+
+            try:
+                self._view = client_view(self.config_path)
+            except errors.ConfigError as exc:
+                raise _config_failure(exc) from exc
+        return self._view
+
     def use_config(self, path: str) -> None:
         """``--config`` given after the verb: forget what was read from another file."""
         self.config_path = path
         self._settings = None
+        self._view = None
 
     def url(self) -> str:
-        url = self.url_option or default_api_url(self.settings())
+        url = self.url_option or default_api_url(self.view())
         return url.rstrip("/")
 
     def token(self) -> str | None:
         if self.token_option:
             return self.token_option
         try:
-            return self.settings().token()
+            return self.view().token()
         except errors.ConfigError as exc:
             raise _config_failure(exc) from exc
 

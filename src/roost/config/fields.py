@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal, TypeGuard
 
 from pydantic import BeforeValidator
 
+from roost.config.sources import split_listen
+
 __all__ = [
     "DOCKER_MIN_MEMORY",
     "AbsolutePath",
@@ -244,18 +246,6 @@ def _log_level(value: object) -> str:
     if not isinstance(value, str) or value.lower() not in _LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}; got {value!r}")
     return value.lower()
-
-
-def split_listen(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:7075"`` / ``"[::1]:7075"`` / ``":7075"`` → (host, port)."""
-    match = re.match(r"^(?:\[([^\]]+)\]|([^:\[\]]*)):(\d{1,5})$", value.strip())
-    if not match:
-        raise ValueError(f"must be 'host:port' (e.g. 127.0.0.1:7075), got {value!r}")
-    host = match.group(1) if match.group(1) is not None else match.group(2)
-    port = int(match.group(3))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be 1-65535, got {port}")
-    return host, port
 
 
 def _listen(value: object) -> str:

@@ -33,9 +33,7 @@ in a TOML ``[docker]`` table).
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,6 +71,16 @@ from roost.config.fields import (
     validate_agent_name,
 )
 from roost.config.problems import config_error
+from roost.config.sources import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG_NAME,
+    DEFAULT_LISTEN,
+    environment_overrides,
+    find_config_file,
+    laid_over,
+    read_document,
+    read_token,
+)
 from roost.errors import ConfigError, NotFound
 
 __all__ = [
@@ -90,8 +98,6 @@ __all__ = [
     "parse_settings",
 ]
 
-DEFAULT_CONFIG_NAME = "roost.toml"
-CONFIG_ENV_VAR = "ROOST_CONFIG"
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
@@ -136,7 +142,7 @@ class ServerConfig(BaseModel):
     model_config = FROZEN
 
     listen: Listen = Field(
-        default="127.0.0.1:7075",
+        default=DEFAULT_LISTEN,
         description="host:port for the gateway, admin API and dashboard ('[::1]:7075' for IPv6).",
     )
     state_dir: Text = Field(
@@ -427,22 +433,7 @@ class Settings(BaseModel):
         path = self.token_path()
         if path is None:
             return None
-        file = self._source_file or "<defaults>"
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"{file}: server.token_file: cannot read {str(path)!r}: {exc.strerror}",
-                key="server.token_file",
-                file=self._source_file,
-            ) from exc
-        if not token:
-            raise ConfigError(
-                f"{file}: server.token_file: {str(path)!r} is empty",
-                key="server.token_file",
-                file=self._source_file,
-            )
-        return token
+        return read_token(path, self._source_file)
 
     def requires_token(self) -> bool:
         """True when ``listen`` is reachable from other machines (not loopback)."""
@@ -463,56 +454,6 @@ class Settings(BaseModel):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-ENV_PREFIX = "ROOST_"
-ENV_DELIMITER = "__"
-
-
-def environment_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The ``ROOST_<SECTION>__<KEY>`` variables as a document to lay over the file's,
-    and which variable set each dotted key."""
-    overlay: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    for variable, raw in sorted(environ.items()):
-        if not variable.startswith(ENV_PREFIX) or ENV_DELIMITER not in variable:
-            continue
-        parts = variable[len(ENV_PREFIX) :].split(ENV_DELIMITER)
-        if any(not part for part in parts):
-            raise ConfigError(f"environment {variable}: empty key between '__'")
-        # Names are lower case in the file; an agent's env keeps its variables' case.
-        keys = [
-            part if index > 0 and parts[index - 1].lower() == "env" else part.lower()
-            for index, part in enumerate(parts)
-        ]
-        table = overlay
-        for key in keys[:-1]:
-            child = table.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"environment {variable}: {'.'.join(keys)} is not a table")
-            table = child
-        table[keys[-1]] = _env_value(raw)
-        origins[".".join(keys)] = variable
-    return overlay, origins
-
-
-def _env_value(raw: str) -> Any:
-    """A TOML value when the text is one (``30``, ``true``, ``["a"]``), else the text."""
-    try:
-        return tomllib.loads(f"value = {raw}")["value"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _laid_over(document: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(document)
-    for key, value in overlay.items():
-        below = merged.get(key)
-        if isinstance(value, dict) and isinstance(below, Mapping):
-            merged[key] = _laid_over(below, value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def parse_settings(
@@ -553,62 +494,6 @@ def parse_agent_settings(
         raise config_error(exc, file=source, prefix=("agents", name), root=AgentSettings) from exc
 
 
-def find_config_file(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    cwd: str | os.PathLike[str] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Path | None:
-    """The file to load: ``path``, else ``$ROOST_CONFIG``, else ``./roost.toml``, else None.
-
-    An explicitly named file (argument or variable) must exist; ``./roost.toml``
-    is optional.
-    """
-    env = os.environ if environ is None else environ
-    base = Path(cwd) if cwd is not None else None
-    named: Path | None = None
-    how = ""
-    if path is not None and str(path):
-        named, how = Path(path), "--config"
-    elif env.get(CONFIG_ENV_VAR):
-        named, how = Path(env[CONFIG_ENV_VAR]), CONFIG_ENV_VAR
-    if named is not None:
-        if base is not None and not named.is_absolute():
-            named = base / named
-        if not named.is_file():
-            raise ConfigError(f"{named}: no such config file (from {how})", file=str(named))
-        return named
-    default = (base / DEFAULT_CONFIG_NAME) if base is not None else Path(DEFAULT_CONFIG_NAME)
-    return default if default.is_file() else None
-
-
-def _read_document(file: Path) -> dict[str, Any]:
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror}", file=str(file)) from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{file}: not UTF-8 text: {exc}", file=str(file)) from exc
-    if file.suffix.lower() == ".json":
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-                file=str(file),
-            ) from exc
-        if not isinstance(document, dict):
-            raise ConfigError(f"{file}: the top level must be a JSON object", file=str(file))
-        return document
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        # Python 3.11's message carries "(at line N, column M)".
-        raise ConfigError(f"{file}: invalid TOML: {exc}", file=str(file)) from exc
-
-
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -626,7 +511,7 @@ def load_settings(
     if file is None:
         settings = parse_settings(overlay, file=None, base_dir=base_dir, origins=origins)
     else:
-        document = _laid_over(_read_document(file), overlay)
+        document = laid_over(read_document(file), overlay)
         settings = parse_settings(
             document, file=str(file), base_dir=file.parent.absolute(), origins=origins
         )
