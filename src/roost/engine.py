@@ -130,6 +130,8 @@ class Engine:
             config=settings.jobs,
             default_memory=settings.defaults.memory or None,
             pids_limit=settings.defaults.pids_limit or None,
+            cap_drop=settings.defaults.cap_drop,
+            cap_add=settings.defaults.cap_add,
             network=settings.docker.network or None,
         )
         self.jobs.add_listener(self._publish_job)

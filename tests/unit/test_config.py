@@ -672,6 +672,11 @@ BASE_AGENT: dict[str, Any] = {
 }
 
 CONTAINER_CHANGES: dict[str, Any] = {
+    "cap_drop": [],
+    "cap_add": ["NET_ADMIN"],
+    "read_only_rootfs": True,
+    "user": "1000:1000",
+    "private_cgroupns": False,
     "image": "img:2",
     "port": 8001,
     "env": {"A": "2"},

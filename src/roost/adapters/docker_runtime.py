@@ -583,6 +583,17 @@ def _create_config(spec: ContainerSpec) -> dict[str, Any]:
         host_config["Binds"] = list(spec.binds)
     if spec.extra_hosts:
         host_config["ExtraHosts"] = list(spec.extra_hosts)
+    if spec.cap_drop:
+        host_config["CapDrop"] = list(spec.cap_drop)
+    if spec.cap_add:
+        host_config["CapAdd"] = list(spec.cap_add)
+    if spec.read_only_rootfs:
+        host_config["ReadonlyRootfs"] = True
+    if spec.tmpfs:
+        host_config["Tmpfs"] = {path: "rw,nosuid,nodev,size=64m" for path in spec.tmpfs}
+    if spec.user:
+        config["User"] = spec.user
+    host_config["CgroupnsMode"] = "private" if spec.private_cgroupns else "host"
     return config
 
 

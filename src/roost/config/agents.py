@@ -29,9 +29,9 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from roost.config.fields import (
     AgentName,
@@ -48,7 +48,9 @@ from roost.config.fields import (
     PositiveSeconds,
     Seconds,
     Strings,
+    Text,
     UrlPath,
+    parse_capabilities_list,
 )
 from roost.config.problems import config_error
 from roost.errors import ConfigError
@@ -67,6 +69,20 @@ __all__ = [
 ]
 
 FROZEN = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+#: Capabilities an agent keeps by default (after dropping ALL): enough for images
+#: that chown their files, switch to another user or bind a low port.
+DEFAULT_CAP_ADD: tuple[str, ...] = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETGID",
+    "SETUID",
+    "NET_BIND_SERVICE",
+    "KILL",
+)
+
+Capabilities = Annotated[tuple[str, ...], BeforeValidator(parse_capabilities_list)]
 
 
 class ContainerSettings(BaseModel):
@@ -90,6 +106,26 @@ class ContainerSettings(BaseModel):
     pids_limit: Count = Field(default=512, description="Most processes in the container; 0: none.")
     no_new_privileges: Flag = Field(
         default=True, description="Run with no-new-privileges (setuid binaries cannot escalate)."
+    )
+    cap_drop: Capabilities = Field(
+        default=("ALL",),
+        description="Linux capabilities dropped; [] keeps Docker's default set.",
+    )
+    cap_add: Capabilities = Field(
+        default=DEFAULT_CAP_ADD,
+        description="Capabilities added back after cap_drop: what common agent images need "
+        "(chown, file ownership, switching user, low ports, signals); NET_RAW, MKNOD, "
+        "SYS_CHROOT and the rest stay dropped.",
+    )
+    read_only_rootfs: Flag = Field(
+        default=False,
+        description="Read-only root filesystem, with a writable tmpfs at /tmp.",
+    )
+    user: Text = Field(
+        default="", description="'user[:group]' the agent runs as; '': the image's own."
+    )
+    private_cgroupns: Flag = Field(
+        default=True, description="A cgroup namespace of its own (false: the host's)."
     )
 
 

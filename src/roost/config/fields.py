@@ -316,6 +316,23 @@ def parse_capabilities(value: object) -> tuple[str, ...]:
     return tuple(found)
 
 
+_LINUX_CAPABILITY = re.compile(r"^(?:CAP_)?([A-Z_]+)$")
+
+
+def parse_capabilities_list(value: object) -> tuple[str, ...]:
+    """Linux capability names (``NET_ADMIN``, ``cap_chown``, or ``ALL``), upper case,
+    without the ``CAP_`` prefix."""
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError('must be a list of capability names, e.g. ["NET_BIND_SERVICE"]')
+    names = []
+    for item in value:
+        match = _LINUX_CAPABILITY.match(item.strip().upper())
+        if not match:
+            raise ValueError(f"invalid capability {item!r}")
+        names.append(match.group(1))
+    return tuple(dict.fromkeys(names))
+
+
 def validate_agent_name(name: object) -> str:
     """A DNS label: 1–63 of a-z, 0-9 and '-', not starting or ending with '-'."""
     if not isinstance(name, str) or not _DNS_LABEL.match(name):

@@ -55,6 +55,16 @@ class ContainerSpec:
     binds: tuple[str, ...] = ()
     #: "host:ip" entries, e.g. "host.docker.internal:host-gateway".
     extra_hosts: tuple[str, ...] = ()
+    #: Linux capabilities dropped (e.g. ("ALL",)) and then added back.
+    cap_drop: tuple[str, ...] = ()
+    cap_add: tuple[str, ...] = ()
+    #: the root filesystem is read-only; ``tmpfs`` paths are writable in-memory mounts.
+    read_only_rootfs: bool = False
+    tmpfs: tuple[str, ...] = ()
+    #: "user[:group]" the process runs as; "": the image's own.
+    user: str = ""
+    #: a cgroup namespace of its own (it cannot see the host's cgroup tree).
+    private_cgroupns: bool = True
     #: Docker HEALTHCHECK is deliberately not used for readiness (see reactor.starting).
 
 

@@ -139,6 +139,8 @@ class JobRunner:
         pids_limit: int | None = 512,
         network: str | None = None,
         retry: Backoff = TRANSIENT_RETRY,
+        cap_drop: tuple[str, ...] = ("ALL",),
+        cap_add: tuple[str, ...] = (),
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -149,6 +151,9 @@ class JobRunner:
         self.pids_limit = pids_limit
         self.network = network
         self.retry = retry
+        #: job containers are hardened like agents (``[defaults]`` cap_drop/cap_add).
+        self.cap_drop = cap_drop
+        self.cap_add = cap_add
         self._workers: dict[str, _Worker] = {}
         #: set while no worker exists (see ``wait_idle``).
         self._idle = asyncio.Event()
@@ -543,6 +548,8 @@ class JobRunner:
             cpus=job.cpus,
             pids_limit=self.pids_limit,
             no_new_privileges=True,
+            cap_drop=self.cap_drop,
+            cap_add=self.cap_add,
         )
 
     # -- supervising ----------------------------------------------------------------

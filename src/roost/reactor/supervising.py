@@ -452,6 +452,12 @@ class AgentActor:
             binds=spec.binds if isinstance(spec, SpawnedAgent) else (),
             # Linux needs this for ROOST_URL's default host.docker.internal to resolve.
             extra_hosts=("host.docker.internal:host-gateway",),
+            cap_drop=spec.cap_drop,
+            cap_add=spec.cap_add,
+            read_only_rootfs=spec.read_only_rootfs,
+            tmpfs=("/tmp",) if spec.read_only_rootfs else (),
+            user=spec.user,
+            private_cgroupns=spec.private_cgroupns,
         )
 
     async def _start_procedure(
