@@ -8,7 +8,12 @@ Invariants every implementation keeps (checked by tests/contract):
   otherwise.
 - ``remove`` and ``stop`` of a container that is already gone are no-ops.
 - ``ensure_network`` / ``ensure_volume`` create only what is absent and never
-  change or remove an existing network or volume.
+  change or remove an existing network or volume; ``remove_network`` /
+  ``remove_volume`` remove one only when it carries every label asked for, so a
+  caller removes only what its own instance created.
+- A spec with a fixed ``host_port`` publishes exactly that port; when it is
+  taken, ``start`` raises ``ContainerError`` naming it and the container stays
+  ``created``.
 - ``events`` never blocks the engine: it reads continuously, reconnects on its
   own and yields a ``gap`` event after every reconnect (events may have been
   lost, so the caller must re-list and reconcile).
@@ -40,9 +45,11 @@ class ContainerSpec:
     name: str | None = None
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     command: tuple[str, ...] | None = None
-    #: container port to publish on ``publish_host`` at an ephemeral host port.
+    #: container port to publish on ``publish_host``.
     port: int | None = None
     publish_host: str = "127.0.0.1"
+    #: host port ``port`` is published on; None: an ephemeral one Docker picks at start.
+    host_port: int | None = None
     network: str | None = None
     memory: int | None = 512 * 1024 * 1024
     #: None: same as memory (no swap).
@@ -54,7 +61,8 @@ class ContainerSpec:
     binds: tuple[str, ...] = ()
     #: "host:ip" entries, e.g. "host.docker.internal:host-gateway".
     extra_hosts: tuple[str, ...] = ()
-    #: Docker HEALTHCHECK is deliberately not used for readiness (see reactor.starting).
+    #: The image's own HEALTHCHECK is not used for readiness (readiness is probed
+    #: over HTTP); its verdicts arrive as ``health_status`` events.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +110,8 @@ class RuntimeEvent:
     container_id: str = ""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     exit_code: int | None = None
+    #: for ``health_status``: the verdict of the image's own HEALTHCHECK.
+    health: SessionHealth | None = None
     #: seconds since the epoch (Docker's timeNano / 1e9).
     time: float = 0.0
 
@@ -185,6 +195,18 @@ class ContainerRuntime(Protocol):
     async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:
         """Create the local volume ``name`` carrying ``labels`` unless it exists (then
         it is used as it is, labels untouched); return its name."""
+        ...
+
+    async def remove_network(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        """Remove network ``name`` if it carries every one of ``labels``; True when
+        removed. Absent, or not carrying them: False, nothing touched. Still used by
+        a container: ``ContainerError``."""
+        ...
+
+    async def remove_volume(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        """Remove volume ``name`` if it carries every one of ``labels``; True when
+        removed. Absent, or not carrying them: False, nothing touched. Still mounted
+        by a container: ``ContainerError``."""
         ...
 
     async def close(self) -> None: ...
