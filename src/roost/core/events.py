@@ -20,6 +20,7 @@ __all__ = [
     "ContainerVanished",
     "Event",
     "ExitDetails",
+    "HealthcheckReported",
     "LivenessProbed",
     "PauseRequested",
     "ResetRequested",
@@ -133,6 +134,16 @@ class LivenessProbed:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class HealthcheckReported:
+    """Docker's health status of the container changed: the verdict of the image's
+    own HEALTHCHECK, after the retries the image asks for (Docker's
+    ``health_status`` event). ``healthy`` False: Docker marked it unhealthy."""
+
+    container_id: str
+    healthy: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Activity:
     """Something proved the agent is in use."""
 
@@ -160,6 +171,7 @@ Event = (
     | ContainerObserved
     | Resumed
     | LivenessProbed
+    | HealthcheckReported
     | Activity
     | Tick
 )

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from roost import errors
@@ -32,7 +32,7 @@ from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core import labels
 from roost.core.reconciling import Observed, plan_reconcile
-from roost.core.records import AgentRecord, ExitInfo, StateChange
+from roost.core.records import AgentRecord, ExitInfo, SessionHealth, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
 from roost.core.transition import Decision, next_deadline, transition
 from roost.ports.agent_http import AgentClient
@@ -53,6 +53,8 @@ READINESS_PROBE_TIMEOUT = 1.0
 LOG_TAIL_LINES = 50
 #: Liveness probes due within this many seconds are sent together (see _liveness_loop).
 LIVENESS_BATCH_WINDOW = 1.0
+#: Docker health statuses that are a HEALTHCHECK verdict ("starting" is not).
+_VERDICTS = frozenset({SessionHealth.HEALTHY, SessionHealth.UNHEALTHY})
 
 
 #: Called after every persisted decision: (agent record, state changes).
@@ -386,7 +388,8 @@ class AgentActor:
             env=env,
             command=tuple(spec.command) if spec.command else None,
             port=spec.port,
-            publish_host=self.sup.publish_host,
+            publish_host=spec.host_ip or self.sup.publish_host,
+            host_port=spec.host_port or None,
             network=(spec.network if isinstance(spec, SpawnedAgent) else "") or self.sup.network,
             memory=spec.memory or None,  # 0: no limit
             cpus=spec.cpus,
@@ -435,6 +438,10 @@ class AgentActor:
                     await rt.remove(cid, force=True)
                     existing = None
             if existing is None:
+                if self.spec.host_port:
+                    # A fixed host port is held until the container it was published
+                    # for is gone: wait for removals in flight (a restart's old one).
+                    await self._ops.join()
                 await rt.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
                 async with self.sup.start_slots:
                     cid = await rt.create(self.container_spec())
@@ -754,12 +761,11 @@ class Supervisor:
                 log.info("docker event stream had a gap; reconciling")
                 self._spawn_reconcile()
                 continue
-            self._dispatch(event.kind, event.container_id, event.labels, event.exit_code)
+            self._dispatch(event)
 
-    def _dispatch(
-        self, kind: str, cid: str, attrs: Mapping[str, str], exit_code: int | None
-    ) -> None:
-        name = attrs.get(labels.AGENT)
+    def _dispatch(self, event: RuntimeEvent) -> None:
+        kind, cid = event.kind, event.container_id
+        name = event.labels.get(labels.AGENT)
         if name is None or name not in self.actors:
             return  # job containers carry our labels too: the job runner watches those
         if kind == "oom":
@@ -769,9 +775,13 @@ class Supervisor:
         if kind == "die":
             oom = cid in self._oom_seen
             self._oom_seen.discard(cid)
-            actor.post(ev.ContainerExited(cid, ExitInfo(exit_code=exit_code, oom_killed=oom)))
+            exit_info = ExitInfo(exit_code=event.exit_code, oom_killed=oom)
+            actor.post(ev.ContainerExited(cid, exit_info))
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
+        elif kind == "health_status" and event.health in _VERDICTS:
+            # The verdict of the image's own HEALTHCHECK (no image has one: no event).
+            actor.post(ev.HealthcheckReported(cid, healthy=event.health is SessionHealth.HEALTHY))
 
     def _spawn_reconcile(self) -> None:
         self._tasks.spawn(self.reconcile(), "roost.reconcile (after an event-stream gap)")
