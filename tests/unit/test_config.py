@@ -246,6 +246,8 @@ INVALID_CASES: list[tuple[str, str, str]] = [
     ("[agents.echo]\nimage = ''\n", "agents.echo.image", "required"),
     ("[agents.echo]\nimage = 'x'\nport = 0\n", "agents.echo.port", "must be >= 1"),
     ("[agents.echo]\nimage = 'x'\nport = 65536\n", "agents.echo.port", "<= 65535"),
+    ("[agents.echo]\nimage = 'x'\nhost_port = -1\n", "agents.echo.host_port", ">= 0"),
+    ("[agents.echo]\nimage = 'x'\nhost_ip = 'lo'\n", "agents.echo.host_ip", "IP address"),
     ("[agents.echo]\nimage = 'x'\nmemory = '12zb'\n", "agents.echo.memory", "invalid size"),
     ("[agents.echo]\nimage = 'x'\nidle_timeout = -1\n", "agents.echo.idle_timeout", "negative"),
     ("[agents.echo]\nimage = 'x'\nidle_action = 'nap'\n", "agents.echo.idle_action", "'pause'"),
@@ -674,6 +676,8 @@ BASE_AGENT: dict[str, Any] = {
 CONTAINER_CHANGES: dict[str, Any] = {
     "image": "img:2",
     "port": 8001,
+    "host_port": 9001,
+    "host_ip": "0.0.0.0",
     "env": {"A": "2"},
     "command": ["run", "--fast"],
     "memory": "512m",

@@ -24,8 +24,8 @@ import pytest
 from roost import errors
 from roost.core import events as ev
 from roost.core.records import AgentRecord, SessionHealth, StateChange
-from roost.core.transition import HEALTHCHECK_FAILED
 from roost.core.states import AgentState
+from roost.core.transition import HEALTHCHECK_FAILED
 from roost.engine import Engine
 from roost.ports.agent_http import ProbeResult
 from roost.reactor.supervising import AgentActor, Supervisor
