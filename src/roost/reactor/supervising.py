@@ -829,7 +829,9 @@ class Supervisor:
 
     async def shutdown(self, *, leave_running: bool, remove: bool = False) -> None:
         """Two phases: tell every agent (stop or leave running), then close actors.
-        ``remove``: also remove the stopped containers (library ``stop_all``)."""
+        ``remove``: also remove every agent container of this instance (library
+        ``stop_all``): the recorded ones, and any a start cut short by the shutdown
+        created but had not recorded yet."""
         if self.closed:
             return
         self.closed = True
@@ -849,9 +851,16 @@ class Supervisor:
         )
         await asyncio.gather(*(a.close() for a in self.actors.values()), return_exceptions=True)
         if remove and not leave_running:
-            ids = [a.record.container_id for a in self.actors.values() if a.record.container_id]
+            ids = {a.record.container_id for a in self.actors.values() if a.record.container_id}
+            try:
+                found = await self.runtime.list(labels.ownership(self.instance))
+            except errors.RoostError as exc:
+                log.warning("cannot list containers to remove at shutdown: %s", exc)
+                found = []
+            # Job containers carry the instance label too: the job runner owns those.
+            ids |= {c.id for c in found if labels.AGENT in c.labels}
             await asyncio.gather(
-                *(self.runtime.remove(cid, force=True) for cid in ids if cid),
+                *(self.runtime.remove(cid, force=True) for cid in sorted(ids)),
                 return_exceptions=True,
             )
 
