@@ -20,13 +20,19 @@ from roost.errors import (
     StartupTimeout,
     StateError,
 )
-from roost.library import ContainerManager
-from roost.runner import DockerAgentRunner
+from roost.library import (
+    AsyncContainerManager,
+    AsyncDockerAgentRunner,
+    ContainerManager,
+    DockerAgentRunner,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AgentState",
+    "AsyncContainerManager",
+    "AsyncDockerAgentRunner",
     "ConfigError",
     "Conflict",
     "ContainerError",
