@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from roost import errors
+from roost.adapters import docker_runtime
 from roost.adapters.docker_runtime import DockerRuntime
 from roost.core.records import SessionHealth
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
@@ -733,6 +735,39 @@ async def test_docker_runtime_raises_docker_unavailable_when_socket_missing(
             await runtime.inspect("anything")
     finally:
         await runtime.close()
+
+
+def test_docker_address_prefers_run_then_var_run_socket_when_no_host_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    run, var_run = tmp_path / "run.sock", tmp_path / "var-run.sock"
+    monkeypatch.setattr(docker_runtime, "_DEFAULT_SOCKETS", (run, var_run))
+    assert docker_runtime.docker_address() == f"unix://{var_run}"  # none: the usual place
+
+    with socket.socket(socket.AF_UNIX) as second:
+        second.bind(str(var_run))
+        assert docker_runtime.docker_address() == f"unix://{var_run}"
+        with socket.socket(socket.AF_UNIX) as first:
+            first.bind(str(run))
+            assert docker_runtime.docker_address() == f"unix://{run}"
+            monkeypatch.setenv("DOCKER_HOST", "tcp://docker.example:2375")
+            assert docker_runtime.docker_address() == "tcp://docker.example:2375"
+            assert docker_runtime.docker_address("unix:///given.sock") == "unix:///given.sock"
+
+
+def test_check_reachable_raises_docker_unavailable_naming_the_address_when_nothing_answers(
+    tmp_path: Path,
+) -> None:
+    address = f"unix://{tmp_path}/no-docker.sock"
+
+    with pytest.raises(errors.DockerUnavailable, match=re.escape(address)):
+        docker_runtime.check_reachable(address)
+
+
+@pytest.mark.docker
+def test_check_reachable_returns_the_address_when_docker_answers() -> None:
+    assert docker_runtime.check_reachable() == docker_runtime.docker_address()
 
 
 async def test_fake_ensure_image_pulls_when_image_pullable() -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -161,6 +162,27 @@ def test_agent_restarts_once_at_the_same_url_then_fails_when_killed_twice(
         manager.stop_all()
         manager.stop_all()  # idempotent
     assert instance_containers(instance) == []
+
+
+async def test_sync_manager_serves_a_running_event_loop_and_a_thread_at_once(
+    docker_images: dict[str, str],
+) -> None:
+    # As from a FastAPI handler: a plain call blocks this loop, while the engine runs
+    # on the manager's own loop thread; another thread calls at the same time.
+    image = docker_images["mimic"]
+    manager = roost.ContainerManager(startup_timeout=30)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            from_thread = pool.submit(manager.start_agent, "from-thread", image=image, port=None)
+            in_loop = manager.start_agent("in-loop", image=image, port=None)
+            threaded = await asyncio.wrap_future(from_thread)
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            for url in (in_loop, threaded):
+                assert (await client.get(url + "/health")).status_code == 200
+    finally:
+        manager.stop_all()
+    assert instance_containers(manager.instance) == []
 
 
 def test_start_agent_names_the_host_port_when_another_process_holds_it(
