@@ -101,6 +101,8 @@ class AgentActor:
         self._notices = TaskSet(log)
         #: which container each Docker operation in flight is about.
         self._op_targets: dict[asyncio.Task[Any], str] = {}
+        #: stops and removals in flight of containers that may still hold host ports.
+        self._port_holders: set[asyncio.Task[Any]] = set()
         self._busy = 0
         #: numbers start procedures; reports from superseded ones are dropped.
         self._attempt = 0
@@ -310,10 +312,11 @@ class AgentActor:
             case cmd.PauseContainer(container_id=cid):
                 self._op(self._pause(cid), "pause", container_id=cid)
             case cmd.StopContainer(container_id=cid, timeout=grace, remove=remove):
-                self._op(self._stop(cid, grace, remove), "stop", container_id=cid)
+                self._op(self._stop(cid, grace, remove), "stop", container_id=cid, holds_port=True)
             case cmd.RemoveContainer(container_id=cid, diagnose=diagnose):
                 work = self._diagnose_and_remove(cid) if diagnose else rt.remove(cid, force=True)
-                self._op(work, "remove", container_id=cid)
+                # A container removed for a crash has exited: its ports are free already.
+                self._op(work, "remove", container_id=cid, holds_port=not diagnose)
             case cmd.Notify(kind=kind, payload=payload):
                 self._op(self.sup.notifier.notify(kind, payload), "notify", docker=False)
 
@@ -324,6 +327,7 @@ class AgentActor:
         *,
         docker: bool = True,
         container_id: str | None = None,
+        holds_port: bool = False,
     ) -> None:
         async def tolerant() -> None:
             with contextlib.suppress(errors.ContainerNotFound):
@@ -334,6 +338,10 @@ class AgentActor:
         if container_id is not None:
             self._op_targets[task] = container_id
             task.add_done_callback(self._forget_target)
+        if holds_port:
+            # Its container may still publish the agent's ports until this ends.
+            self._port_holders.add(task)
+            task.add_done_callback(self._port_holders.discard)
 
     def _forget_target(self, task: asyncio.Task[Any]) -> None:
         self._op_targets.pop(task, None)
@@ -408,7 +416,12 @@ class AgentActor:
         try:
             if replace is not None:
                 # The old container is detached already: its removal runs beside us.
-                self._op(rt.remove(replace, force=True), "remove", container_id=replace)
+                self._op(
+                    rt.remove(replace, force=True),
+                    "remove",
+                    container_id=replace,
+                    holds_port=True,
+                )
             cid = self.record.container_id
             await self._quiesce(cid)
             want_hash = self.spec.config_hash
@@ -438,10 +451,11 @@ class AgentActor:
                     await rt.remove(cid, force=True)
                     existing = None
             if existing is None:
-                if self.spec.host_port:
+                if self.spec.host_port and self._port_holders:
                     # A fixed host port is held until the container it was published
-                    # for is gone: wait for removals in flight (a restart's old one).
-                    await self._ops.join()
+                    # for stops: wait for such stops and removals in flight (the old
+                    # container of a restart, a liveness or HEALTHCHECK kill).
+                    await asyncio.gather(*self._port_holders, return_exceptions=True)
                 await rt.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
                 async with self.sup.start_slots:
                     cid = await rt.create(self.container_spec())
