@@ -8,6 +8,11 @@ Images (both made with ``docker import`` of a rootfs streamed as a tar):
   TLS, sqlite, curses...; Debian's plain ``.pyc`` files stay because they cut
   the agent's start), busybox-static as ``/bin/busybox`` with ``/bin/sh`` and
   common applets, and ``/app/mimic.py`` as the command, exposing port 8000.
+- ``roost-mimic-healthcheck:latest``: the same rootfs as ``roost-mimic`` with a
+  Docker HEALTHCHECK of its own (every 2 s, one failure is unhealthy) that
+  fails while ``/tmp/unhealthy`` exists or ``HEALTHCHECK_FAIL`` is set. Mimic's
+  own ``GET /health`` stays 200 meanwhile, so a test sees Docker's verdict and
+  nothing else (mimic's ``write_file`` command creates the file).
 - ``roost-busybox:latest``: busybox-static with applet symlinks, for one-shot
   jobs; the command is ``/bin/sh``.
 
@@ -267,18 +272,27 @@ class ImageRecipe:
     changes: tuple[str, ...]
 
 
+MIMIC_CHANGES = (
+    f"ENV {BASE_PATH_ENV}",
+    "ENV PYTHONUNBUFFERED=1",
+    "ENV PYTHONDONTWRITEBYTECODE=1",
+    "WORKDIR /app",
+    "EXPOSE 8000",
+    'CMD ["/usr/bin/python3.11", "/app/mimic.py"]',
+)
+# Shell form: Docker runs it with /bin/sh -c in the container, so $HEALTHCHECK_FAIL
+# is the container's own environment.
+MIMIC_HEALTHCHECK = (
+    "HEALTHCHECK --interval=2s --timeout=2s --retries=1 "
+    'CMD test ! -e /tmp/unhealthy && test -z "$HEALTHCHECK_FAIL"'
+)
+
 RECIPES = (
+    ImageRecipe(tag="roost-mimic:latest", make_rootfs=mimic_rootfs, changes=MIMIC_CHANGES),
     ImageRecipe(
-        tag="roost-mimic:latest",
+        tag="roost-mimic-healthcheck:latest",
         make_rootfs=mimic_rootfs,
-        changes=(
-            f"ENV {BASE_PATH_ENV}",
-            "ENV PYTHONUNBUFFERED=1",
-            "ENV PYTHONDONTWRITEBYTECODE=1",
-            "WORKDIR /app",
-            "EXPOSE 8000",
-            'CMD ["/usr/bin/python3.11", "/app/mimic.py"]',
-        ),
+        changes=(*MIMIC_CHANGES, MIMIC_HEALTHCHECK),
     ),
     ImageRecipe(
         tag="roost-busybox:latest",

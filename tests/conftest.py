@@ -23,6 +23,8 @@ from roost.config import Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MIMIC_IMAGE = "roost-mimic:latest"
+#: mimic with a Docker HEALTHCHECK of its own (see images/build.py).
+MIMIC_HEALTHCHECK_IMAGE = "roost-mimic-healthcheck:latest"
 BUSYBOX_IMAGE = "roost-busybox:latest"
 
 
@@ -38,7 +40,11 @@ def free_port() -> int:
 def docker_images() -> dict[str, str]:
     """Build (or find cached) the local test images once per session."""
     subprocess.run([str(ROOT / "scripts" / "build-images")], check=True, capture_output=True)
-    return {"mimic": MIMIC_IMAGE, "busybox": BUSYBOX_IMAGE}
+    return {
+        "mimic": MIMIC_IMAGE,
+        "mimic-healthcheck": MIMIC_HEALTHCHECK_IMAGE,
+        "busybox": BUSYBOX_IMAGE,
+    }
 
 
 @pytest.fixture

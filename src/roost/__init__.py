@@ -32,13 +32,19 @@ if TYPE_CHECKING:
         StartupTimeout,
         StateError,
     )
-    from roost.library import ContainerManager
-    from roost.runner import DockerAgentRunner
+    from roost.library import (
+        AsyncContainerManager,
+        AsyncDockerAgentRunner,
+        ContainerManager,
+        DockerAgentRunner,
+    )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AgentState",
+    "AsyncContainerManager",
+    "AsyncDockerAgentRunner",
     "ConfigError",
     "Conflict",
     "ContainerError",
@@ -60,11 +66,13 @@ __all__ = [
 
 _LAZY: dict[str, str] = {
     "AgentState": "roost.core.states",
+    "AsyncContainerManager": "roost.library",
+    "AsyncDockerAgentRunner": "roost.library",
     "ConfigError": "roost.errors",
     "Conflict": "roost.errors",
     "ContainerError": "roost.errors",
     "ContainerManager": "roost.library",
-    "DockerAgentRunner": "roost.runner",
+    "DockerAgentRunner": "roost.library",
     "DockerUnavailable": "roost.errors",
     "Engine": "roost.engine",
     "ExitInfo": "roost.core.records",

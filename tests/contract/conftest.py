@@ -11,8 +11,9 @@ Invariants:
   ``roost.instance=<random>``; teardown force-removes every container, network
   and volume with that label and every image the test committed, so tests never
   touch other people's.
-- The Docker test image ``roost-contract-busybox:latest`` is imported from
-  Debian's busybox-static once per session, only when absent.
+- The Docker test images ``roost-contract-busybox:latest`` and
+  ``roost-contract-unhealthy:latest`` (the same with a HEALTHCHECK that always
+  fails) are imported from Debian's busybox-static once, only when absent.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ import pytest
 from aiodocker.exceptions import DockerError
 
 from roost.adapters.docker_runtime import DockerRuntime
+from roost.core.records import SessionHealth
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.testing.fake_runtime import FakeRuntime
 
 BUSYBOX_IMAGE = "roost-contract-busybox:latest"
+#: Busybox whose own HEALTHCHECK fails: Docker reports it unhealthy after ~1 s.
+UNHEALTHY_IMAGE = "roost-contract-unhealthy:latest"
+UNHEALTHY_CHANGES = ('HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD ["false"]',)
 BUSYBOX_BINARY = Path("/bin/busybox")
 BUSYBOX_APPLETS = ("sh", "sleep", "tail", "cat", "echo", "true", "false", "env", "kill")
 #: The process every contract container runs unless a test says otherwise: it
@@ -101,6 +106,10 @@ class Harness:
         """A container that gets OOM-killed right after it starts."""
         raise NotImplementedError
 
+    async def started_unhealthy(self) -> str:
+        """A running container whose image's own HEALTHCHECK fails."""
+        raise NotImplementedError
+
     async def limits(self, container_id: str) -> Limits:
         raise NotImplementedError
 
@@ -137,6 +146,11 @@ class FakeHarness(Harness):
     async def started_out_of_memory(self) -> str:
         container_id = await self.started(memory=16 * 1024 * 1024)
         self.runtime.crash(container_id, exit_code=137, oom=True)
+        return container_id
+
+    async def started_unhealthy(self) -> str:
+        container_id = await self.started()
+        self.runtime.report_health(container_id, SessionHealth.UNHEALTHY)
         return container_id
 
     async def limits(self, container_id: str) -> Limits:
@@ -184,9 +198,20 @@ class DockerHarness(Harness):
     kind = "docker"
     runtime: SeverableDockerRuntime
 
-    def __init__(self, runtime: SeverableDockerRuntime, image: str, raw: aiodocker.Docker) -> None:
+    def __init__(
+        self,
+        runtime: SeverableDockerRuntime,
+        image: str,
+        raw: aiodocker.Docker,
+        *,
+        unhealthy_image: str,
+    ) -> None:
         super().__init__(runtime, image)
         self.raw = raw
+        self.unhealthy_image = unhealthy_image
+
+    async def started_unhealthy(self) -> str:
+        return await self.started(image=self.unhealthy_image)
 
     async def crash(self, container_id: str) -> None:
         await self.runtime.kill(container_id, signal="SIGUSR1")
@@ -263,16 +288,13 @@ class DockerHarness(Harness):
 # -- fixtures -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Import the busybox test image unless it is already there."""
+def _import_busybox(tag: str, changes: tuple[str, ...], workdir: Path) -> str:
+    """Import busybox-static as ``tag`` unless that image is already there."""
     docker = shutil.which("docker") or "docker"
-    present = subprocess.run(
-        [docker, "image", "inspect", BUSYBOX_IMAGE], capture_output=True, check=False
-    )
+    present = subprocess.run([docker, "image", "inspect", tag], capture_output=True, check=False)
     if present.returncode == 0:
-        return BUSYBOX_IMAGE
-    archive = tmp_path_factory.mktemp("busybox") / "rootfs.tar"
+        return tag
+    archive = workdir / "rootfs.tar"
     with tarfile.open(archive, "w") as tar:
         for directory in ("bin", "tmp", "proc", "sys", "dev", "etc"):
             entry = tarfile.TarInfo(directory)
@@ -283,12 +305,23 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
             link = tarfile.TarInfo(f"bin/{applet}")
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
-    subprocess.run(
-        [docker, "import", "--change", "ENV PATH=/bin", str(archive), BUSYBOX_IMAGE],
-        check=True,
-        capture_output=True,
-    )
-    return BUSYBOX_IMAGE
+    command = [docker, "import", "--change", "ENV PATH=/bin"]
+    for change in changes:
+        command += ["--change", change]
+    subprocess.run([*command, str(archive), tag], check=True, capture_output=True)
+    return tag
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Import the busybox test image unless it is already there."""
+    return _import_busybox(BUSYBOX_IMAGE, (), tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture(scope="session")
+def unhealthy_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Import busybox with an always-failing HEALTHCHECK unless it is already there."""
+    return _import_busybox(UNHEALTHY_IMAGE, UNHEALTHY_CHANGES, tmp_path_factory.mktemp("unhealthy"))
 
 
 @pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
@@ -300,9 +333,10 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         await fake.close()
         return
     image = request.getfixturevalue("busybox_image")
+    unhealthy = request.getfixturevalue("unhealthy_image")
     runtime = SeverableDockerRuntime()
     raw = aiodocker.Docker()
-    docker_harness = DockerHarness(runtime, image, raw)
+    docker_harness = DockerHarness(runtime, image, raw, unhealthy_image=unhealthy)
     try:
         yield docker_harness
     finally:

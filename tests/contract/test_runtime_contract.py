@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from roost import errors
+from roost.adapters import docker_runtime
 from roost.adapters.docker_runtime import DockerRuntime
 from roost.core.records import SessionHealth
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.testing.fake_runtime import FakeRuntime
+from tests.conftest import free_port
 
 from .conftest import CRASH_EXIT_CODE, Harness, eventually, watching
 
@@ -153,6 +156,30 @@ async def test_start_runs_container_and_publishes_port_when_spec_has_port(
     assert isinstance(state.host_port, int)
     assert state.host_port > 0
     assert state.ip_address
+
+
+async def test_start_publishes_fixed_host_port_when_spec_names_one(harness: Harness) -> None:
+    host_port = free_port()
+
+    container_id = await harness.started(port=8000, host_port=host_port)
+    state = await harness.runtime.inspect(container_id)
+
+    assert (state.host_ip, state.host_port) == ("127.0.0.1", host_port)
+
+
+async def test_start_raises_container_error_naming_port_when_host_port_taken(
+    harness: Harness,
+) -> None:
+    host_port = free_port()
+    await harness.started(port=8000, host_port=host_port)
+    second = await harness.runtime.create(harness.spec(port=8000, host_port=host_port))
+
+    with pytest.raises(errors.ContainerError) as raised:
+        await harness.runtime.start(second)
+
+    assert f"127.0.0.1:{host_port} is already in use" in str(raised.value)
+    state = await harness.runtime.inspect(second)
+    assert (state.status, state.running) == ("created", False)
 
 
 async def test_start_is_noop_when_container_running(harness: Harness) -> None:
@@ -493,6 +520,21 @@ async def test_events_report_oom_then_die_when_memory_limit_exceeded(harness: Ha
     assert state.exit.exit_code == 137
 
 
+async def test_events_report_health_status_when_image_healthcheck_fails(
+    harness: Harness,
+) -> None:
+    async with watching(harness.runtime, harness.labels) as watch:
+        container_id = await harness.started_unhealthy()
+
+        reported = await watch.until(_is("health_status", container_id))
+
+    assert reported.health is SessionHealth.UNHEALTHY
+    assert reported.labels["roost.instance"] == harness.instance
+    state = await harness.runtime.inspect(container_id)
+    assert state.running
+    assert state.health is SessionHealth.UNHEALTHY
+
+
 async def test_events_yield_gap_then_continue_when_stream_reconnects(harness: Harness) -> None:
     async with watching(harness.runtime, harness.labels) as watch:
         first = await harness.runtime.create(harness.spec())
@@ -655,6 +697,73 @@ async def test_ensure_volume_keeps_existing_volume_when_present(harness: Harness
     assert await harness.volume_labels(name) == harness.labels
 
 
+async def test_remove_network_removes_it_when_it_carries_the_labels(harness: Harness) -> None:
+    name = f"{harness.instance}-net"
+    await harness.runtime.ensure_network(name, labels=harness.labels)
+
+    assert await harness.runtime.remove_network(name, labels=harness.labels) is True
+
+    assert await harness.network_labels(name) is None
+    assert await harness.runtime.remove_network(name, labels=harness.labels) is False
+
+
+async def test_remove_network_keeps_it_when_labels_differ(harness: Harness) -> None:
+    name = f"{harness.instance}-net"
+    await harness.runtime.ensure_network(name, labels=harness.labels)
+    other = {**harness.labels, "roost.instance": "someone-else"}
+
+    assert await harness.runtime.remove_network(name, labels=other) is False
+    assert await harness.runtime.remove_network("bridge", labels=harness.labels) is False
+
+    assert await harness.network_labels(name) == harness.labels
+
+
+async def test_remove_network_raises_container_error_when_a_running_container_uses_it(
+    harness: Harness,
+) -> None:
+    name = f"{harness.instance}-net"
+    await harness.runtime.ensure_network(name, labels=harness.labels)
+    await harness.started(network=name)
+
+    with pytest.raises(errors.ContainerError):
+        await harness.runtime.remove_network(name, labels=harness.labels)
+
+    assert await harness.network_labels(name) == harness.labels
+
+
+async def test_remove_volume_removes_it_when_it_carries_the_labels(harness: Harness) -> None:
+    name = f"{harness.instance}-vol"
+    await harness.runtime.ensure_volume(name, labels=harness.labels)
+
+    assert await harness.runtime.remove_volume(name, labels=harness.labels) is True
+
+    assert await harness.volume_labels(name) is None
+    assert await harness.runtime.remove_volume(name, labels=harness.labels) is False
+
+
+async def test_remove_volume_keeps_it_when_labels_differ(harness: Harness) -> None:
+    name = f"{harness.instance}-vol"
+    await harness.runtime.ensure_volume(name, labels=harness.labels)
+
+    other = {**harness.labels, "roost.instance": "someone-else"}
+    assert await harness.runtime.remove_volume(name, labels=other) is False
+
+    assert await harness.volume_labels(name) == harness.labels
+
+
+async def test_remove_volume_raises_container_error_when_a_container_mounts_it(
+    harness: Harness,
+) -> None:
+    name = f"{harness.instance}-vol"
+    await harness.runtime.ensure_volume(name, labels=harness.labels)
+    await harness.runtime.create(harness.spec(binds=(f"{name}:/data",)))
+
+    with pytest.raises(errors.ContainerError):
+        await harness.runtime.remove_volume(name, labels=harness.labels)
+
+    assert await harness.volume_labels(name) == harness.labels
+
+
 # -- one backend's own behaviour -------------------------------------------------------
 
 
@@ -669,6 +778,39 @@ async def test_docker_runtime_raises_docker_unavailable_when_socket_missing(
             await runtime.inspect("anything")
     finally:
         await runtime.close()
+
+
+def test_docker_address_prefers_run_then_var_run_socket_when_no_host_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    run, var_run = tmp_path / "run.sock", tmp_path / "var-run.sock"
+    monkeypatch.setattr(docker_runtime, "_DEFAULT_SOCKETS", (run, var_run))
+    assert docker_runtime.docker_address() == f"unix://{var_run}"  # none: the usual place
+
+    with socket.socket(socket.AF_UNIX) as second:
+        second.bind(str(var_run))
+        assert docker_runtime.docker_address() == f"unix://{var_run}"
+        with socket.socket(socket.AF_UNIX) as first:
+            first.bind(str(run))
+            assert docker_runtime.docker_address() == f"unix://{run}"
+            monkeypatch.setenv("DOCKER_HOST", "tcp://docker.example:2375")
+            assert docker_runtime.docker_address() == "tcp://docker.example:2375"
+            assert docker_runtime.docker_address("unix:///given.sock") == "unix:///given.sock"
+
+
+def test_check_reachable_raises_docker_unavailable_naming_the_address_when_nothing_answers(
+    tmp_path: Path,
+) -> None:
+    address = f"unix://{tmp_path}/no-docker.sock"
+
+    with pytest.raises(errors.DockerUnavailable, match=re.escape(address)):
+        docker_runtime.check_reachable(address)
+
+
+@pytest.mark.docker
+def test_check_reachable_returns_the_address_when_docker_answers() -> None:
+    assert docker_runtime.check_reachable() == docker_runtime.docker_address()
 
 
 async def test_fake_ensure_image_pulls_when_image_pullable() -> None:

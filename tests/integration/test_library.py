@@ -1,14 +1,30 @@
-"""The library API behaves like the code it replaces (issue 2, item 7)."""
+"""The library against a real Docker Engine: the replaced code's own usage, run
+verbatim, and agents on their own terms (another port, another health path, an
+image whose own HEALTHCHECK says unhealthy)."""
 
 from __future__ import annotations
 
-import aiohttp
+import asyncio
+import json
+import logging
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import pytest
 
 import roost
 from roost.core.states import AgentState
+from roost.core.transition import HEALTHCHECK_FAILED
 from tests.conftest import (
+    ROOT,
+    docker,
     docker_inspect,
+    free_port,
     instance_containers,
     remove_instance_containers,
     wait_until,
@@ -16,100 +32,272 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.docker
 
+#: The swarm runner's Usage block from the code Roost replaces, verbatim, then
+#: what the test checks afterwards.
+RUNNER_USAGE = """
+from roost import DockerAgentRunner
 
-async def _exit(url: str, code: int, container_id: str | None) -> None:
-    """Make the agent exit and wait until Docker says it has (as a caller would)."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url + "/messages", json={"cmd": "exit", "code": code}) as resp,
-    ):
-        await resp.read()
-    assert container_id is not None
-    await wait_until(
-        lambda: not docker_inspect(container_id)["State"]["Running"], what="container exit"
+runner = DockerAgentRunner()
+info = runner.spawn("Echo", capabilities="summarise,translate")
+runner.stop(info["container_id"])
+runner.stop_all()
+"""
+RUNNER_REPORT = """
+import json, threading
+print(json.dumps({
+    "info": info,
+    "instance": runner.instance,
+    "stopped_again": runner.stop(info["container_id"]),
+    "threads": [t.name for t in threading.enumerate()],
+}))
+"""
+
+
+def poll(predicate: Callable[[], bool], *, what: str, timeout: float = 30.0) -> None:
+    """``wait_until`` for synchronous tests."""
+    asyncio.run(wait_until(predicate, timeout=timeout, what=what))
+
+
+def running_ids(instance: str) -> list[str]:
+    return docker("ps", "-q", "--no-trunc", "--filter", f"label=roost.instance={instance}").split()
+
+
+def answers(url: str, path: str = "/health") -> int:
+    return httpx.get(url + path, timeout=10).status_code
+
+
+def exists(kind: str, name: str) -> bool:
+    found = subprocess.run(["docker", kind, "inspect", name], capture_output=True, check=False)
+    return found.returncode == 0
+
+
+def is_running(container_id: str) -> bool:
+    """Docker's view; a container already removed is not running."""
+    found = subprocess.run(
+        ["docker", "inspect", "--format", "{{.State.Running}}", container_id],
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    return found.returncode == 0 and found.stdout.strip() == "true"
 
 
-async def test_one_restart_then_permanent_failure_when_max_restarts_is_one(
-    docker_images: dict[str, str], tmp_path: object
-) -> None:
-    manager = roost.ContainerManager(max_restarts=1, restart_backoff=0)
-    try:
-        url = await manager.start_agent("code_agent", image=docker_images["mimic"], port=8000)
-        assert url.startswith("http://127.0.0.1:")
-        assert manager.health("code_agent") is roost.SessionHealth.HEALTHY
-        engine = manager.engine
-        assert engine is not None
-        first_id = engine.supervisor.get("code-agent").container_id
-
-        await _exit(url, 1, first_id)
-        new_url = await manager.handle_container_exit(
-            "code_agent", image=docker_images["mimic"], port=8000
-        )
-        record = engine.supervisor.get("code-agent")
-        assert record.container_id != first_id
-        assert record.restart_count == 1
-        assert record.url == new_url
-
-        await _exit(new_url, 1, record.container_id)
-        with pytest.raises(roost.ContainerError, match="failed permanently"):
-            await manager.handle_container_exit(
-                "code_agent", image=docker_images["mimic"], port=8000
-            )
-        assert manager.state("code_agent") is AgentState.FAILED
-        info = manager.exit_info("code_agent")
-        assert isinstance(info, roost.ExitInfo)
-        assert info.exit_code == 1
-        assert manager.health("code_agent") is roost.SessionHealth.UNHEALTHY
-    finally:
-        instance = manager.instance
-        await manager.stop_all()
-        await manager.stop_all()  # idempotent
-        remove_instance_containers(instance)
+def kill_and_wait(container_id: str) -> None:
+    """``docker kill``, then wait until Docker says it exited (Roost may have removed
+    it already, having seen the die event first)."""
+    docker("kill", container_id)
+    poll(lambda: not is_running(container_id), what=f"container {container_id[:12]} to exit")
 
 
-async def test_start_agent_raises_container_error_with_log_tail_when_never_healthy(
+# -- the replaced code's own usage ---------------------------------------------------
+
+
+def test_runner_usage_block_runs_verbatim_when_run_as_a_plain_script(
     docker_images: dict[str, str],
 ) -> None:
-    manager = roost.ContainerManager(max_restarts=0, startup_timeout=1.0)
+    network_before = exists("network", "roost-swarm")
+    volume_before = exists("volume", "roost-swarm-data")
+
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER_USAGE + RUNNER_REPORT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    info = report["info"]
     try:
-        with pytest.raises(roost.ContainerError) as caught:
-            await manager.start_agent("never", image=docker_images["mimic"], port=9999)
-        assert "never" in str(caught.value)
+        assert info["name"] == "Echo"
+        assert info["capabilities"] == "summarise,translate"
+        assert info["image"] == "roost-mimic:latest"
+        assert info["agent_id"]
+        assert report["stopped_again"] is False  # stop_all ran: never a false success
+        assert not any(name.startswith("roost-") for name in report["threads"])
+        assert not exists("container", info["container_id"])
+        assert instance_containers(report["instance"]) == []
+        # What the runner created, it removed; what it found, it left.
+        assert exists("network", "roost-swarm") is network_before
+        assert exists("volume", "roost-swarm-data") is volume_before
     finally:
-        instance = manager.instance
-        await manager.stop_all()
-        remove_instance_containers(instance)
+        remove_instance_containers(report["instance"])
 
 
-async def test_stop_all_stops_and_removes_every_container(docker_images: dict[str, str]) -> None:
+def test_agent_restarts_once_at_the_same_url_then_fails_when_killed_twice(
+    docker_images: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    image, port = docker_images["mimic"], free_port()
     manager = roost.ContainerManager()
+    instance = manager.instance
     try:
-        await manager.start_agent("a", image=docker_images["mimic"])
-        await manager.start_agent("b", image=docker_images["mimic"])
-        engine = manager.engine
-        assert engine is not None
-        ids = [engine.supervisor.get(n).container_id for n in ("a", "b")]
-        for cid in ids:
-            assert cid is not None
-            assert docker_inspect(cid)["State"]["Running"]
+        url = manager.start_agent("issue-triage", image=image, port=port)
+        assert url == f"http://localhost:{port}"
+        assert answers(url) == 200
+        [first] = running_ids(instance)
+
+        kill_and_wait(first)
+        manager.handle_container_exit("issue-triage", image=image, port=port)  # returns None
+
+        assert answers(url) == 200  # running again, same URL
+        [second] = running_ids(instance)
+        assert second != first
+        assert manager.health("issue-triage") is roost.SessionHealth.HEALTHY
+
+        kill_and_wait(second)
+        with caplog.at_level(logging.CRITICAL, logger="roost.library"):
+            manager.handle_container_exit("issue-triage", image=image, port=port)  # returns None
+
+        assert manager.state("issue-triage") is AgentState.FAILED
+        assert manager.health("issue-triage") is roost.SessionHealth.UNHEALTHY
+        assert running_ids(instance) == []  # no new container
+        [critical] = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+        assert "failed permanently" in critical.getMessage()
+        exit_info = manager.exit_info("issue-triage")
+        assert exit_info is not None
+        assert exit_info.exit_code == 137
     finally:
-        instance = manager.instance
-        await manager.stop_all()
+        manager.stop_all()
+        manager.stop_all()  # idempotent
     assert instance_containers(instance) == []
 
 
-def test_construction_fails_with_container_error_when_docker_is_unreachable(
-    tmp_path: object,
+async def test_sync_manager_serves_a_running_event_loop_and_a_thread_at_once(
+    docker_images: dict[str, str],
 ) -> None:
-    with pytest.raises(roost.ContainerError, match="not reachable"):
-        roost.ContainerManager(docker_host="unix:///nonexistent/docker.sock")
-
-
-async def test_image_that_cannot_be_pulled_raises_container_error() -> None:
-    manager = roost.ContainerManager(max_restarts=0)
+    # As from a FastAPI handler: a plain call blocks this loop, while the engine runs
+    # on the manager's own loop thread; another thread calls at the same time.
+    image = docker_images["mimic"]
+    manager = roost.ContainerManager(startup_timeout=30)
     try:
-        with pytest.raises(roost.ContainerError, match="roost-absent-image:v0"):
-            await manager.start_agent("x", image="roost-absent-image:v0")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            from_thread = pool.submit(manager.start_agent, "from-thread", image=image, port=None)
+            in_loop = manager.start_agent("in-loop", image=image, port=None)
+            threaded = await asyncio.wrap_future(from_thread)
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            for url in (in_loop, threaded):
+                assert (await client.get(url + "/health")).status_code == 200
     finally:
-        await manager.stop_all()
+        manager.stop_all()
+    assert instance_containers(manager.instance) == []
+
+
+def test_start_agent_names_the_host_port_when_another_process_holds_it(
+    docker_images: dict[str, str],
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with roost.ContainerManager(startup_timeout=20) as manager:
+            with pytest.raises(
+                roost.ContainerError, match=re.escape(f"127.0.0.1:{port} is already in use")
+            ):
+                manager.start_agent("squeezed", image=docker_images["mimic"], port=port)
+            assert running_ids(manager.instance) == []
+    assert instance_containers(manager.instance) == []
+
+
+def test_start_agent_raises_container_error_with_log_tail_when_never_healthy(
+    docker_images: dict[str, str],
+) -> None:
+    # Nothing listens on 9999 inside the container: never healthy.
+    with roost.ContainerManager(max_restarts=0, startup_timeout=1.0, container_port=9999) as m:
+        with pytest.raises(roost.ContainerError) as caught:
+            m.start_agent("never", image=docker_images["mimic"], port=None)
+        assert "never" in str(caught.value)
+        assert caught.value.log_tail
+
+
+def test_image_that_cannot_be_pulled_raises_container_error() -> None:
+    with (
+        roost.ContainerManager() as manager,
+        pytest.raises(roost.ContainerError, match="roost-absent-image:v0"),
+    ):
+        manager.start_agent("x", image="roost-absent-image:v0", port=None)
+
+
+# -- agents on their own terms -------------------------------------------------------
+
+
+def test_agent_on_another_port_is_published_when_container_port_says_so(
+    docker_images: dict[str, str],
+) -> None:
+    port = free_port()
+    with roost.ContainerManager(
+        container_port=9000, startup_timeout=20, defaults={"env": {"PORT": "9000"}}
+    ) as manager:
+        url = manager.start_agent("nine-thousand", image=docker_images["mimic"], port=port)
+
+        assert url == f"http://localhost:{port}"
+        assert answers(url) == 200
+        [cid] = running_ids(manager.instance)
+        bindings = docker_inspect(cid)["HostConfig"]["PortBindings"]
+        assert bindings == {"9000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+
+
+@pytest.mark.parametrize("health_path", ["/", "/ready"])
+def test_agent_is_ready_when_its_own_health_path_answers(
+    docker_images: dict[str, str], health_path: str
+) -> None:
+    with roost.ContainerManager(
+        health_path=health_path, startup_timeout=20, defaults={"env": {"HEALTH_PATH": health_path}}
+    ) as manager:
+        url = manager.start_agent("own-health", image=docker_images["mimic"], port=None)
+
+        assert answers(url, health_path) == 200
+        if health_path != "/":
+            assert answers(url, "/health") == 404  # Roost never relied on /health
+
+
+async def test_agent_is_restarted_when_its_image_healthcheck_reports_unhealthy(
+    docker_images: dict[str, str],
+) -> None:
+    async with roost.AsyncContainerManager(max_restarts=1, startup_timeout=20) as manager:
+        image = docker_images["mimic-healthcheck"]
+        url = await manager.start_agent("checked", image=image, port=None)
+        engine = manager.engine
+        assert engine is not None
+        first = engine.agents.get("checked").container_id
+        assert first is not None
+
+        # Only Docker's HEALTHCHECK fails from now on; GET /health stays 200.
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.post(
+                url + "/messages",
+                json={"cmd": "write_file", "path": "/tmp/unhealthy", "content": "x"},
+            )
+            assert reply.status_code == 200, reply.text
+        await wait_until(
+            lambda: engine.agents.get("checked").restart_count == 1,
+            what="the unhealthy container to be replaced",
+        )
+        await wait_until(lambda: manager.url("checked") is not None, what="the agent back up")
+
+        record = engine.agents.get("checked")
+        assert record.container_id != first
+        assert record.last_exit is not None
+        assert record.last_exit.error == HEALTHCHECK_FAILED
+        assert not exists("container", first)
+        assert manager.health("checked") is roost.SessionHealth.HEALTHY
+
+
+def test_health_is_unhealthy_when_the_image_healthcheck_keeps_failing(
+    docker_images: dict[str, str],
+) -> None:
+    with roost.ContainerManager(
+        max_restarts=1, startup_timeout=20, defaults={"env": {"HEALTHCHECK_FAIL": "1"}}
+    ) as manager:
+        manager.start_agent("sick", image=docker_images["mimic-healthcheck"], port=None)
+        assert manager.health("sick") is roost.SessionHealth.HEALTHY  # HTTP says ready
+
+        poll(lambda: manager.state("sick") is AgentState.FAILED, what="the agent to fail")
+
+        assert manager.health("sick") is roost.SessionHealth.UNHEALTHY
+        exit_info = manager.exit_info("sick")
+        assert exit_info is not None
+        assert exit_info.error == HEALTHCHECK_FAILED
+        poll(lambda: running_ids(manager.instance) == [], what="the unhealthy container's removal")

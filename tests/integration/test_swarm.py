@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from roost import DockerAgentRunner
+from roost import AsyncDockerAgentRunner
 from roost.edge import create_app
 from roost.engine import Engine
 from tests.conftest import (
@@ -104,6 +105,11 @@ async def agent_env(url: str) -> dict[str, str]:
         return env
 
 
+def docker_object_exists(kind: str, name: str) -> bool:
+    found = subprocess.run(["docker", kind, "inspect", name], capture_output=True, check=False)
+    return found.returncode == 0
+
+
 def docker_labels(kind: str, name: str) -> dict[str, str]:
     out = subprocess.run(
         ["docker", kind, "inspect", "--format", "{{json .Labels}}", name],
@@ -123,11 +129,11 @@ async def test_spawned_agents_reach_coordinator_and_share_volume_when_spawned_by
     swarm_names: tuple[str, str],
 ) -> None:
     network, volume = swarm_names
-    runner = DockerAgentRunner(
+    runner = AsyncDockerAgentRunner(
+        image=docker_images["mimic"],
         coordinator_url=coordinator.url,
         network=network,
         volume=volume,
-        default_image=docker_images["mimic"],
         instance=instance,
         state_dir=tmp_path / "state",
         startup_timeout=30.0,
@@ -140,7 +146,7 @@ async def test_spawned_agents_reach_coordinator_and_share_volume_when_spawned_by
         )
         assert writer["agent_id"] == "agent-0001"
         assert writer["capabilities"] == "write,plan"
-        assert reader["agent_id"] == "reader"
+        assert uuid.UUID(reader["agent_id"])  # a fresh id when the caller gives none
         assert await runner.is_running(writer["container_id"])
 
         # The agent calls its coordinator at the URL Roost gave it, with its identity.
@@ -190,7 +196,7 @@ async def test_spawned_agents_reach_coordinator_and_share_volume_when_spawned_by
             assert labels["roost.instance"] == instance
 
         rows = await runner.list_containers()
-        assert [(r["name"], r["state"]) for r in rows] == [
+        assert [(r.name, r.state) for r in rows] == [
             ("reader", "running"),
             ("writer", "running"),
         ]
@@ -203,6 +209,9 @@ async def test_spawned_agents_reach_coordinator_and_share_volume_when_spawned_by
         assert await runner.stop(writer["container_id"]) is False
         assert await runner.stop_all() == 1
         assert not container_exists(reader["container_id"])
+        # It created the network and the volume: it removed them.
+        assert not docker_object_exists("network", network)
+        assert not docker_object_exists("volume", volume)
     finally:
         await runner.stop_all()
 

@@ -13,6 +13,8 @@ import roost
 
 PUBLIC = [
     "AgentState",
+    "AsyncContainerManager",
+    "AsyncDockerAgentRunner",
     "ConfigError",
     "Conflict",
     "ContainerError",

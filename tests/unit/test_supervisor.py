@@ -22,10 +22,11 @@ import pytest
 
 from roost import errors
 from roost.core import events as ev
-from roost.core.records import AgentRecord
+from roost.core.records import AgentRecord, SessionHealth
 from roost.core.states import AgentState
+from roost.core.transition import HEALTHCHECK_FAILED
 from tests.conftest import wait_until
-from tests.support import ACT_TIMEOUT, Rig, open_rig
+from tests.support import ACT_TIMEOUT, IMAGE, Rig, open_rig
 
 S = AgentState
 
@@ -369,6 +370,63 @@ async def test_unhealthy_agent_is_restarted_when_liveness_probes_fail(tmp_path: 
         assert again.liveness_failures == 0
         with pytest.raises(errors.ContainerNotFound):
             await rig.runtime.inspect(first.container_id)
+
+
+async def test_agent_is_restarted_with_backoff_when_image_healthcheck_reports_unhealthy(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path) as rig:
+        first = await rig.start("echo")
+        assert first.container_id is not None
+        rig.runtime.report_health(first.container_id, SessionHealth.HEALTHY)
+        crashed_at = rig.clock.now()
+
+        rig.runtime.report_health(first.container_id, SessionHealth.UNHEALTHY)
+
+        record = await rig.reaches("echo", S.RESTARTING)
+        assert record.restart_count == 1
+        assert record.restart_at == crashed_at + 8
+        assert record.last_exit is not None
+        assert record.last_exit.error == HEALTHCHECK_FAILED
+        await rig.clock.advance(8)
+        again = await rig.reaches("echo", S.RUNNING)
+        assert again.container_id != first.container_id
+        with pytest.raises(errors.ContainerNotFound):
+            await rig.runtime.inspect(first.container_id)
+        assert await rig.to_states("echo") == [
+            "starting",
+            "running",
+            "crashed",
+            "restarting",
+            "starting",
+            "running",
+        ]
+
+
+async def test_fixed_host_port_is_reused_when_restart_replaces_a_running_container(
+    tmp_path: Path,
+) -> None:
+    agents = {"echo": {"image": IMAGE, "host_port": 9001, "host_ip": "0.0.0.0"}}
+    async with open_rig(tmp_path, agents=agents) as rig:
+        first = await rig.start("echo")
+        assert first.url == "http://127.0.0.1:9001"
+        assert first.container_id is not None
+        spec = rig.runtime.container_spec(first.container_id)
+        assert (spec.host_port, spec.publish_host) == (9001, "0.0.0.0")
+
+        await rig.sup.request("echo", ev.RestartRequested())
+        again = await rig.reaches("echo", S.RUNNING)
+
+        assert again.container_id is not None
+        assert again.container_id != first.container_id
+        assert again.url == "http://127.0.0.1:9001"
+        assert again.restart_count == 0
+        # The old container holds the port until it is removed (a real removal takes
+        # ~100 ms): the new one is created only after that, never beside it.
+        calls = rig.runtime.calls
+        assert calls.index(("remove", first.container_id)) < calls.index(
+            ("create", again.container_id)
+        )
 
 
 async def test_liveness_failures_reset_when_a_probe_succeeds_again(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core.records import AgentRecord, ExitInfo
 from roost.core.states import AgentState
-from roost.core.transition import Decision, next_deadline, transition
+from roost.core.transition import HEALTHCHECK_FAILED, Decision, next_deadline, transition
 
 S = AgentState
 
@@ -1103,6 +1103,89 @@ def test_liveness_probe_follows_table_when_in_each_state(r: Row) -> None:
     check(r)
 
 
+HEALTHCHECK_ROWS = [
+    row(
+        "running-unhealthy-crash",
+        running(),
+        ev.HealthcheckReported(CUR, healthy=False),
+        ((S.CRASHED, HEALTHCHECK_FAILED), restart_in(1, 10)),
+        (cmd.RemoveContainer(CUR),),
+        fields={**CRASHED_OUT, "last_exit": ExitInfo(error=HEALTHCHECK_FAILED)},
+    ),
+    row(
+        "idle-unhealthy-crash",
+        idle(liveness_failures=1),
+        ev.HealthcheckReported(CUR, healthy=False),
+        ((S.CRASHED, HEALTHCHECK_FAILED), restart_in(1, 10)),
+        (cmd.RemoveContainer(CUR),),
+        fields={"liveness_failures": 0, "container_id": None},
+    ),
+    row(
+        "starting-unhealthy-crash",
+        starting(container_id=CUR),
+        ev.HealthcheckReported(CUR, healthy=False),
+        ((S.CRASHED, HEALTHCHECK_FAILED), restart_in(1, 10)),
+        (cmd.RemoveContainer(CUR),),
+    ),
+    row(
+        "library-restarts-at-once",
+        running(),
+        ev.HealthcheckReported(CUR, healthy=False),
+        ((S.CRASHED, HEALTHCHECK_FAILED), (S.STARTING, "restart 1 of 1")),
+        (cmd.RemoveContainer(CUR), cmd.StartContainer()),
+        policy=LIBRARY,
+        fields={"restart_count": 1, "container_id": None, "url": None},
+    ),
+    row(
+        "library-second-time-failed",
+        running(restart_count=1),
+        ev.HealthcheckReported(CUR, healthy=False),
+        (
+            (S.CRASHED, HEALTHCHECK_FAILED),
+            (S.FAILED, f"gave up after 1 restarts: {HEALTHCHECK_FAILED}"),
+        ),
+        (
+            cmd.RemoveContainer(CUR),
+            cmd.Notify(
+                "agent.failed",
+                failed_payload(ExitInfo(error=HEALTHCHECK_FAILED), HEALTHCHECK_FAILED, 1, of=1),
+            ),
+        ),
+        policy=LIBRARY,
+    ),
+    row("healthy-ignored", running(), ev.HealthcheckReported(CUR, healthy=True), unchanged=True),
+    row(
+        "paused-ignored",
+        paused(),
+        ev.HealthcheckReported(CUR, healthy=False),
+        unchanged=True,
+    ),
+    row(
+        "stopping-ignored",
+        running(expected_exit=True),
+        ev.HealthcheckReported(CUR, healthy=False),
+        unchanged=True,
+    ),
+    row(
+        "stopped-ignored",
+        stopped(),
+        ev.HealthcheckReported(CUR, healthy=False),
+        unchanged=True,
+    ),
+    row(
+        "stale-container",
+        running(),
+        ev.HealthcheckReported(OLD, healthy=False),
+        unchanged=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("r", HEALTHCHECK_ROWS)
+def test_healthcheck_report_follows_table_when_in_each_state(r: Row) -> None:
+    check(r)
+
+
 # -- activity and time -----------------------------------------------------------------
 
 ACTIVITY_ROWS = [
@@ -1406,6 +1489,7 @@ ALL_ROWS = [
     *OBSERVED_ROWS,
     *RESUMED_ROWS,
     *LIVENESS_ROWS,
+    *HEALTHCHECK_ROWS,
     *ACTIVITY_ROWS,
     *TICK_ROWS,
 ]

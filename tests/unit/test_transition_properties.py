@@ -95,6 +95,7 @@ _CONTAINER_EVENTS = (
     ev.ContainerVanished,
     ev.ContainerObserved,
     ev.LivenessProbed,
+    ev.HealthcheckReported,
     ev.StartFailed,
 )
 
@@ -244,6 +245,10 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(which=targets, ok=st.booleans())
     def liveness_probed(self, which: str, ok: bool) -> None:
         self.step(ev.LivenessProbed(self.pick(which), ok, "" if ok else "HTTP 503"))
+
+    @rule(which=targets, healthy=st.booleans())
+    def healthcheck_reported(self, which: str, healthy: bool) -> None:
+        self.step(ev.HealthcheckReported(self.pick(which), healthy))
 
     # -- helpers -------------------------------------------------------------------
 

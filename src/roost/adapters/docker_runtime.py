@@ -13,6 +13,14 @@ aiodocker/aiohttp error is translated here by its HTTP status (never by its text
   force) → ``ContainerError``: the container's state does not allow it.
   ``ContainerError.status`` carries Docker's HTTP status (a 4xx means the request
   itself was refused: retrying cannot help).
+- A failed ``start`` of a container that publishes fixed host ports names them,
+  and says which one is in use when the engine is local (checked by binding it,
+  not by reading Docker's message).
+
+Where Docker is (:func:`docker_address`) is decided here once, for the engine and
+for the library's synchronous reachability check (:func:`check_reachable`):
+the ``host`` given, else ``DOCKER_HOST``, else the first of ``/run/docker.sock``
+and ``/var/run/docker.sock`` that exists.
 
 Invariants:
 - ``create`` never pulls; ``ensure_image`` pulls only an absent image, and
@@ -42,10 +50,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -53,6 +63,7 @@ from typing import Any
 
 import aiodocker
 import aiohttp
+import httpx
 from aiodocker.exceptions import DockerError
 
 from roost import errors
@@ -60,7 +71,7 @@ from roost.core.backoff import Backoff
 from roost.core.records import ExitInfo, SessionHealth
 from roost.ports.runtime import ContainerInfo, ContainerSpec, ContainerState, RuntimeEvent
 
-__all__ = ["DockerRuntime"]
+__all__ = ["DockerRuntime", "check_reachable", "docker_address"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +118,7 @@ class DockerRuntime:
     def __init__(self, host: str | None = None, *, connection_limit: int = 32) -> None:
         if connection_limit < 1:
             raise ValueError("connection_limit must be at least 1")
-        self._host = host or os.environ.get("DOCKER_HOST") or _default_socket_address()
+        self._host = docker_address(host)
         self._connection_limit = connection_limit
         self._docker: aiodocker.Docker | None = None
         self._connector: aiohttp.BaseConnector | None = None
@@ -237,8 +248,36 @@ class DockerRuntime:
         return str(container.id)
 
     async def start(self, container_id: str) -> None:
-        with _translated("start container", container_id):
+        try:
             await self._container(container_id).start()
+        except DockerError as exc:
+            # 500 covers both a taken port and, e.g., a missing executable: only a
+            # container with fixed host ports gets them named.
+            fixed = await self._fixed_host_ports(container_id) if exc.status == 500 else []
+            if fixed:
+                raise errors.ContainerError(
+                    f"cannot start container {container_id[:12]}: "
+                    f"{_port_problem(fixed, self._host)} (Docker: {exc.message})",
+                    status=exc.status,
+                ) from exc
+            raise _translation(exc, "start container", container_id) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _translation(exc, "start container", container_id) from exc
+
+    async def _fixed_host_ports(self, container_id: str) -> list[tuple[str, int]]:
+        """The (host ip, host port) pairs the container asks for by number."""
+        try:
+            with _translated("inspect container", container_id):
+                data = await self._container(container_id).show()
+        except errors.RoostError:
+            return []
+        bindings = (data.get("HostConfig") or {}).get("PortBindings") or {}
+        fixed = []
+        for entries in bindings.values():
+            for entry in entries or ():
+                if entry.get("HostPort"):
+                    fixed.append((str(entry.get("HostIp") or "0.0.0.0"), int(entry["HostPort"])))
+        return fixed
 
     async def pause(self, container_id: str) -> None:
         with _translated("pause container", container_id):
@@ -385,6 +424,38 @@ class DockerRuntime:
             volume = await self._client()._query_json("volumes/create", "POST", data=body)
         return str(volume["Name"])
 
+    async def remove_network(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        try:
+            with _translated("inspect network", name):
+                data = await self._client()._query_json(f"networks/{name}")
+        except errors.ContainerNotFound:
+            return False
+        if not _carries(data.get("Labels") or {}, labels):
+            return False
+        try:
+            with _translated("remove network", name):
+                async with self._client()._query(f"networks/{data['Id']}", "DELETE"):
+                    pass
+        except errors.ContainerNotFound:
+            return False  # removed by someone else meanwhile
+        return True
+
+    async def remove_volume(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        try:
+            with _translated("inspect volume", name):
+                data = await self._client()._query_json(f"volumes/{name}")
+        except errors.ContainerNotFound:
+            return False
+        if not _carries(data.get("Labels") or {}, labels):
+            return False
+        try:
+            with _translated("remove volume", name):
+                async with self._client()._query(f"volumes/{name}", "DELETE"):
+                    pass
+        except errors.ContainerNotFound:
+            return False
+        return True
+
     # -- events -----------------------------------------------------------------
 
     def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
@@ -527,24 +598,91 @@ def _translated(action: str, target: object) -> Iterator[None]:
     """Map aiodocker/aiohttp errors to Roost's by meaning (status), with ``from``."""
     try:
         yield
-    except DockerError as exc:
+    except (DockerError, aiohttp.ClientError, TimeoutError) as exc:
+        raise _translation(exc, action, target) from exc
+
+
+def _translation(exc: Exception, action: str, target: object) -> errors.RoostError:
+    """Roost's error for an aiodocker/aiohttp error: by Docker's status, never its text."""
+    if isinstance(exc, DockerError):
         message = f"cannot {action} {target}: {exc.message}"
         if exc.status == _STATUS_UNREACHABLE:
-            raise errors.DockerUnavailable(message) from exc
+            return errors.DockerUnavailable(message)
         if exc.status == 404:
-            raise errors.ContainerNotFound(message) from exc
-        raise errors.ContainerError(message, status=exc.status) from exc
-    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise errors.DockerUnavailable(f"cannot {action} {target}: {exc!r}") from exc
-    except aiohttp.ClientError as exc:
-        raise errors.ContainerError(f"cannot {action} {target}: {exc!r}") from exc
+            return errors.ContainerNotFound(message)
+        return errors.ContainerError(message, status=exc.status)
+    if isinstance(exc, aiohttp.ClientConnectionError | TimeoutError):
+        return errors.DockerUnavailable(f"cannot {action} {target}: {exc!r}")
+    return errors.ContainerError(f"cannot {action} {target}: {exc!r}")
 
 
-def _default_socket_address() -> str:
+def docker_address(host: str | None = None) -> str:
+    """Where Docker is: ``host``, else ``DOCKER_HOST``, else the first local socket
+    that exists (``/run/docker.sock``, ``/var/run/docker.sock``; the last when none
+    does, so errors name the usual place)."""
+    if host:
+        return host
+    from_environment = os.environ.get("DOCKER_HOST")
+    if from_environment:
+        return from_environment
     for socket_path in _DEFAULT_SOCKETS:
         if socket_path.is_socket():
             return f"unix://{socket_path}"
     return f"unix://{_DEFAULT_SOCKETS[-1]}"
+
+
+def check_reachable(host: str | None = None, *, timeout: float = 5.0) -> str:
+    """Synchronous ``GET /_ping`` of the engine at :func:`docker_address`; return
+    that address, or raise ``DockerUnavailable`` naming it.
+
+    For callers that must fail before any event loop exists (the library's
+    constructors, like the code they replace). Addresses other than ``unix://``,
+    ``tcp://`` and ``http://`` (ssh, TLS) are not checked here: the engine's first
+    call reports them."""
+    address = docker_address(host)
+    try:
+        if address.startswith("unix://"):
+            path = address.removeprefix("unix://")
+            if not os.path.exists(path):
+                # Checked first: httpcore leaks the socket of a failed unix connect.
+                raise FileNotFoundError(f"no socket at {path}")
+            transport = httpx.HTTPTransport(uds=path)
+            with httpx.Client(transport=transport, timeout=timeout) as client:
+                client.get("http://docker/_ping").raise_for_status()
+        elif address.startswith(("tcp://", "http://")):
+            base = "http://" + address.split("://", 1)[1]
+            with httpx.Client(timeout=timeout) as client:
+                client.get(base.rstrip("/") + "/_ping").raise_for_status()
+    except (httpx.HTTPError, OSError) as exc:
+        raise errors.DockerUnavailable(
+            f"Docker is not reachable at {address}: {exc} (is dockerd running?)"
+        ) from exc
+    return address
+
+
+def _carries(found: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    return all(found.get(key) == value for key, value in wanted.items())
+
+
+def _port_problem(fixed: Sequence[tuple[str, int]], address: str) -> str:
+    """Name the fixed host ports a failed start asked for, and which one is in use
+    when that can be known: only for a local engine, by trying to bind it."""
+    named = ", ".join(f"{ip}:{port}" for ip, port in fixed)
+    if address.startswith("unix://"):
+        for ip, port in fixed:
+            if _in_use(ip, port):
+                return f"host port {ip}:{port} is already in use"
+    return f"could not publish host port {named}"
+
+
+def _in_use(ip: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((ip, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _label_filters(labels: Mapping[str, str]) -> list[str]:
@@ -565,7 +703,10 @@ def _create_config(spec: ContainerSpec) -> dict[str, Any]:
         port_key = f"{spec.port}/tcp"
         config["ExposedPorts"] = {port_key: {}}
         # Empty HostPort: Docker picks a free ephemeral port at start.
-        host_config["PortBindings"] = {port_key: [{"HostIp": spec.publish_host, "HostPort": ""}]}
+        host_port = str(spec.host_port) if spec.host_port else ""
+        host_config["PortBindings"] = {
+            port_key: [{"HostIp": spec.publish_host, "HostPort": host_port}]
+        }
     if spec.network is not None:
         host_config["NetworkMode"] = spec.network
     if spec.memory is not None:
@@ -684,13 +825,15 @@ def _runtime_event(data: Mapping[str, Any]) -> RuntimeEvent:
     actor = data.get("Actor") or {}
     attributes: Mapping[str, str] = actor.get("Attributes") or {}
     # "health_status: healthy", "exec_start: sh" → the part before the colon.
-    kind = str(data.get("Action", "")).split(":", 1)[0].strip()
+    kind, _, detail = str(data.get("Action", "")).partition(":")
+    kind = kind.strip()
     exit_code = attributes.get("exitCode")
     return RuntimeEvent(
         kind=kind,
         container_id=str(actor.get("ID") or data.get("id") or ""),
         labels={k: v for k, v in attributes.items() if k not in _NON_LABEL_ATTRIBUTES},
         exit_code=int(exit_code) if exit_code is not None else None,
+        health=_HEALTH_BY_DOCKER_STATUS.get(detail.strip()) if kind == "health_status" else None,
         time=_time_nano(data) / 1e9,
     )
 

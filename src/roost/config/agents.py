@@ -41,8 +41,10 @@ from roost.config.fields import (
     Cpus,
     Env,
     Flag,
+    HostPort,
     IdleAction,
     Image,
+    IpAddressOrEmpty,
     MemorySize,
     Port,
     PositiveSeconds,
@@ -94,6 +96,17 @@ class ContainerSettings(BaseModel):
         default="", description="Image to run, e.g. 'roost-mimic:latest' (required per agent)."
     )
     port: Port = Field(default=8000, description="Port the agent listens on inside the container.")
+    host_port: HostPort = Field(
+        default=0,
+        description=(
+            "Host port the container's port is published on; 0: a free port Docker picks. "
+            "A fixed port fits one agent only: set it per agent, not in [defaults]."
+        ),
+    )
+    host_ip: IpAddressOrEmpty = Field(
+        default="",
+        description="Host address the port is published on; '': [docker] publish_host.",
+    )
     env: Env = Field(default_factory=dict, description='Extra environment, NAME = "value".')
     command: Command = Field(
         default=None, description="Command override (list of strings); absent: the image's own."

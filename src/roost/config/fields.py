@@ -39,10 +39,12 @@ __all__ = [
     "Env",
     "EnvNames",
     "Flag",
+    "HostPort",
     "HttpUrl",
     "IdleAction",
     "Image",
     "IpAddress",
+    "IpAddressOrEmpty",
     "Listen",
     "LogLevel",
     "MemorySize",
@@ -265,6 +267,12 @@ def _ip_address(value: object) -> str:
     return value
 
 
+def _ip_address_or_empty(value: object) -> str:
+    if value == "":
+        return ""
+    return _ip_address(value)
+
+
 def _docker_object_name(value: object) -> str:
     """A network or volume name as Docker accepts it, or '' (none)."""
     text = _text(value).strip()
@@ -348,6 +356,8 @@ PositiveSeconds = Annotated[float, BeforeValidator(lambda v: _seconds(v, positiv
 Count = Annotated[int, BeforeValidator(_int_between(0))]
 AtLeastOne = Annotated[int, BeforeValidator(_int_between(1))]
 Port = Annotated[int, BeforeValidator(_int_between(1, 65535))]
+#: A host port to publish on; 0 means "any free port" (Docker picks one).
+HostPort = Annotated[int, BeforeValidator(_int_between(0, 65535))]
 Flag = Annotated[bool, BeforeValidator(_boolean)]
 IdleAction = Annotated[Literal["pause", "stop"], BeforeValidator(_idle_action)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -367,6 +377,7 @@ Command = Annotated[tuple[str, ...] | None, BeforeValidator(_command)]
 LogLevel = Annotated[str, BeforeValidator(_log_level)]
 Listen = Annotated[str, BeforeValidator(_listen)]
 IpAddress = Annotated[str, BeforeValidator(_ip_address)]
+IpAddressOrEmpty = Annotated[str, BeforeValidator(_ip_address_or_empty)]
 DockerName = Annotated[str, BeforeValidator(_docker_object_name)]
 AbsolutePath = Annotated[str, BeforeValidator(_absolute_path)]
 AgentName = Annotated[str, BeforeValidator(validate_agent_name)]

@@ -22,6 +22,7 @@ __all__ = [
     "Event",
     "ExitBlamedOnEngine",
     "ExitDetails",
+    "HealthcheckReported",
     "LivenessProbed",
     "PauseRequested",
     "ResetRequested",
@@ -162,6 +163,16 @@ class LivenessProbed:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class HealthcheckReported:
+    """Docker's health status of the container changed: the verdict of the image's
+    own HEALTHCHECK, after the retries the image asks for (Docker's
+    ``health_status`` event). ``healthy`` False: Docker marked it unhealthy."""
+
+    container_id: str
+    healthy: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Activity:
     """Something proved the agent is in use."""
 
@@ -191,6 +202,7 @@ Event = (
     | ExitBlamedOnEngine
     | Resumed
     | LivenessProbed
+    | HealthcheckReported
     | Activity
     | Tick
 )

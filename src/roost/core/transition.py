@@ -5,8 +5,8 @@ current record and one event and returns the next record, the commands the
 reactor must carry out (in order) and the state changes to append to history.
 
 Invariants (property-tested in tests/unit/test_transition_properties.py):
-- An exit Roost caused (stop, idle stop, shutdown, restart, liveness kill) is
-  never a crash: such requests first detach or mark the container
+- An exit Roost caused (stop, idle stop, shutdown, restart, liveness or
+  HEALTHCHECK kill) is never a crash: such requests first detach or mark the container
   (``expected_exit``), so its later ``die`` is stale or expected.
 - ``failed`` is entered only when a crash happens with ``restart_count`` already
   at ``max_restarts`` (or a start fails terminally, e.g. the image is missing);
@@ -32,7 +32,7 @@ from roost.core.policy import Policy
 from roost.core.records import AgentRecord, ExitInfo, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
 
-__all__ = ["Decision", "next_deadline", "transition"]
+__all__ = ["HEALTHCHECK_FAILED", "Decision", "next_deadline", "transition"]
 
 S = AgentState
 
@@ -456,6 +456,25 @@ def _on_liveness(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     return None
 
 
+#: Why an agent crashed when its image's own HEALTHCHECK failed.
+HEALTHCHECK_FAILED = "unhealthy: the image's HEALTHCHECK failed (Docker health status)"
+
+
+def _on_healthcheck(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    """Docker's verdict is final (it applied the image's own retries): an unhealthy
+    container is handled like one that failed ``liveness_failures`` probes — a
+    crash, restarted with backoff. Docker itself never restarts it."""
+    assert isinstance(e, ev.HealthcheckReported)
+    r = b.record
+    if e.healthy or r.container_id != e.container_id or r.state not in _LIVE or r.expected_exit:
+        return None
+    # Roost removes it, so its die is stale (detached): the crash is recorded here.
+    b.do(cmd.RemoveContainer(e.container_id))
+    b.set(container_id=None, url=None)
+    _crash(b, p, ExitInfo(error=HEALTHCHECK_FAILED), HEALTHCHECK_FAILED)
+    return None
+
+
 # -- activity and time ---------------------------------------------------------------
 
 
@@ -618,6 +637,7 @@ _HANDLERS = {
     ev.ExitBlamedOnEngine: _on_exit_blamed,
     ev.Resumed: _on_resumed,
     ev.LivenessProbed: _on_liveness,
+    ev.HealthcheckReported: _on_healthcheck,
     ev.Activity: _on_activity,
     ev.Tick: _on_tick,
 }

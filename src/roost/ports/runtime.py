@@ -8,7 +8,12 @@ Invariants every implementation keeps (checked by tests/contract):
   otherwise.
 - ``remove`` and ``stop`` of a container that is already gone are no-ops.
 - ``ensure_network`` / ``ensure_volume`` create only what is absent and never
-  change or remove an existing network or volume.
+  change or remove an existing network or volume; ``remove_network`` /
+  ``remove_volume`` remove one only when it carries every label asked for, so a
+  caller removes only what its own instance created.
+- A spec with a fixed ``host_port`` publishes exactly that port; when it is
+  taken, ``start`` raises ``ContainerError`` naming it and the container stays
+  ``created``.
 - ``events`` never blocks the engine: it reads continuously, reconnects on its
   own, yields a ``lost`` event when the stream breaks (the engine may be going
   away) and a ``gap`` event after every reconnect (events may have been lost, so
@@ -41,9 +46,11 @@ class ContainerSpec:
     name: str | None = None
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     command: tuple[str, ...] | None = None
-    #: container port to publish on ``publish_host`` at an ephemeral host port.
+    #: container port to publish on ``publish_host``.
     port: int | None = None
     publish_host: str = "127.0.0.1"
+    #: host port ``port`` is published on; None: an ephemeral one Docker picks at start.
+    host_port: int | None = None
     network: str | None = None
     memory: int | None = 512 * 1024 * 1024
     #: None: same as memory (no swap).
@@ -65,7 +72,8 @@ class ContainerSpec:
     user: str = ""
     #: a cgroup namespace of its own (it cannot see the host's cgroup tree).
     private_cgroupns: bool = True
-    #: Docker HEALTHCHECK is deliberately not used for readiness (see reactor.starting).
+    #: The image's own HEALTHCHECK is not used for readiness (readiness is probed
+    #: over HTTP); its verdicts arrive as ``health_status`` events.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,6 +122,8 @@ class RuntimeEvent:
     container_id: str = ""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     exit_code: int | None = None
+    #: for ``health_status``: the verdict of the image's own HEALTHCHECK.
+    health: SessionHealth | None = None
     #: seconds since the epoch (Docker's timeNano / 1e9).
     time: float = 0.0
 
@@ -212,6 +222,18 @@ class ContainerRuntime(Protocol):
     async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:
         """Create the local volume ``name`` carrying ``labels`` unless it exists (then
         it is used as it is, labels untouched); return its name."""
+        ...
+
+    async def remove_network(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        """Remove network ``name`` if it carries every one of ``labels``; True when
+        removed. Absent, or not carrying them: False, nothing touched. Still used by
+        a container: ``ContainerError``."""
+        ...
+
+    async def remove_volume(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        """Remove volume ``name`` if it carries every one of ``labels``; True when
+        removed. Absent, or not carrying them: False, nothing touched. Still mounted
+        by a container: ``ContainerError``."""
         ...
 
     async def close(self) -> None: ...

@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from roost import errors
@@ -45,7 +45,7 @@ from roost.core import events as ev
 from roost.core import labels
 from roost.core.backoff import Backoff
 from roost.core.reconciling import Observed, plan_reconcile
-from roost.core.records import AgentRecord, ExitInfo, StateChange
+from roost.core.records import AgentRecord, ExitInfo, SessionHealth, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
 from roost.core.transition import Decision, next_deadline, transition
 from roost.ports.agent_http import AgentClient
@@ -76,6 +76,8 @@ ENGINE_PING = Backoff.doubling(0.05, 1.0)
 ENGINE_EXIT_WINDOW = 20.0
 #: Retries of a record write the state database refused.
 STORE_RETRY = Backoff.doubling(0.05, 5.0)
+#: Docker health statuses that are a HEALTHCHECK verdict ("starting" is not).
+_VERDICTS = frozenset({SessionHealth.HEALTHY, SessionHealth.UNHEALTHY})
 
 
 #: Called after every persisted decision: (agent record, state changes).
@@ -122,6 +124,8 @@ class AgentActor:
         self._notices = TaskSet(log)
         #: which container each Docker operation in flight is about.
         self._op_targets: dict[asyncio.Task[Any], str] = {}
+        #: stops and removals in flight of containers that may still hold host ports.
+        self._port_holders: set[asyncio.Task[Any]] = set()
         self._busy = 0
         #: numbers start procedures; reports from superseded ones are dropped.
         self._attempt = 0
@@ -359,10 +363,11 @@ class AgentActor:
             case cmd.PauseContainer(container_id=cid):
                 self._op(self._pause(cid), "pause", container_id=cid)
             case cmd.StopContainer(container_id=cid, timeout=grace, remove=remove):
-                self._op(self._stop(cid, grace, remove), "stop", container_id=cid)
+                self._op(self._stop(cid, grace, remove), "stop", container_id=cid, holds_port=True)
             case cmd.RemoveContainer(container_id=cid, diagnose=diagnose):
                 work = self._diagnose_and_remove(cid) if diagnose else rt.remove(cid, force=True)
-                self._op(work, "remove", container_id=cid)
+                # A container removed for a crash has exited: its ports are free already.
+                self._op(work, "remove", container_id=cid, holds_port=not diagnose)
             case cmd.Notify(kind=kind, payload=payload):
                 self._op(self.sup.notifier.notify(kind, payload), "notify", docker=False)
 
@@ -373,6 +378,7 @@ class AgentActor:
         *,
         docker: bool = True,
         container_id: str | None = None,
+        holds_port: bool = False,
     ) -> None:
         async def tolerant() -> None:
             try:
@@ -389,6 +395,10 @@ class AgentActor:
         if container_id is not None:
             self._op_targets[task] = container_id
             task.add_done_callback(self._forget_target)
+        if holds_port:
+            # Its container may still publish the agent's ports until this ends.
+            self._port_holders.add(task)
+            task.add_done_callback(self._port_holders.discard)
 
     def _forget_target(self, task: asyncio.Task[Any]) -> None:
         self._op_targets.pop(task, None)
@@ -443,7 +453,8 @@ class AgentActor:
             env=env,
             command=tuple(spec.command) if spec.command else None,
             port=spec.port,
-            publish_host=self.sup.publish_host,
+            publish_host=spec.host_ip or self.sup.publish_host,
+            host_port=spec.host_port or None,
             network=(spec.network if isinstance(spec, SpawnedAgent) else "") or self.sup.network,
             memory=spec.memory or None,  # 0: no limit
             cpus=spec.cpus,
@@ -468,7 +479,12 @@ class AgentActor:
         try:
             if replace is not None:
                 # The old container is detached already: its removal runs beside us.
-                self._op(rt.remove(replace, force=True), "remove", container_id=replace)
+                self._op(
+                    rt.remove(replace, force=True),
+                    "remove",
+                    container_id=replace,
+                    holds_port=True,
+                )
             cid = self.record.container_id
             await self._quiesce(cid)
             want_hash = self.spec.config_hash
@@ -498,6 +514,11 @@ class AgentActor:
                     await rt.remove(cid, force=True)
                     existing = None
             if existing is None:
+                if self.spec.host_port and self._port_holders:
+                    # A fixed host port is held until the container it was published
+                    # for stops: wait for such stops and removals in flight (the old
+                    # container of a restart, a liveness or HEALTHCHECK kill).
+                    await asyncio.gather(*self._port_holders, return_exceptions=True)
                 await rt.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
                 async with self.sup.start_slots:
                     cid = await rt.create(self.container_spec())
@@ -850,7 +871,7 @@ class Supervisor:
                 log.info("docker event stream had a gap; reconciling")
                 self._spawn_reconcile()
                 continue
-            self._dispatch(event.kind, event.container_id, event.labels, event.exit_code)
+            self._dispatch(event)
 
     # -- the engine's bad days ------------------------------------------------------------
 
@@ -899,10 +920,9 @@ class Supervisor:
         for actor in list(self.actors.values()):
             actor.post(ev.EngineRecovered())
 
-    def _dispatch(
-        self, kind: str, cid: str, attrs: Mapping[str, str], exit_code: int | None
-    ) -> None:
-        name = attrs.get(labels.AGENT)
+    def _dispatch(self, event: RuntimeEvent) -> None:
+        kind, cid = event.kind, event.container_id
+        name = event.labels.get(labels.AGENT)
         if name is None or name not in self.actors:
             return  # job containers carry our labels too: the job runner watches those
         if kind == "oom":
@@ -920,9 +940,13 @@ class Supervisor:
                     cid,
                     actor.record.restart_count,
                 )
-            actor.post(ev.ContainerExited(cid, ExitInfo(exit_code=exit_code, oom_killed=oom)))
+            exit_info = ExitInfo(exit_code=event.exit_code, oom_killed=oom)
+            actor.post(ev.ContainerExited(cid, exit_info))
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
+        elif kind == "health_status" and event.health in _VERDICTS:
+            # The verdict of the image's own HEALTHCHECK (no image has one: no event).
+            actor.post(ev.HealthcheckReported(cid, healthy=event.health is SessionHealth.HEALTHY))
 
     def _spawn_reconcile(self) -> None:
         self._tasks.spawn(self.reconcile(), "roost.reconcile (after an event-stream gap)")
@@ -979,7 +1003,9 @@ class Supervisor:
 
     async def shutdown(self, *, leave_running: bool, remove: bool = False) -> None:
         """Two phases: tell every agent (stop or leave running), then close actors.
-        ``remove``: also remove the stopped containers (library ``stop_all``)."""
+        ``remove``: also remove every agent container of this instance (library
+        ``stop_all``): the recorded ones, and any a start cut short by the shutdown
+        created but had not recorded yet."""
         if self.closed:
             return
         self.closed = True
@@ -1002,9 +1028,16 @@ class Supervisor:
         )
         await asyncio.gather(*(a.close() for a in self.actors.values()), return_exceptions=True)
         if remove and not leave_running:
-            ids = [a.record.container_id for a in self.actors.values() if a.record.container_id]
+            ids = {a.record.container_id for a in self.actors.values() if a.record.container_id}
+            try:
+                found = await self.runtime.list(labels.ownership(self.instance))
+            except errors.RoostError as exc:
+                log.warning("cannot list containers to remove at shutdown: %s", exc)
+                found = []
+            # Job containers carry the instance label too: the job runner owns those.
+            ids |= {c.id for c in found if labels.AGENT in c.labels}
             await asyncio.gather(
-                *(self.runtime.remove(cid, force=True) for cid in ids if cid),
+                *(self.runtime.remove(cid, force=True) for cid in sorted(ids)),
                 return_exceptions=True,
             )
 

@@ -2,11 +2,12 @@
 network and volume every spawned agent joins.
 
 Used by ``POST /api/agents`` (``roost.api.registry``) and by the library's
-``DockerAgentRunner``; both then hand the spec to ``Engine.register_agent``.
+``DockerAgentRunner``; both then hand the spec to ``engine.agents.register``.
 
 Invariants:
 - A spawned agent's ``env`` carries ``COORDINATOR_URL`` (``[swarm]
-  coordinator_url`` or Roost's public URL), ``AGENT_NAME``, ``AGENT_ID`` and
+  coordinator_url`` or Roost's public URL), ``AGENT_NAME`` (the agent's name, or
+  the caller's own name for it when that is not a DNS label), ``AGENT_ID`` and
   ``AGENT_CAPABILITIES`` (comma-joined) besides the caller's extra env, which may
   not set those four (ConfigError naming ``env.<NAME>``): who the agent is and
   whom it reports to is Roost's to say.
@@ -64,8 +65,13 @@ def spawned_agent_spec(
     image: str | None = None,
     env: Mapping[str, str] | None = None,
     port: int | None = None,
+    agent_name: str | None = None,
 ) -> SpawnedAgent:
-    """The full spec of a spawned agent: ``[defaults]`` + ``[swarm]`` + the request."""
+    """The full spec of a spawned agent: ``[defaults]`` + ``[swarm]`` + the request.
+
+    ``name`` is the agent's name in Roost (a DNS label); ``agent_name``, when
+    given, is what the agent is told as ``AGENT_NAME`` (the library's callers may
+    use any string)."""
     try:
         validate_agent_name(name)
     except ValueError as exc:
@@ -101,7 +107,7 @@ def spawned_agent_spec(
     fields["env"] = {
         **resolved.env,
         COORDINATOR_URL: settings.coordinator_url,
-        AGENT_NAME: name,
+        AGENT_NAME: name if agent_name is None else agent_name,
         AGENT_ID: identity,
         AGENT_CAPABILITIES: ",".join(found_capabilities),
     }

@@ -30,7 +30,17 @@ Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
 - Networks ``bridge``, ``host`` and ``none`` exist from the start;
   ``ensure_network``/``ensure_volume`` create a labelled one only when the name
   is absent and leave an existing one as it is (``networks``/``volumes`` hold
-  their labels for assertions).
+  their labels for assertions). ``remove_network``/``remove_volume`` remove only
+  one carrying the labels asked for, and refuse (``ContainerError``) while a
+  running container uses the network or any container mounts the volume, or
+  for a predefined network.
+- A spec's ``host_port`` is published as given; starting a second container on
+  a host port a running one holds fails (``ContainerError`` naming the port,
+  status 500) and leaves it ``created``. Ports bound by other processes are not
+  seen: the fake has no host.
+- Images have no HEALTHCHECK of their own: ``inspect`` reports ``health``
+  unknown until a test calls ``report_health``, which also emits Docker's
+  ``health_status`` event.
 """
 
 from __future__ import annotations
@@ -82,6 +92,7 @@ class _FakeContainer:
     finished_at: str | None = None
     host_port: int | None = None
     ip_address: str | None = None
+    health: SessionHealth = SessionHealth.UNKNOWN
     exited: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     #: set when the container printed something (log followers wake).
     output: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -102,8 +113,9 @@ class FakeRuntime:
 
     Test hooks: ``images`` (present images), ``pullable`` (what ``ensure_image``
     can fetch), ``log_lines[container_id]``, ``stop_exit_code``, ``crash(...)``,
-    ``emit_gap()``, ``go_down()`` / ``come_back()`` (an engine outage), and ``calls``
-    — every operation as ``(method, container id or image)`` in call order.
+    ``report_health(...)``, ``emit_gap()``, ``go_down()`` / ``come_back()`` (an engine
+    outage), and ``calls`` — every operation as ``(method, container id or image)`` in
+    call order.
     """
 
     def __init__(
@@ -144,6 +156,17 @@ class FakeRuntime:
         if oom:
             self._emit("oom", container)
         self._exit(container, exit_code, oom_killed=oom)
+
+    def report_health(self, container_id: str, health: SessionHealth) -> None:
+        """Give a running container the verdict its image's HEALTHCHECK would, and
+        emit Docker's ``health_status`` event when it changes."""
+        container = self._get(container_id)
+        if not container.running:
+            raise errors.ContainerError(f"container {container_id} is not running")
+        if container.health is health:
+            return  # Docker reports a change, not every check
+        container.health = health
+        self._emit("health_status", container, health=health)
 
     def emit_gap(self) -> None:
         """Queue a ``gap`` for every subscriber, as after an events reconnect."""
@@ -257,14 +280,17 @@ class FakeRuntime:
                 "cannot start a paused container, try unpause instead",
                 status=409,
             )
+        if container.spec.port is not None and container.spec.host_port:
+            self._claim_host_port(container)
         container.status = "running"
         container.exit_code = 0
         container.oom_killed = False
         container.started_at = self._timestamp()
         container.finished_at = None
+        container.health = SessionHealth.UNKNOWN
         container.exited = asyncio.Event()
         if container.spec.port is not None:
-            container.host_port = next(self._host_ports)
+            container.host_port = container.spec.host_port or next(self._host_ports)
         if container.spec.network not in ("host", "none"):
             n = next(self._addresses)
             container.ip_address = f"172.17.{n // 254}.{n % 254 + 2}"
@@ -354,7 +380,7 @@ class FakeRuntime:
             status=container.status,
             running=container.running,
             paused=container.status == "paused",
-            health=SessionHealth.UNKNOWN,
+            health=container.health,
             exit=exit_info,
             started_at=container.started_at,
             host_port=container.host_port if published else None,
@@ -479,6 +505,41 @@ class FakeRuntime:
         self.volumes.setdefault(name, dict(labels))
         return name
 
+    async def remove_network(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        self._record("remove_network", name)
+        found = self.networks.get(name)
+        if found is None or not _carries(found[1], labels):
+            return False
+        if name in _PREDEFINED_NETWORKS:
+            raise errors.ContainerError(
+                f"cannot remove network {name}: {name} is a pre-defined network", status=403
+            )
+        users = [c.id for c in self._containers.values() if c.running and c.spec.network == name]
+        if users:
+            raise errors.ContainerError(
+                f"cannot remove network {name}: it has active endpoints ({users[0][:12]})",
+                status=403,
+            )
+        del self.networks[name]
+        return True
+
+    async def remove_volume(self, name: str, *, labels: Mapping[str, str]) -> bool:
+        self._record("remove_volume", name)
+        found = self.volumes.get(name)
+        if found is None or not _carries(found, labels):
+            return False
+        users = [
+            c.id
+            for c in self._containers.values()
+            if any(bind.split(":", 1)[0] == name for bind in c.spec.binds)
+        ]
+        if users:
+            raise errors.ContainerError(
+                f"cannot remove volume {name}: volume is in use - [{users[0]}]", status=409
+            )
+        del self.volumes[name]
+        return True
+
     async def close(self) -> None:
         self._record("close", "")
         self.closed = True
@@ -520,12 +581,34 @@ class FakeRuntime:
         container.exited.set()
         self._emit("die", container, exitCode=str(exit_code))
 
-    def _emit(self, kind: str, container: _FakeContainer, **attributes: str) -> None:
+    def _claim_host_port(self, container: _FakeContainer) -> None:
+        """Refuse a host port another running container publishes, as Docker does."""
+        wanted = container.spec.host_port
+        for other in self._containers.values():
+            if other is container or not other.running or other.host_port != wanted:
+                continue
+            ips = {container.spec.publish_host, other.spec.publish_host}
+            if len(ips) == 1 or "0.0.0.0" in ips:
+                raise errors.ContainerError(
+                    f"cannot start container {container.id[:12]}: host port "
+                    f"{container.spec.publish_host}:{wanted} is already in use",
+                    status=500,
+                )
+
+    def _emit(
+        self,
+        kind: str,
+        container: _FakeContainer,
+        *,
+        health: SessionHealth | None = None,
+        **attributes: str,
+    ) -> None:
         event = RuntimeEvent(
             kind=kind,
             container_id=container.id,
             labels=dict(container.labels),
             exit_code=int(attributes["exitCode"]) if "exitCode" in attributes else None,
+            health=health,
             time=self._clock(),
         )
         for subscriber in self._subscribers:
