@@ -4,7 +4,9 @@ Start-up order (each step must succeed before the next):
 1. take the state-directory lock (one Roost per state directory);
 2. open and migrate the SQLite database (its one owner, ``Database``), then the
    store and inbox repositories built on it;
-3. reach Docker (DockerUnavailable names the host and what to do);
+3. reach Docker (DockerUnavailable names the host and what to do) and claim the
+   instance id there (``reactor.owning``: a second live Roost with the same
+   instance on the engine is refused, naming it);
 4. load agents: configured ones are inserted or their spec refreshed, ones
    registered over the API are restored from the store (a spawned agent's
    network and volume are re-created if missing), configured agents that left
@@ -14,7 +16,8 @@ Start-up order (each step must succeed before the next):
 6. start the job runner: re-attach to jobs left running, then dispatch the queue.
 
 Shutdown runs the same list backwards: stop (or leave running) containers, stop
-actors, close Docker, the repositories, the database and the lock.
+actors, release the instance, close Docker, the repositories, the database and
+the lock.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from roost.ports.jobs import Job, JobStore
 from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
-from roost.reactor import swarming
+from roost.reactor import owning, swarming
 from roost.reactor.agents import Agents
 from roost.reactor.delivering import Dispatcher
 from roost.reactor.eventing import EventHub
@@ -152,6 +155,8 @@ class Engine:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._started = False
         self._closed = False
+        #: this engine holds its instance's owner marker in Docker (reactor.owning).
+        self._claimed = False
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -174,6 +179,8 @@ class Engine:
             await self.store.open()
             await self.inbox.open()
             self.docker_api_version = await self.runtime.ping()
+            await owning.claim_instance(self.runtime, self.instance, self.settings.state_path())
+            self._claimed = True
             await self._load_agents()
             self.supervisor.start_watching()
             await self.supervisor.reconcile()
@@ -218,6 +225,9 @@ class Engine:
         self._closers.append(closer)
 
     async def _close_resources(self) -> None:
+        if self._claimed:
+            await owning.release_instance(self.runtime, self.instance)
+            self._claimed = False
         closers = (self.agent_client.close, self.runtime.close, self.inbox.close, self.store.close)
         database = () if self.database is None else (self.database.close,)
         for closer in (*closers, *database):

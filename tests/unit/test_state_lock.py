@@ -27,6 +27,7 @@ from roost.adapters.state_lock import (
 from roost.config import parse_settings
 from roost.engine import Engine
 from roost.errors import AlreadyRunning, StoreError
+from roost.reactor import owning
 from roost.testing.fake_runtime import FakeRuntime
 
 DEADLINE = 30.0
@@ -203,3 +204,54 @@ async def test_engine_labels_containers_with_the_state_dirs_id_when_instance_uns
     assert engine.instance == instance_id(tmp_path / "state")
     other = parse_settings({"server": {"state_dir": str(tmp_path / "other")}})
     assert Engine(other, runtime=FakeRuntime(), lock=False).instance != engine.instance
+
+
+async def test_a_second_live_roost_with_the_same_instance_is_refused_naming_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    runtime = FakeRuntime()
+    one = parse_settings(
+        {"server": {"state_dir": str(tmp_path / "a")}, "docker": {"instance": "shared"}}
+    )
+    two = parse_settings(
+        {"server": {"state_dir": str(tmp_path / "b")}, "docker": {"instance": "shared"}}
+    )
+    first = Engine(one, runtime=runtime)
+    await first.start()
+    try:
+        # A live owner elsewhere on this host (pid 1 stands in for it).
+        labels = runtime.volumes[owning.marker_name("shared")]
+        mine = labels[owning.OWNER]
+        host, boot, _, _ = mine.split("/", 3)
+        start_of_pid_1 = owning._start_time(1)
+        labels[owning.OWNER] = f"{host}/{boot}/1/{start_of_pid_1}"
+        second = Engine(two, runtime=runtime)
+        with pytest.raises(AlreadyRunning) as refused:
+            await second.start()
+        assert "instance 'shared'" in str(refused.value)
+        assert str(tmp_path / "a") in str(refused.value)
+        assert "docker volume rm roost-owner-shared" in str(refused.value)
+        labels[owning.OWNER] = mine
+    finally:
+        await first.stop()
+    assert owning.marker_name("shared") not in runtime.volumes  # released at stop
+
+
+async def test_a_marker_left_by_a_gone_roost_is_taken_over_when_starting(
+    tmp_path: pathlib.Path,
+) -> None:
+    runtime = FakeRuntime()
+    host, boot, _, _ = owning.this_owner().split("/", 3)
+    runtime.volumes[owning.marker_name("solo")] = {
+        owning.OWNER: f"{host}/{boot}/999999999/1",  # no such process
+    }
+    settings = parse_settings(
+        {"server": {"state_dir": str(tmp_path / "s")}, "docker": {"instance": "solo"}}
+    )
+    engine = Engine(settings, runtime=runtime)
+    await engine.start()
+    try:
+        owner = runtime.volumes[owning.marker_name("solo")][owning.OWNER]
+        assert owner == owning.this_owner()
+    finally:
+        await engine.stop()

@@ -424,6 +424,14 @@ class DockerRuntime:
             volume = await self._client()._query_json("volumes/create", "POST", data=body)
         return str(volume["Name"])
 
+    async def volume_labels(self, name: str) -> dict[str, str] | None:
+        try:
+            with _translated("inspect volume", name):
+                data = await self._client()._query_json(f"volumes/{name}")
+        except errors.ContainerNotFound:
+            return None
+        return dict(data.get("Labels") or {})
+
     async def remove_network(self, name: str, *, labels: Mapping[str, str]) -> bool:
         try:
             with _translated("inspect network", name):

@@ -224,6 +224,10 @@ class ContainerRuntime(Protocol):
         it is used as it is, labels untouched); return its name."""
         ...
 
+    async def volume_labels(self, name: str) -> dict[str, str] | None:
+        """The labels of volume ``name``; None when there is no such volume."""
+        ...
+
     async def remove_network(self, name: str, *, labels: Mapping[str, str]) -> bool:
         """Remove network ``name`` if it carries every one of ``labels``; True when
         removed. Absent, or not carrying them: False, nothing touched. Still used by

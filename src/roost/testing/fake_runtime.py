@@ -505,6 +505,11 @@ class FakeRuntime:
         self.volumes.setdefault(name, dict(labels))
         return name
 
+    async def volume_labels(self, name: str) -> dict[str, str] | None:
+        self._record("volume_labels", name)
+        found = self.volumes.get(name)
+        return None if found is None else dict(found)
+
     async def remove_network(self, name: str, *, labels: Mapping[str, str]) -> bool:
         self._record("remove_network", name)
         found = self.networks.get(name)
