@@ -14,16 +14,24 @@ Start-up order (each step must succeed before the next):
 
 Shutdown runs the same list backwards: stop (or leave running) containers, stop
 actors, close Docker, the store and the lock.
+
+``faults`` counts what fails outside the lifecycle's view, where it happens:
+webhook notifications given up (the notifier's ``on_failure``) and failed Docker
+API calls (``docker_runtime.API_ERROR_HOOKS``, hooked while the engine runs on
+its own Docker runtime). The metrics read them; nothing here decides on them.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 from roost import errors
+from roost.adapters import docker_runtime
 from roost.adapters.aiohttp_agent_client import AiohttpAgentClient
 from roost.adapters.docker_runtime import DockerRuntime
 from roost.adapters.sqlite_inbox import SqliteInbox
@@ -49,9 +57,29 @@ from roost.reactor.jobbing import JobRunner
 from roost.reactor.leasing import Leases
 from roost.reactor.supervising import Supervisor
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "Faults"]
 
 log = logging.getLogger("roost.engine")
+
+
+@dataclasses.dataclass
+class Faults:
+    """Failures counted where they happen (see the module docstring)."""
+
+    #: webhook notifications given up, by kind.
+    webhook_failures: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    #: failed Docker API calls, by status ("unreachable" or Docker's HTTP status).
+    docker_api_errors: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+
+    def webhook_failed(self, kind: str) -> None:
+        self.webhook_failures[kind] += 1
+
+    def docker_api_error(self, status: str) -> None:
+        self.docker_api_errors[status] += 1
 
 
 class Engine:
@@ -69,6 +97,8 @@ class Engine:
         lock: bool = True,
     ) -> None:
         self.settings = settings
+        #: failures counted where they happen, for metrics.
+        self.faults = Faults()
         state_dir = settings.state_path()
         self._lock = StateDirLock(state_dir) if lock else None
         self.runtime: ContainerRuntime = runtime or DockerRuntime(
@@ -76,7 +106,9 @@ class Engine:
         )
         self.store: Store = store or SqliteStore(state_dir / "roost.db")
         self.notifier: Notifier = notifier or WebhookNotifier(
-            settings.notify.webhook, timeout=settings.notify.timeout
+            settings.notify.webhook,
+            timeout=settings.notify.timeout,
+            on_failure=self.faults.webhook_failed,
         )
         self.clock: Clock = clock or SystemClock()
         self.agent_client: AgentClient = agent_client or AiohttpAgentClient()
@@ -158,6 +190,8 @@ class Engine:
     async def start(self) -> None:
         if self._lock is not None:
             self._lock.acquire()
+        if isinstance(self.runtime, DockerRuntime):
+            docker_runtime.API_ERROR_HOOKS.append(self.faults.docker_api_error)
         try:
             await self.store.open()
             await self.inbox.open()
@@ -217,6 +251,8 @@ class Engine:
                 await aclose()
             except Exception:
                 log.exception("error while closing the notifier")
+        if self.faults.docker_api_error in docker_runtime.API_ERROR_HOOKS:
+            docker_runtime.API_ERROR_HOOKS.remove(self.faults.docker_api_error)
         if self._lock is not None:
             self._lock.release()
 

@@ -198,28 +198,6 @@ async def test_logs_return_container_output_as_text_when_agent_has_container(
     assert response.text == "line 3\nline 4\n"
 
 
-async def test_metrics_count_states_transitions_and_restarts_when_agent_crashes(
-    api: Harness,
-) -> None:
-    agent = (await api.client.post("/api/agents/echo/start")).json()
-    api.runtime.crash(agent["container_id"], exit_code=3)
-    await wait_until(
-        lambda: api.engine.agents.get("echo").state.value == "restarting",
-        timeout=10,
-        what="echo restarting",
-    )
-    response = await api.client.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    text = response.text
-    assert 'roost_agents{state="restarting"} 1.0' in text
-    assert 'roost_agents{state="created"} 1.0' in text
-    assert 'roost_agents{state="running"} 0.0' in text
-    assert 'roost_agent_transitions_total{to="running"} 1.0' in text
-    assert 'roost_agent_transitions_total{to="crashed"} 1.0' in text
-    assert "roost_restarts_total 1.0" in text
-
-
 async def test_dashboard_is_served_as_html_when_root_requested(api: Harness) -> None:
     response = await api.client.get("/")
     assert response.status_code == 200

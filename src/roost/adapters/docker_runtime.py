@@ -13,6 +13,9 @@ aiodocker/aiohttp error is translated here by its HTTP status (never by its text
   force) → ``ContainerError``: the container's state does not allow it.
   ``ContainerError.status`` carries Docker's HTTP status (a 4xx means the request
   itself was refused: retrying cannot help).
+- Every failed call translated here (but a 404, which answers "not there") is
+  reported to the callables in ``API_ERROR_HOOKS`` with its status
+  (``"unreachable"`` or Docker's HTTP status), so metrics can count them.
 
 Invariants:
 - ``create`` never pulls; ``ensure_image`` pulls only an absent image, and
@@ -47,7 +50,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +63,13 @@ from roost.core.backoff import Backoff
 from roost.core.records import ExitInfo, SessionHealth
 from roost.ports.runtime import ContainerInfo, ContainerSpec, ContainerState, RuntimeEvent
 
-__all__ = ["DockerRuntime"]
+__all__ = ["API_ERROR_HOOKS", "DockerRuntime"]
 
 log = logging.getLogger(__name__)
+
+#: Called with the status of every failed Docker API call (see the module docstring).
+#: Process-wide: ``Engine`` adds its counter while it runs and removes it on stop.
+API_ERROR_HOOKS: list[Callable[[str], None]] = []
 
 #: aiodocker reports "cannot connect to the engine" as this pseudo-status.
 _STATUS_UNREACHABLE = 900
@@ -504,14 +511,26 @@ def _translated(action: str, target: object) -> Iterator[None]:
     except DockerError as exc:
         message = f"cannot {action} {target}: {exc.message}"
         if exc.status == _STATUS_UNREACHABLE:
+            _report_api_error("unreachable")
             raise errors.DockerUnavailable(message) from exc
         if exc.status == 404:
             raise errors.ContainerNotFound(message) from exc
+        _report_api_error(str(exc.status))
         raise errors.ContainerError(message, status=exc.status) from exc
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        _report_api_error("unreachable")
         raise errors.DockerUnavailable(f"cannot {action} {target}: {exc!r}") from exc
     except aiohttp.ClientError as exc:
+        _report_api_error("client_error")
         raise errors.ContainerError(f"cannot {action} {target}: {exc!r}") from exc
+
+
+def _report_api_error(status: str) -> None:
+    for hook in API_ERROR_HOOKS:
+        try:
+            hook(status)
+        except Exception:
+            log.exception("Docker API error hook failed")
 
 
 def _default_socket_address() -> str:

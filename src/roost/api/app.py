@@ -9,30 +9,25 @@ body size before a request gets here; OpenAPI documents both.
 
 Invariants:
 - Every error body is ``{"error": ...}`` (``roost.api.errors``), documented per route.
-- Metrics live in a registry owned by the app, so two apps in one process never
-  share counters.
+- Metrics (``roost.api.metrics``) live in a registry owned by the app, so two
+  apps in one process never share counters.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.resources
-from collections.abc import Iterable
 from typing import Annotated, Any
 
 import prometheus_client
 from fastapi import FastAPI, Query
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from roost.api import events, jobs, leases, messages, registry
 from roost.api.errors import error_responses, install_error_handlers
-from roost.core.records import AgentRecord, StateChange
-from roost.core.states import AgentState
+from roost.api.metrics import Metrics, build_version
 from roost.engine import Engine
-from roost.reactor.agents import ACTIONS, Action, Agents
+from roost.reactor.agents import ACTIONS, Action
 
 __all__ = ["HISTORY_LIMIT", "create_api"]
 
@@ -43,70 +38,12 @@ MAX_LOG_TAIL_LINES = 10_000
 PUBLIC_PATHS = frozenset({"/healthz", "/", "/openapi.json", "/docs", "/redoc"})
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("roost")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 def _dashboard_html() -> str:
     return (
         importlib.resources.files("roost.api")
         .joinpath("static", "index.html")
         .read_text(encoding="utf-8")
     )
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class _Metrics(Collector):
-    """``roost_agents{state}`` at scrape time, and transition/restart counters fed by
-    the facade's state listener.
-
-    A collector of its own rather than ``prometheus_client.Counter``, whose
-    ``*_created`` series would double the exposition for no use here.
-    """
-
-    def __init__(self, agents: Agents) -> None:
-        self._agents = agents
-        self.transitions = dict.fromkeys(AgentState, 0)
-        self.restarts = 0
-        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
-        self.registry.register(self)
-        agents.add_listener(self.on_change)
-
-    def on_change(self, record: AgentRecord, changes: tuple[StateChange, ...]) -> None:
-        for change in changes:
-            self.transitions[change.to_state] += 1
-            if change.to_state is AgentState.RESTARTING:
-                self.restarts += 1
-
-    def collect(self) -> Iterable[Metric]:
-        counts = dict.fromkeys(AgentState, 0)
-        for record in self._agents.records():
-            counts[record.state] += 1
-        agents = GaugeMetricFamily("roost_agents", "Agents per state.", labels=["state"])
-        for state, count in counts.items():
-            agents.add_metric([state.value], count)
-        yield agents
-        transitions = CounterMetricFamily(
-            "roost_agent_transitions",
-            "Agent state changes, by the state entered.",
-            labels=["to"],
-        )
-        for state, count in self.transitions.items():
-            transitions.add_metric([state.value], count)
-        yield transitions
-        yield CounterMetricFamily(
-            "roost_restarts",
-            "Automatic restarts scheduled after a crash (entries into 'restarting').",
-            value=self.restarts,
-        )
-
-    def exposition(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
 
 
 # --------------------------------------------------------------------------- app
@@ -157,16 +94,18 @@ _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/
 def create_api(engine: Engine) -> FastAPI:
     """The admin API over ``engine`` (which the caller starts and stops)."""
     agents = engine.agents
-    metrics = _Metrics(agents)
+    metrics = Metrics(engine)
     dashboard = _dashboard_html()
 
     app = FastAPI(
         title="Roost",
-        version=_version(),
+        version=build_version(),
         description="Run AI agents as Docker containers on demand: the admin API.",
     )
     install_error_handlers(app, actions=ACTIONS)
     _document_security(app)
+    #: the proxy reports to it (``roost.edge`` wires them).
+    app.state.metrics = metrics
 
     @app.get("/healthz", tags=["health"], summary="Liveness of Roost itself (no token needed).")
     async def healthz() -> dict[str, Any]:
@@ -248,7 +187,9 @@ def create_api(engine: Engine) -> FastAPI:
         summary="Prometheus metrics.",
     )
     async def get_metrics() -> Response:
-        return Response(metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+        return Response(
+            await metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST
+        )
 
     app.include_router(registry.registry_router(engine))
     app.include_router(jobs.jobs_router(engine))

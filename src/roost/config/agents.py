@@ -161,6 +161,12 @@ class HoldSettings(BaseModel):
     waking_notice_after: Seconds = Field(
         default=1.0, description="A request held this long while waking emits agent.waking."
     )
+    waiting_page: Flag = Field(
+        default=False,
+        description="A browser (GET/HEAD with Accept: text/html) asking for a sleeping agent "
+        "through the proxy gets a small self-refreshing page showing its state until it is "
+        "ready, instead of a held request; API clients are held as before.",
+    )
 
 
 class AgentSettings(ContainerSettings, LifecycleSettings, DeliverySettings, HoldSettings):

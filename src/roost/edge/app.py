@@ -147,6 +147,8 @@ def _is_public(path: str) -> bool:
 def create_app(engine: Engine, *, token: str | None) -> Edge:
     """Roost's whole HTTP surface over ``engine`` (which the caller starts and stops)."""
     api = create_api(engine)
-    proxy = AgentProxy(engine)
+    metrics = api.state.metrics
+    proxy = AgentProxy(engine, observer=metrics)
+    metrics.open_streams = lambda: proxy.open_streams
     engine.add_closer(proxy.close)
     return Edge(api, proxy, token=token, max_body=engine.settings.server.max_body_size)

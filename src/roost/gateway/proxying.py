@@ -43,7 +43,7 @@ import logging
 import math
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -59,7 +59,7 @@ from roost.gateway.upstream import (
     UpstreamResponse,
 )
 
-__all__ = ["PREFIX", "AgentProxy"]
+__all__ = ["PREFIX", "AgentProxy", "ProxyObserver"]
 
 log = logging.getLogger("roost.gateway.proxy")
 
@@ -122,6 +122,22 @@ _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
+class ProxyObserver(Protocol):
+    """Told of every proxied request (``roost.api.metrics.Metrics`` counts them)."""
+
+    def proxy_started(self, agent: str) -> bool:
+        """A request for ``agent`` begins; False: do not report its end."""
+        ...
+
+    def proxy_finished(self, agent: str, status: int, seconds: float) -> None:
+        """It ended: ``status`` of the answer (101: WebSocket accepted; 0: none)."""
+        ...
+
+    def waiting_page_served(self, agent: str) -> None:
+        """A browser got the waiting page instead of a held request."""
+        ...
+
+
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -165,8 +181,11 @@ class AgentProxy:
         *,
         connection_limit: int = CONNECTION_LIMIT,
         connect_timeout: float = CONNECT_TIMEOUT,
+        observer: ProxyObserver | None = None,
     ) -> None:
         self._agents = engine.agents
+        #: told of every proxied request (metrics); None: nobody is.
+        self.observer = observer
         self._clock = engine.clock
         self._connection_limit = connection_limit
         self._timeout = aiohttp.ClientTimeout(
@@ -208,10 +227,27 @@ class AgentProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ``/agents/...`` request (``scope["type"]`` http or websocket)."""
-        if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send)
-        else:
-            await self._http(scope, receive, send)
+        serve = self._websocket if scope["type"] == "websocket" else self._http
+        observer = self.observer
+        name = _split_target(scope)[0]
+        if observer is None or not observer.proxy_started(name):
+            await serve(scope, receive, send)
+            return
+        status = 0
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                status = message["status"]
+            elif message["type"] == "websocket.accept":
+                status = 101
+            await send(message)
+
+        started = self._clock.monotonic()
+        try:
+            await serve(scope, receive, observed)
+        finally:
+            observer.proxy_finished(name, status, self._clock.monotonic() - started)
 
     # -- checks shared by HTTP and WebSocket --------------------------------------------
 
