@@ -242,16 +242,20 @@ async def open_rig(
 
 
 @contextlib.asynccontextmanager
-async def roost_daemon(settings: Settings) -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """Run ``roost up``'s ``serving.serve`` in process on a free loopback port; yield
-    its base URL and the event that stops it (set it to stop it early: the test
-    can watch what a client sees when Roost goes away). On exit it is stopped and
-    must have exited 0."""
+async def roost_daemon(
+    settings: Settings, *, engine: Engine | None = None
+) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """Run ``roost up``'s ``serving.serve`` in process on a free loopback port (on
+    ``engine`` when given, e.g. one on fakes); yield its base URL and the event that
+    stops it (set it to stop it early: the test can watch what a client sees when
+    Roost goes away). On exit it is stopped and must have exited 0."""
     sock = await serving.bind_listen_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     shutdown = asyncio.Event()
     daemon = asyncio.create_task(
-        serving.serve(settings, listen_socket=sock, shutdown=shutdown, handle_signals=False),
+        serving.serve(
+            settings, engine=engine, listen_socket=sock, shutdown=shutdown, handle_signals=False
+        ),
         name="test.roost-daemon",
     )
     url = f"http://127.0.0.1:{port}"

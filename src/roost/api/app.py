@@ -20,22 +20,24 @@ from typing import Annotated, Any
 
 import prometheus_client
 from fastapi import FastAPI, Query
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 
-from roost.api import events, jobs, leases, messages, registry
+from roost.api import events, jobs, leases, messages, openapi, registry, schemas
 from roost.api.errors import error_responses, install_error_handlers
 from roost.api.metrics import Metrics, build_version
 from roost.engine import Engine
 from roost.reactor.agents import ACTIONS, Action
 
-__all__ = ["HISTORY_LIMIT", "create_api"]
+__all__ = ["HISTORY_LIMIT", "PUBLIC_PATHS", "create_api"]
 
 #: State changes shown by ``GET /api/agents/{name}``.
 HISTORY_LIMIT = 20
 MAX_LOG_TAIL_LINES = 10_000
 #: Routes anyone may read, token or not (the edge lets them through).
 PUBLIC_PATHS = frozenset({"/healthz", "/", "/openapi.json", "/docs", "/redoc"})
+#: Swagger UI's and ReDoc's own files, served from the fastapi-offline package.
+DOCS_ASSETS = "/docs/assets"
 
 
 def _dashboard_html() -> str:
@@ -48,47 +50,14 @@ def _dashboard_html() -> str:
 
 # --------------------------------------------------------------------------- app
 
+DESCRIPTION = """Run AI agents as Docker containers on demand: the admin API.
 
-def _document_security(app: FastAPI) -> None:
-    """OpenAPI says what the edge enforces: a bearer token on every route but the
-    public ones (when ``server.token_file`` is set)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                description=app.description,
-                routes=app.routes,
-            )
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "The token from server.token_file (required when it is "
-                    "set): `Authorization: Bearer <token>`, or `Roost-Token: <token>`.",
-                }
-            }
-            for path, operations in schema.get("paths", {}).items():
-                if path in PUBLIC_PATHS:
-                    continue
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}]
-                    operation.setdefault("responses", {}).setdefault(
-                        "401",
-                        {
-                            "description": "Missing or wrong API token "
-                            "(when server.token_file is set).",
-                            "content": _ERROR_CONTENT,
-                        },
-                    )
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+Errors are always JSON in one shape, `{"error": "...", ...}` (`ErrorBody`): the
+message names what is wrong; errors about one agent carry `agent`.
+With `server.token_file` set, every route but `/healthz`, `/`, and these docs needs
+`Authorization: Bearer <token>` (or `Roost-Token: <token>`).
+The reverse proxy `ANY /agents/{name}/{path}` is served beside this API.
+"""
 
 
 def create_api(engine: Engine) -> FastAPI:
@@ -97,17 +66,26 @@ def create_api(engine: Engine) -> FastAPI:
     metrics = Metrics(engine)
     dashboard = _dashboard_html()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI with /docs and /redoc on local copies of Swagger UI and
+    # ReDoc (no CDN); the edge lets their assets under /docs/ through without a token.
+    app = FastAPIOffline(
         title="Roost",
         version=build_version(),
-        description="Run AI agents as Docker containers on demand: the admin API.",
+        description=DESCRIPTION,
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True},
     )
     install_error_handlers(app, actions=ACTIONS)
-    _document_security(app)
+    openapi.document(app, public_paths=PUBLIC_PATHS)
     #: the proxy reports to it (``roost.edge`` wires them).
     app.state.metrics = metrics
 
-    @app.get("/healthz", tags=["health"], summary="Liveness of Roost itself (no token needed).")
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="Liveness of Roost itself (no token needed).",
+        response_model=schemas.Health,
+    )
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "agents": len(agents), "docker_api": engine.docker_api_version}
 
@@ -116,7 +94,13 @@ def create_api(engine: Engine) -> FastAPI:
         # Static page without data: public, it asks for the token and sends it itself.
         return HTMLResponse(dashboard)
 
-    @app.get("/api/agents", tags=["agents"], summary="All agents.")
+    @app.get(
+        "/api/agents",
+        tags=["agents"],
+        summary="All agents.",
+        response_model=schemas.AgentList,
+        response_model_exclude_unset=True,
+    )
     async def list_agents() -> dict[str, Any]:
         return {"agents": [agents.describe(name) for name in agents.names()]}
 
@@ -124,9 +108,11 @@ def create_api(engine: Engine) -> FastAPI:
         "/api/agents/{name}",
         tags=["agents"],
         summary="One agent, with its latest state changes.",
+        response_model=schemas.AgentDetails,
+        response_model_exclude_unset=True,
         responses=error_responses(404),
     )
-    async def get_agent(name: str) -> dict[str, Any]:
+    async def get_agent(name: schemas.AgentName) -> dict[str, Any]:
         return await agents.details(name, history=HISTORY_LIMIT)
 
     @app.get(
@@ -134,11 +120,16 @@ def create_api(engine: Engine) -> FastAPI:
         tags=["agents"],
         response_class=PlainTextResponse,
         summary="The last lines of the agent's current container's output.",
-        responses=error_responses(404),
+        responses={
+            200: {"content": {"text/plain": {"example": "listening on :8000\n"}}},
+            **error_responses(404, 422, 502, 503),
+        },
     )
     async def agent_logs(
-        name: str,
-        tail: Annotated[int, Query(ge=1, le=MAX_LOG_TAIL_LINES)] = 100,
+        name: schemas.AgentName,
+        tail: Annotated[
+            int, Query(ge=1, le=MAX_LOG_TAIL_LINES, description="How many lines.")
+        ] = 100,
     ) -> PlainTextResponse:
         return PlainTextResponse(await agents.logs(name, tail=tail))
 
@@ -146,7 +137,7 @@ def create_api(engine: Engine) -> FastAPI:
         waits = action in ("start", "wake")
 
         async def act(
-            name: str,
+            name: schemas.AgentName,
             timeout: Annotated[
                 float | None,
                 Query(gt=0, description="Seconds to wait; default: the agent's startup_timeout."),
@@ -174,7 +165,16 @@ def create_api(engine: Engine) -> FastAPI:
                 if waits
                 else f"{action.capitalize()} the agent (returns once it is requested)."
             ),
-            responses=error_responses(404, 409, *((502, 503, 504) if waits else ())),
+            response_model=schemas.Agent,
+            response_model_exclude_unset=True,
+            responses={
+                **(
+                    {202: {"model": schemas.Agent, "description": "Requested (wait=false)."}}
+                    if waits
+                    else {}
+                ),
+                **error_responses(404, 409, 422, *((502, 503, 504) if waits else ())),
+            },
         )
 
     for action in ACTIONS:
@@ -184,7 +184,16 @@ def create_api(engine: Engine) -> FastAPI:
         "/metrics",
         tags=["health"],
         response_class=PlainTextResponse,
-        summary="Prometheus metrics.",
+        summary="Prometheus metrics (every series is listed in the README).",
+        responses={
+            200: {
+                "content": {
+                    "text/plain": {
+                        "example": '# TYPE roost_agents gauge\nroost_agents{state="running"} 1.0\n'
+                    }
+                }
+            }
+        },
     )
     async def get_metrics() -> Response:
         return Response(
