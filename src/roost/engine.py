@@ -274,11 +274,9 @@ class Engine:
             )
 
     def _publish_job(self, job: Job) -> None:
-        self.events.publish(
-            "job.state",
-            {k: v for k, v in job.to_json().items() if k != "log_tail"},
-            at=self.clock.now(),
-        )
+        # The job's id goes as ``job``: an event's own ``id`` is the hub's (SSE resume).
+        data = {k: v for k, v in job.to_json().items() if k not in ("log_tail", "id")}
+        self.events.publish("job.state", {"job": job.id, **data}, at=self.clock.now())
 
     async def announce(self, kind: str, data: dict[str, Any], *, webhook: bool = True) -> None:
         """Publish a notice on the event stream and (by default) to the admin webhook."""

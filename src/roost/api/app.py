@@ -16,11 +16,15 @@ Invariants:
 from __future__ import annotations
 
 import importlib.resources
+import pathlib
+import urllib.parse
 from typing import Annotated, Any
 
 import prometheus_client
 from fastapi import FastAPI, Query
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from roost.api import events, jobs, leases, messages, openapi, registry, schemas
@@ -38,14 +42,29 @@ MAX_LOG_TAIL_LINES = 10_000
 PUBLIC_PATHS = frozenset({"/healthz", "/", "/openapi.json", "/docs", "/redoc"})
 #: Swagger UI's and ReDoc's own files, served from the fastapi-offline package.
 DOCS_ASSETS = "/docs/assets"
+#: The browser may load nothing from elsewhere: a page can never reach a CDN, even
+#: one an asset names (ReDoc's bundle links a logo on cdn.redoc.ly).
+DASHBOARD_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+#: Swagger UI starts from an inline script; ReDoc runs workers from blob: URLs.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+#: The dashboard's own files (index.html, dashboard.js, dashboard.css), package data.
+STATIC_DIR = pathlib.Path(str(importlib.resources.files("roost.api").joinpath("static")))
 
 
 def _dashboard_html() -> str:
-    return (
-        importlib.resources.files("roost.api")
-        .joinpath("static", "index.html")
-        .read_text(encoding="utf-8")
-    )
+    """The dashboard page; its file URLs carry the version, so a new Roost is never
+    served an old cached script."""
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    return page.replace("{{version}}", urllib.parse.quote(build_version()))
 
 
 # --------------------------------------------------------------------------- app
@@ -73,7 +92,8 @@ def create_api(engine: Engine) -> FastAPI:
         version=build_version(),
         description=DESCRIPTION,
         static_url=DOCS_ASSETS,
-        swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True},
+        docs_url=None,  # served below, with a Content-Security-Policy
+        redoc_url=None,
     )
     install_error_handlers(app, actions=ACTIONS)
     openapi.document(app, public_paths=PUBLIC_PATHS)
@@ -92,7 +112,38 @@ def create_api(engine: Engine) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         # Static page without data: public, it asks for the token and sends it itself.
-        return HTMLResponse(dashboard)
+        return HTMLResponse(
+            dashboard,
+            headers={"Cache-Control": "no-cache", "Content-Security-Policy": DASHBOARD_CSP},
+        )
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Roost - Swagger UI",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            # No validator badge: it would call validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True},
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        page = get_redoc_html(
+            openapi_url="/openapi.json",
+            title="Roost - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="dashboard")
 
     @app.get(
         "/api/agents",
@@ -102,7 +153,9 @@ def create_api(engine: Engine) -> FastAPI:
         response_model_exclude_unset=True,
     )
     async def list_agents() -> dict[str, Any]:
-        return {"agents": [agents.describe(name) for name in agents.names()]}
+        return {
+            "agents": [schemas.agent_body(agents, engine.inbox, name) for name in agents.names()]
+        }
 
     @app.get(
         "/api/agents/{name}",
@@ -113,7 +166,12 @@ def create_api(engine: Engine) -> FastAPI:
         responses=error_responses(404),
     )
     async def get_agent(name: schemas.AgentName) -> dict[str, Any]:
-        return await agents.details(name, history=HISTORY_LIMIT)
+        details = await agents.details(name, history=HISTORY_LIMIT)
+        return {
+            **details,
+            **schemas.agent_body(agents, engine.inbox, name),
+            "config": schemas.agent_config(agents, name),
+        }
 
     @app.get(
         "/api/agents/{name}/logs",
@@ -150,9 +208,11 @@ def create_api(engine: Engine) -> FastAPI:
             if waits and wait:
                 limit = timeout if timeout is not None else agents.spec(name).startup_timeout
                 await agents.wake(name, reason=reason, timeout=limit)
-                return JSONResponse(agents.describe(name))
+                return JSONResponse(schemas.agent_body(agents, engine.inbox, name))
             await agents.act(name, action, reason=reason)
-            return JSONResponse(agents.describe(name), status_code=202 if waits else 200)
+            return JSONResponse(
+                schemas.agent_body(agents, engine.inbox, name), status_code=202 if waits else 200
+            )
 
         app.add_api_route(
             f"/api/agents/{{name}}/{action}",

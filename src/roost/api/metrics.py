@@ -469,7 +469,7 @@ class Metrics(Collector):
                 f.delivery.labels(agent, status).observe(max(at - since, 0.0))
 
     def _on_job(self, data: dict[str, Any]) -> None:
-        job_id = str(data.get("id", ""))
+        job_id = str(data.get("job", ""))
         status = str(data.get("status", ""))
         if status in FINAL_STATUSES:
             self._live_jobs.pop(job_id, None)

@@ -103,7 +103,7 @@ def registry_router(engine: Engine) -> APIRouter:
             await agents.wake(
                 spec.name, reason="start requested at registration", timeout=spec.startup_timeout
             )
-        return agents.describe(spec.name)
+        return schemas.agent_body(agents, engine.inbox, spec.name)
 
     @router.delete(
         "/api/agents/{name}",

@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from roost.core.jobs import JobStatus
 from roost.core.states import AgentState
-from roost.ports.inbox import MessageStatus
+from roost.ports.inbox import Inbox, MessageStatus
+from roost.reactor.agents import Action, Agents
 
 __all__ = [
     "Agent",
@@ -43,6 +44,8 @@ __all__ = [
     "MessageAccepted",
     "MessageList",
     "MessageOutcome",
+    "agent_body",
+    "agent_config",
 ]
 
 OPEN = ConfigDict(extra="allow")
@@ -77,6 +80,8 @@ _AGENT_EXAMPLE: dict[str, Any] = {
     "state_since": 1767225590.5,
     "config_hash": "9b1f4c2e7a3d5b8f0c6e2a4d8b1f3c5e7a9d0b2f4c6e8a1d3b5f7c9e0a2b4d6f",
     "image": "roost-mimic:latest",
+    "actions": ["stop", "pause", "restart"],
+    "pending_messages": 0,
 }
 
 
@@ -100,6 +105,10 @@ class Agent(BaseModel):
     capabilities: list[str] = Field(
         default_factory=list, description="Spawned agents: what it can do."
     )
+    actions: list[Action] = Field(
+        description="The actions its state allows now (POST /api/agents/{name}/{action})."
+    )
+    pending_messages: int = Field(description="Queue depth: messages queued or being delivered.")
 
 
 class HistoryEntry(BaseModel):
@@ -142,6 +151,10 @@ class AgentDetails(Agent):
     )
 
     history: list[HistoryEntry] = Field(description="Latest state changes, oldest first.")
+    config: dict[str, Any] = Field(
+        description="Its settings, [defaults] merged with its table; env values are "
+        "never shown, only their names (env_names)."
+    )
 
 
 class AgentList(BaseModel):
@@ -354,3 +367,20 @@ class Event(BaseModel):
 
 class EventList(BaseModel):
     events: list[Event]
+
+
+def agent_body(agents: Agents, inbox: Inbox, name: str) -> dict[str, Any]:
+    """An agent as the API answers it: ``Agents.describe`` plus the actions its state
+    allows and its queue depth."""
+    return {
+        **agents.describe(name),
+        "actions": agents.allowed_actions(name),
+        "pending_messages": inbox.pending_count(name),
+    }
+
+
+def agent_config(agents: Agents, name: str) -> dict[str, Any]:
+    """The agent's settings without env values (they may be secrets)."""
+    config = agents.spec(name).model_dump(mode="json")
+    config["env_names"] = sorted(config.pop("env", {}))
+    return config

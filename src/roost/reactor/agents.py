@@ -6,7 +6,8 @@ the supervisor's actors. It offers what they need and nothing of the reactor's
 insides:
 
 - looking: ``names``, ``get`` (the record), ``spec``, ``describe`` (an agent as
-  JSON, contract: DESIGN.md "Interfaces"), ``details`` (with history), ``logs``;
+  JSON, contract: DESIGN.md "Interfaces"), ``details`` (with history), ``logs``,
+  ``allowed_actions`` (what the state allows now, as ``transition`` decides);
 - acting: ``wake`` (hold until the agent answers its health check), ``act``
   (start/stop/pause/wake/restart/reset requested), ``observe`` (re-read the
   agent's container from the engine now), ``busy`` (activity in flight);
@@ -38,6 +39,7 @@ from roost.core import events as ev
 from roost.core import labels
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
+from roost.core.transition import transition
 from roost.ports.clock import Clock
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
@@ -142,6 +144,20 @@ class Agents:
     def describe(self, name: str) -> dict[str, Any]:
         actor = self._supervisor.actor(name)
         return describe(actor.record, self.spec(name))
+
+    def allowed_actions(self, name: str) -> list[Action]:
+        """The actions the agent's state allows now and that would change something,
+        as the core decides them: each request is tried on the current record with
+        ``transition`` (pure; nothing is done). ``start`` and ``wake`` are the same
+        request, so they are allowed together."""
+        actor = self._supervisor.actor(name)
+        record, policy, now = actor.record, self.spec(name), self._clock.now()
+        allowed: list[Action] = []
+        for action in ACTIONS:
+            decision = transition(record, _REQUESTS[action](""), now=now, policy=policy)
+            if decision.rejected is None and (decision.changes or decision.commands):
+                allowed.append(action)
+        return allowed
 
     async def details(self, name: str, *, history: int = 20) -> dict[str, Any]:
         """``describe`` plus the latest ``history`` state changes, oldest first."""

@@ -42,7 +42,8 @@ class HubEvent:
     at: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "at": self.at, **self.data}
+        # The event's own fields last: data never hides the id SSE resumes from.
+        return {**self.data, "id": self.id, "kind": self.kind, "at": self.at}
 
 
 #: Told of every event as it is published (synchronously: it must not block).
