@@ -278,6 +278,13 @@ class _Families:
         return [m for m in self.all() if "agent" in m._labelnames]
 
 
+@dataclasses.dataclass(slots=True)
+class _ProxyChildren:
+    in_flight: Any
+    seconds: Any
+    requests: dict[str, Any]
+
+
 class Metrics(Collector):
     """Roost's metrics over one engine (see the module docstring)."""
 
@@ -295,6 +302,9 @@ class Metrics(Collector):
         #: job id → status, for jobs queued or running.
         self._live_jobs: dict[str, str] = {}
         self._jobs_seeded = False
+        #: agent → its proxy series (the proxy reports on every request: no label
+        #: lookups on that path after the first).
+        self._proxy_children: dict[str, _ProxyChildren] = {}
         #: reads the proxy's open streams (set by the edge that owns the proxy).
         self.open_streams: Callable[[], int] = lambda: 0
         self.registry.register(self)
@@ -375,20 +385,29 @@ class Metrics(Collector):
     def proxy_started(self, agent: str) -> bool:
         """A proxied request for ``agent`` begins; False (and nothing counted) when
         there is no such agent."""
-        if agent not in self._agents:
-            return False
-        self._families.in_flight.labels(agent).inc()
+        children = self._proxy_children.get(agent)
+        if children is None:
+            if agent not in self._agents:
+                return False
+            f = self._families
+            children = self._proxy_children[agent] = _ProxyChildren(
+                f.in_flight.labels(agent), f.request_seconds.labels(agent), {}
+            )
+        children.in_flight.inc()
         return True
 
     def proxy_finished(self, agent: str, status: int, seconds: float) -> None:
         """It ended with ``status`` (0: no answer) after ``seconds``."""
-        f = self._families
-        f.in_flight.labels(agent).dec()
-        if agent not in self._agents:
-            f.in_flight.remove(agent)  # deleted meanwhile: its series are gone
-            return
-        f.requests.labels(agent, _status_class(status)).inc()
-        f.request_seconds.labels(agent).observe(max(seconds, 0.0))
+        children = self._proxy_children.get(agent)
+        if children is None:
+            return  # deleted meanwhile: its series are gone
+        children.in_flight.dec()
+        code = _status_class(status)
+        counter = children.requests.get(code)
+        if counter is None:
+            counter = children.requests[code] = self._families.requests.labels(agent, code)
+        counter.inc()
+        children.seconds.observe(max(seconds, 0.0))
 
     def waiting_page_served(self, agent: str) -> None:
         if agent in self._agents:
@@ -430,6 +449,7 @@ class Metrics(Collector):
             f.ready.labels(name).observe(max(at - down, 0.0))
 
     def _forget_agent(self, name: str) -> None:
+        self._proxy_children.pop(name, None)
         for metric in self._families.per_agent():
             metric.remove_by_labels({"agent": name})
         self._starting.pop(name, None)

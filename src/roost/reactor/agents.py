@@ -111,6 +111,8 @@ class Agents:
         #: agents whose current wake has been announced (cleared once they are up).
         self._announced: set[str] = set()
         self._notices = TaskSet(log)
+        #: agent → (record, spec, actions) of the last ``allowed_actions`` answer.
+        self._allowed: dict[str, tuple[AgentRecord, ResolvedAgent, tuple[Action, ...]]] = {}
         supervisor.add_listener(self._on_change)
 
     async def close(self) -> None:
@@ -151,12 +153,19 @@ class Agents:
         ``transition`` (pure; nothing is done). ``start`` and ``wake`` are the same
         request, so they are allowed together."""
         actor = self._supervisor.actor(name)
-        record, policy, now = actor.record, self.spec(name), self._clock.now()
+        record, policy = actor.record, self.spec(name)
+        cached = self._allowed.get(name)
+        # Records and specs are frozen: the same two objects give the same answer
+        # (the time only stamps what a request would change, never whether it may).
+        if cached is not None and cached[0] is record and cached[1] is policy:
+            return list(cached[2])
+        now = self._clock.now()
         allowed: list[Action] = []
         for action in ACTIONS:
             decision = transition(record, _REQUESTS[action](""), now=now, policy=policy)
             if decision.rejected is None and (decision.changes or decision.commands):
                 allowed.append(action)
+        self._allowed[name] = (record, policy, tuple(allowed))
         return allowed
 
     async def details(self, name: str, *, history: int = 20) -> dict[str, Any]:
@@ -320,6 +329,7 @@ class Agents:
         grace = actor.spec.stop_timeout
         recorded = actor.record.container_id
         await self._supervisor.remove_actor(name)
+        self._allowed.pop(name, None)
         await self._store.delete_agent(name)
         found = await self._runtime.list({**labels.ownership(self._instance), labels.AGENT: name})
         ids = {c.id for c in found} | ({recorded} if recorded is not None else set())
