@@ -1,7 +1,7 @@
 # Developer and CI entry points; each target delegates to scripts/.
 # `make test ARGS="-k echo"` passes ARGS to pytest.
 
-.PHONY: setup test swarm-test faults lint images up bench
+.PHONY: setup test browser-test swarm-test faults lint images up bench
 
 ARGS ?=
 
@@ -10,6 +10,11 @@ setup:
 
 test:
 	scripts/test $(ARGS)
+
+# Only the dashboard's browser tests (chromium via Playwright, real daemon, real Docker);
+# `make test` runs them too.
+browser-test:
+	SKIP_LINT=1 scripts/test -m browser $(ARGS)
 
 # Tests excluded from `make test` (pyproject addopts): they start their own
 # daemons as root. swarm-test: a three-node Docker Swarm (scripts/swarm-fixture);

@@ -8,6 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from roost import serving
+from roost.config import Settings
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
 from roost.engine import Engine
@@ -16,7 +20,7 @@ from roost.reactor.supervising import AgentActor, Supervisor
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_until
 
 __all__ = [
     "ACT_TIMEOUT",
@@ -28,6 +32,7 @@ __all__ = [
     "SwitchableAgentClient",
     "advance_until",
     "open_rig",
+    "roost_daemon",
 ]
 
 
@@ -231,3 +236,42 @@ async def open_rig(
     finally:
         if stop_on_exit:
             await engine.stop()
+
+
+# -- a whole daemon (serving.serve) in this process, on a free port ------------------
+
+
+@contextlib.asynccontextmanager
+async def roost_daemon(
+    settings: Settings, *, engine: Engine | None = None
+) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """Run ``roost up``'s ``serving.serve`` in process on a free loopback port (on
+    ``engine`` when given, e.g. one on fakes); yield its base URL and the event that
+    stops it (set it to stop it early: the test can watch what a client sees when
+    Roost goes away). On exit it is stopped and must have exited 0."""
+    sock = await serving.bind_listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    daemon = asyncio.create_task(
+        serving.serve(
+            settings, engine=engine, listen_socket=sock, shutdown=shutdown, handle_signals=False
+        ),
+        name="test.roost-daemon",
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    async def answers() -> bool:
+        if daemon.done():
+            raise AssertionError(f"the daemon exited with {daemon.result()}")
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(url + "/healthz")).is_success
+        except httpx.HTTPError:
+            return False
+
+    try:
+        await wait_until(answers, what="the daemon answering /healthz")
+        yield url, shutdown
+    finally:
+        shutdown.set()
+        assert await daemon == serving.EXIT_OK

@@ -18,17 +18,25 @@ Start-up order (each step must succeed before the next):
 Shutdown runs the same list backwards: stop (or leave running) containers, stop
 actors, release the instance, close Docker, the repositories, the database and
 the lock.
+
+``faults`` counts what fails outside the lifecycle's view, where it happens:
+webhook notifications given up (the notifier's ``on_failure``) and failed Docker
+API calls (``docker_runtime.API_ERROR_HOOKS``, hooked while the engine runs on
+its own Docker runtime). The metrics read them; nothing here decides on them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 from roost import errors
+from roost.adapters import docker_runtime
 from roost.adapters.aiohttp_agent_client import AiohttpAgentClient
 from roost.adapters.docker_runtime import DockerRuntime
 from roost.adapters.sqlite_database import Database
@@ -56,9 +64,29 @@ from roost.reactor.jobbing import JobRunner
 from roost.reactor.leasing import Leases
 from roost.reactor.supervising import Supervisor
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "Faults"]
 
 log = logging.getLogger("roost.engine")
+
+
+@dataclasses.dataclass
+class Faults:
+    """Failures counted where they happen (see the module docstring)."""
+
+    #: webhook notifications given up, by kind.
+    webhook_failures: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    #: failed Docker API calls, by status ("unreachable" or Docker's HTTP status).
+    docker_api_errors: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+
+    def webhook_failed(self, kind: str) -> None:
+        self.webhook_failures[kind] += 1
+
+    def docker_api_error(self, status: str) -> None:
+        self.docker_api_errors[status] += 1
 
 
 class Engine:
@@ -76,6 +104,8 @@ class Engine:
         lock: bool = True,
     ) -> None:
         self.settings = settings
+        #: failures counted where they happen, for metrics.
+        self.faults = Faults()
         state_dir = settings.state_path()
         #: the roost.instance label of every container this engine owns.
         self.instance = settings.docker.instance or instance_id(state_dir)
@@ -88,7 +118,9 @@ class Engine:
         self.database: Database | None = None
         self.store: Store = store or SqliteStore(self._database())
         self.notifier: Notifier = notifier or WebhookNotifier(
-            settings.notify.webhook, timeout=settings.notify.timeout
+            settings.notify.webhook,
+            timeout=settings.notify.timeout,
+            on_failure=self.faults.webhook_failed,
         )
         self.clock: Clock = clock or SystemClock()
         self.agent_client: AgentClient = agent_client or AiohttpAgentClient()
@@ -173,6 +205,8 @@ class Engine:
     async def start(self) -> None:
         if self._lock is not None:
             self._lock.acquire()
+        if isinstance(self.runtime, DockerRuntime):
+            docker_runtime.API_ERROR_HOOKS.append(self.faults.docker_api_error)
         try:
             if self.database is not None:
                 await self.database.open()
@@ -241,6 +275,8 @@ class Engine:
                 await aclose()
             except Exception:
                 log.exception("error while closing the notifier")
+        if self.faults.docker_api_error in docker_runtime.API_ERROR_HOOKS:
+            docker_runtime.API_ERROR_HOOKS.remove(self.faults.docker_api_error)
         if self._lock is not None:
             self._lock.release()
 
@@ -269,11 +305,9 @@ class Engine:
             )
 
     def _publish_job(self, job: Job) -> None:
-        self.events.publish(
-            "job.state",
-            {k: v for k, v in job.to_json().items() if k != "log_tail"},
-            at=self.clock.now(),
-        )
+        # The job's id goes as ``job``: an event's own ``id`` is the hub's (SSE resume).
+        data = {k: v for k, v in job.to_json().items() if k not in ("log_tail", "id")}
+        self.events.publish("job.state", {"job": job.id, **data}, at=self.clock.now())
 
     async def announce(self, kind: str, data: dict[str, Any], *, webhook: bool = True) -> None:
         """Publish a notice on the event stream and (by default) to the admin webhook."""

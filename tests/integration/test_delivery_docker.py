@@ -98,7 +98,10 @@ async def test_messages_are_delivered_concurrently_when_max_concurrent_messages_
 
             await wait_until(delivered, timeout=30, what=f"message {message_id} delivered")
             shown = (await client.get(f"/api/agents/echo/messages/{message_id}")).json()
-            assert shown["reply"]["gathered"] is True
+            every = [
+                (await client.get(f"/api/agents/echo/messages/{other}")).json() for other in sent
+            ]
+            assert shown["reply"]["gathered"] is True, every
         url = engine.agents.get("echo").url
         assert url is not None
         seen = await seen_by(url)

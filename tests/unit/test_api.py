@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -205,33 +207,59 @@ async def test_logs_return_container_output_as_text_when_agent_has_container(
     assert response.text == "line 3\nline 4\n"
 
 
-async def test_metrics_count_states_transitions_and_restarts_when_agent_crashes(
+async def test_dashboard_is_served_with_its_own_files_and_no_external_asset(
     api: Harness,
 ) -> None:
-    agent = (await api.client.post("/api/agents/echo/start")).json()
-    api.runtime.crash(agent["container_id"], exit_code=3)
-    await wait_until(
-        lambda: api.engine.agents.get("echo").state.value == "restarting",
-        timeout=10,
-        what="echo restarting",
-    )
-    response = await api.client.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    text = response.text
-    assert 'roost_agents{state="restarting"} 1.0' in text
-    assert 'roost_agents{state="created"} 1.0' in text
-    assert 'roost_agents{state="running"} 0.0' in text
-    assert 'roost_agent_transitions_total{to="running"} 1.0' in text
-    assert 'roost_agent_transitions_total{to="crashed"} 1.0' in text
-    assert "roost_restarts_total 1.0" in text
-
-
-async def test_dashboard_is_served_as_html_when_root_requested(api: Harness) -> None:
     response = await api.client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "/api/agents" in response.text
+    page = response.text
+    files = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assert sorted(f.split("?")[0] for f in files) == [
+        "/static/dashboard.css",
+        "/static/dashboard.js",
+    ]
+    assert "{{version}}" not in page
+    texts = [page]
+    for file in files:
+        served = await api.client.get(file)
+        assert served.status_code == 200, file
+        texts.append(served.text)
+    assert "/api/agents" in texts[-1] or "/api/agents" in texts[-2]
+    for text in texts:
+        urls = set(re.findall(r"https?://[^\s\"'`)]+", text))
+        assert urls <= {"http://www.w3.org/2000/svg"}, urls  # an XML namespace, not fetched
+
+
+async def test_agents_answer_the_actions_their_state_allows_and_their_queue_depth(
+    api: Harness,
+) -> None:
+    created = (await api.client.get("/api/agents")).json()["agents"][1]
+    assert created["name"] == "echo"
+    assert created["actions"] == ["start", "stop", "wake", "restart"]
+    assert created["pending_messages"] == 0
+    running = (await api.client.post("/api/agents/echo/start")).json()
+    assert running["actions"] == ["stop", "pause", "restart"]
+    await api.client.post("/api/agents/absent/start")
+    failed = await api.agent("absent")
+    assert failed["state"] == "failed"
+    assert failed["actions"] == ["reset"]
+
+
+async def test_agent_details_show_its_config_without_env_values(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        "api-test",
+        agents={"echo": {"image": IMAGE, "env": {"API_KEY": "hunter2"}, "idle_timeout": 60}},
+    )
+    async with Harness.running(settings, images=[IMAGE]) as harness:
+        agent = await harness.agent("echo")
+    config = agent["config"]
+    assert config["image"] == IMAGE
+    assert config["idle_timeout"] == 60
+    assert config["env_names"] == ["API_KEY"]
+    assert "env" not in config
+    assert "hunter2" not in json.dumps(agent)
 
 
 async def test_openapi_lists_agent_routes_when_requested(api: Harness) -> None:
@@ -327,3 +355,16 @@ async def test_crash_log_tail_is_kept_and_shown_after_a_daemon_restart_when_agen
         assert latest["container_id"] == cid
         assert "Traceback: boom" in latest["log_tail"]
         assert agent["config"]["image"] == IMAGE
+
+
+async def test_event_stream_takes_the_token_from_its_cookie_and_nothing_else_does(
+    secured: Harness,
+) -> None:
+    cookie = {"Cookie": f"roost_token={TOKEN}"}
+    events = await secured.client.get("/api/events", params={"recent": 5}, headers=cookie)
+    assert events.status_code == 200, events.text
+    assert "events" in events.json()
+    assert (await secured.client.get("/api/agents", headers=cookie)).status_code == 401
+    assert (await secured.client.post("/api/agents/echo/stop", headers=cookie)).status_code == 401
+    wrong = {"Cookie": "roost_token=wrong"}
+    assert (await secured.client.get("/api/events", headers=wrong)).status_code == 401

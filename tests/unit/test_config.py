@@ -708,6 +708,7 @@ POLICY_CHANGES: dict[str, Any] = {
     "liveness_failures": 7,
     "waking_notice_after": 8,
     "hold_timeout": 9,
+    "waiting_page": True,
     "max_concurrent_messages": 2,
     "queue_limit": 3,
     "wait_timeout": 4,

@@ -21,6 +21,9 @@ Where Docker is (:func:`docker_address`) is decided here once, for the engine an
 for the library's synchronous reachability check (:func:`check_reachable`):
 the ``host`` given, else ``DOCKER_HOST``, else the first of ``/run/docker.sock``
 and ``/var/run/docker.sock`` that exists.
+- Every failed call translated here (but a 404, which answers "not there") is
+  reported to the callables in ``API_ERROR_HOOKS`` with its status
+  (``"unreachable"`` or Docker's HTTP status), so metrics can count them.
 
 Invariants:
 - ``create`` never pulls; ``ensure_image`` pulls only an absent image, and
@@ -57,7 +60,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +74,13 @@ from roost.core.backoff import Backoff
 from roost.core.records import ExitInfo, SessionHealth
 from roost.ports.runtime import ContainerInfo, ContainerSpec, ContainerState, RuntimeEvent
 
-__all__ = ["DockerRuntime", "check_reachable", "docker_address"]
+__all__ = ["API_ERROR_HOOKS", "DockerRuntime", "check_reachable", "docker_address"]
 
 log = logging.getLogger(__name__)
+
+#: Called with the status of every failed Docker API call (see the module docstring).
+#: Process-wide: ``Engine`` adds its counter while it runs and removes it on stop.
+API_ERROR_HOOKS: list[Callable[[str], None]] = []
 
 #: aiodocker reports "cannot connect to the engine" as this pseudo-status.
 _STATUS_UNREACHABLE = 900
@@ -607,7 +614,20 @@ def _translated(action: str, target: object) -> Iterator[None]:
     try:
         yield
     except (DockerError, aiohttp.ClientError, TimeoutError) as exc:
-        raise _translation(exc, action, target) from exc
+        translated = _translation(exc, action, target)
+        if isinstance(translated, errors.DockerUnavailable):
+            _report_api_error("unreachable")
+        elif isinstance(translated, errors.ContainerError):  # (a 404 answers "not there")
+            _report_api_error(str(translated.status or "client_error"))
+        raise translated from exc
+
+
+def _report_api_error(status: str) -> None:
+    for hook in API_ERROR_HOOKS:
+        try:
+            hook(status)
+        except Exception:
+            log.exception("Docker API error hook failed")
 
 
 def _translation(exc: Exception, action: str, target: object) -> errors.RoostError:

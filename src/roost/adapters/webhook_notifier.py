@@ -17,6 +17,8 @@ Invariants:
   injected clock.
 - One aiohttp ``ClientSession``, created on first use inside the loop, closed by
   ``aclose()``; after ``aclose()`` notifications are only logged.
+- A notification that is given up (every attempt failed, or not retryable) is
+  reported to ``on_failure(kind)`` when given (metrics count them).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import logging
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -155,8 +158,10 @@ class WebhookNotifier:
         logger: logging.Logger | None = None,
         retry: Backoff = DEFAULT_RETRY,
         clock: Clock | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
+        self._on_failure = on_failure
         self.timeout = timeout
         if retry.repeat:
             raise ValueError("webhook retries are a budget: pass a Backoff without repeat")
@@ -177,6 +182,8 @@ class WebhookNotifier:
             body = self._body(kind, payload)
         except Exception:
             self._logger.exception("webhook: could not encode %s as JSON; not delivered", kind)
+            if self._on_failure is not None:
+                self._on_failure(kind)
             return
         await self._deliver(kind, body)
 
@@ -224,6 +231,8 @@ class WebhookNotifier:
                         attempt,
                         exc,
                     )
+                    if self._on_failure is not None:
+                        self._on_failure(kind)
                     return
                 self._logger.info(
                     "webhook: %s attempt %d failed (%s); retrying", kind, attempt, exc

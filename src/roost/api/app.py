@@ -9,20 +9,20 @@ body size before a request gets here; OpenAPI documents both.
 
 Invariants:
 - Every error body is ``{"error": ...}`` (``roost.api.errors``), documented per route.
-- Metrics live in a registry owned by the app, so two apps in one process never
-  share counters.
+- Metrics (``roost.api.metrics``) live in a registry owned by the app, so two
+  apps in one process never share counters.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.resources
-from collections.abc import Iterable
+import pathlib
+import urllib.parse
 from typing import Annotated, Any
 
 import prometheus_client
 from fastapi import FastAPI, Query
-from fastapi.openapi.utils import get_openapi
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
@@ -30,151 +30,83 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from roost import errors
-from roost.api import events, jobs, leases, messages, registry
+from roost.api import events, jobs, leases, messages, openapi, registry, schemas
 from roost.api.errors import error_responses, install_error_handlers
+from roost.api.metrics import Metrics, build_version
 from roost.config import parse_duration
-from roost.core.records import AgentRecord, StateChange
-from roost.core.states import AgentState
 from roost.engine import Engine
-from roost.reactor.agents import ACTIONS, Action, Agents
+from roost.reactor.agents import ACTIONS, Action
 
-__all__ = ["HISTORY_LIMIT", "create_api"]
+__all__ = ["HISTORY_LIMIT", "PUBLIC_PATHS", "create_api"]
 
 #: State changes shown by ``GET /api/agents/{name}``.
 HISTORY_LIMIT = 20
 MAX_LOG_TAIL_LINES = 10_000
 #: Routes anyone may read, token or not (the edge lets them through).
 PUBLIC_PATHS = frozenset({"/healthz", "/", "/openapi.json", "/docs", "/redoc"})
+#: Swagger UI's and ReDoc's own files, served from the fastapi-offline package.
+DOCS_ASSETS = "/docs/assets"
+#: The browser may load nothing from elsewhere: a page can never reach a CDN, even
+#: one an asset names (ReDoc's bundle links a logo on cdn.redoc.ly).
+DASHBOARD_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+#: Swagger UI starts from an inline script; ReDoc runs workers from blob: URLs.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("roost")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+#: The dashboard's own files (index.html, dashboard.js, dashboard.css), package data.
+STATIC_DIR = pathlib.Path(str(importlib.resources.files("roost.api").joinpath("static")))
 
 
 def _dashboard_html() -> str:
-    return (
-        importlib.resources.files("roost.api")
-        .joinpath("static", "index.html")
-        .read_text(encoding="utf-8")
-    )
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class _Metrics(Collector):
-    """``roost_agents{state}`` at scrape time, and transition/restart counters fed by
-    the facade's state listener.
-
-    A collector of its own rather than ``prometheus_client.Counter``, whose
-    ``*_created`` series would double the exposition for no use here.
-    """
-
-    def __init__(self, agents: Agents) -> None:
-        self._agents = agents
-        self.transitions = dict.fromkeys(AgentState, 0)
-        self.restarts = 0
-        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
-        self.registry.register(self)
-        agents.add_listener(self.on_change)
-
-    def on_change(self, record: AgentRecord, changes: tuple[StateChange, ...]) -> None:
-        for change in changes:
-            self.transitions[change.to_state] += 1
-            if change.to_state is AgentState.RESTARTING:
-                self.restarts += 1
-
-    def collect(self) -> Iterable[Metric]:
-        counts = dict.fromkeys(AgentState, 0)
-        for record in self._agents.records():
-            counts[record.state] += 1
-        agents = GaugeMetricFamily("roost_agents", "Agents per state.", labels=["state"])
-        for state, count in counts.items():
-            agents.add_metric([state.value], count)
-        yield agents
-        transitions = CounterMetricFamily(
-            "roost_agent_transitions",
-            "Agent state changes, by the state entered.",
-            labels=["to"],
-        )
-        for state, count in self.transitions.items():
-            transitions.add_metric([state.value], count)
-        yield transitions
-        yield CounterMetricFamily(
-            "roost_restarts",
-            "Automatic restarts scheduled after a crash (entries into 'restarting').",
-            value=self.restarts,
-        )
-
-    def exposition(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+    """The dashboard page; its file URLs carry the version, so a new Roost is never
+    served an old cached script."""
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    return page.replace("{{version}}", urllib.parse.quote(build_version()))
 
 
 # --------------------------------------------------------------------------- app
 
+DESCRIPTION = """Run AI agents as Docker containers on demand: the admin API.
 
-def _document_security(app: FastAPI) -> None:
-    """OpenAPI says what the edge enforces: a bearer token on every route but the
-    public ones (when ``server.token_file`` is set)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                description=app.description,
-                routes=app.routes,
-            )
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "The token from server.token_file (required when it is "
-                    "set): `Authorization: Bearer <token>`, or `Roost-Token: <token>`.",
-                }
-            }
-            for path, operations in schema.get("paths", {}).items():
-                if path in PUBLIC_PATHS:
-                    continue
-                for operation in operations.values():
-                    operation["security"] = [{"bearer": []}]
-                    operation.setdefault("responses", {}).setdefault(
-                        "401",
-                        {
-                            "description": "Missing or wrong API token "
-                            "(when server.token_file is set).",
-                            "content": _ERROR_CONTENT,
-                        },
-                    )
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+Errors are always JSON in one shape, `{"error": "...", ...}` (`ErrorBody`): the
+message names what is wrong; errors about one agent carry `agent`.
+With `server.token_file` set, every route but `/healthz`, `/`, and these docs needs
+`Authorization: Bearer <token>` (or `Roost-Token: <token>`).
+The reverse proxy `ANY /agents/{name}/{path}` is served beside this API.
+"""
 
 
 def create_api(engine: Engine) -> FastAPI:
     """The admin API over ``engine`` (which the caller starts and stops)."""
     agents = engine.agents
-    metrics = _Metrics(agents)
+    metrics = Metrics(engine)
     dashboard = _dashboard_html()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI with /docs and /redoc on local copies of Swagger UI and
+    # ReDoc (no CDN); the edge lets their assets under /docs/ through without a token.
+    app = FastAPIOffline(
         title="Roost",
-        version=_version(),
-        description="Run AI agents as Docker containers on demand: the admin API.",
+        version=build_version(),
+        description=DESCRIPTION,
+        static_url=DOCS_ASSETS,
+        docs_url=None,  # served below, with a Content-Security-Policy
+        redoc_url=None,
     )
     install_error_handlers(app, actions=ACTIONS)
-    _document_security(app)
+    openapi.document(app, public_paths=PUBLIC_PATHS)
+    #: the proxy reports to it (``roost.edge`` wires them).
+    app.state.metrics = metrics
     # Open streams (events, followed logs) end when the server stops (serving closes
     # them) or the engine does.
     app.state.event_streams = event_streams = events.EventStreams()
@@ -184,6 +116,7 @@ def create_api(engine: Engine) -> FastAPI:
         "/healthz",
         tags=["health"],
         summary="Roost itself (no token needed): ok, or degraded with the reasons.",
+        response_model=schemas.Health,
     )
     async def healthz() -> dict[str, Any]:
         problems = engine.health.problems()
@@ -198,31 +131,78 @@ def create_api(engine: Engine) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         # Static page without data: public, it asks for the token and sends it itself.
-        return HTMLResponse(dashboard)
+        return HTMLResponse(
+            dashboard,
+            headers={"Cache-Control": "no-cache", "Content-Security-Policy": DASHBOARD_CSP},
+        )
 
-    @app.get("/api/agents", tags=["agents"], summary="All agents.")
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Roost - Swagger UI",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            # No validator badge: it would call validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True},
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        page = get_redoc_html(
+            openapi_url="/openapi.json",
+            title="Roost - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="dashboard")
+
+    @app.get(
+        "/api/agents",
+        tags=["agents"],
+        summary="All agents.",
+        response_model=schemas.AgentList,
+        response_model_exclude_unset=True,
+    )
     async def list_agents() -> dict[str, Any]:
-        return {"agents": [agents.describe(name) for name in agents.names()]}
+        return {
+            "agents": [schemas.agent_body(agents, engine.inbox, name) for name in agents.names()]
+        }
 
     @app.get(
         "/api/agents/{name}",
         tags=["agents"],
         summary="One agent, with its latest state changes.",
+        response_model=schemas.AgentDetails,
+        response_model_exclude_unset=True,
         responses=error_responses(404),
     )
-    async def get_agent(name: str) -> dict[str, Any]:
-        return await agents.details(name, history=HISTORY_LIMIT)
+    async def get_agent(name: schemas.AgentName) -> dict[str, Any]:
+        details = await agents.details(name, history=HISTORY_LIMIT)
+        return {**details, **schemas.agent_body(agents, engine.inbox, name)}
 
     @app.get(
         "/api/agents/{name}/logs",
         tags=["agents"],
         response_class=PlainTextResponse,
         summary="The last lines of the agent's current container's output.",
-        responses=error_responses(404),
+        responses={
+            200: {"content": {"text/plain": {"example": "listening on :8000\n"}}},
+            **error_responses(400, 404, 422, 502, 503),
+        },
     )
     async def agent_logs(
-        name: str,
-        tail: Annotated[int, Query(ge=1, le=MAX_LOG_TAIL_LINES)] = 100,
+        name: schemas.AgentName,
+        tail: Annotated[
+            int, Query(ge=1, le=MAX_LOG_TAIL_LINES, description="How many lines.")
+        ] = 100,
         follow: Annotated[
             bool, Query(description="Stream new output as it comes, across restarts.")
         ] = False,
@@ -260,7 +240,7 @@ def create_api(engine: Engine) -> FastAPI:
         waits = action in ("start", "wake")
 
         async def act(
-            name: str,
+            name: schemas.AgentName,
             timeout: Annotated[
                 float | None,
                 Query(gt=0, description="Seconds to wait; default: the agent's startup_timeout."),
@@ -273,9 +253,11 @@ def create_api(engine: Engine) -> FastAPI:
             if waits and wait:
                 limit = timeout if timeout is not None else agents.spec(name).startup_timeout
                 await agents.wake(name, reason=reason, timeout=limit)
-                return JSONResponse(agents.describe(name))
+                return JSONResponse(schemas.agent_body(agents, engine.inbox, name))
             await agents.act(name, action, reason=reason)
-            return JSONResponse(agents.describe(name), status_code=202 if waits else 200)
+            return JSONResponse(
+                schemas.agent_body(agents, engine.inbox, name), status_code=202 if waits else 200
+            )
 
         app.add_api_route(
             f"/api/agents/{{name}}/{action}",
@@ -288,7 +270,16 @@ def create_api(engine: Engine) -> FastAPI:
                 if waits
                 else f"{action.capitalize()} the agent (returns once it is requested)."
             ),
-            responses=error_responses(404, 409, *((502, 503, 504) if waits else ())),
+            response_model=schemas.Agent,
+            response_model_exclude_unset=True,
+            responses={
+                **(
+                    {202: {"model": schemas.Agent, "description": "Requested (wait=false)."}}
+                    if waits
+                    else {}
+                ),
+                **error_responses(404, 409, 422, *((502, 503, 504) if waits else ())),
+            },
         )
 
     for action in ACTIONS:
@@ -313,21 +304,31 @@ def create_api(engine: Engine) -> FastAPI:
         summary="The configuration the daemon runs: its file and each configured agent.",
     )
     async def config() -> dict[str, Any]:
-        agents_json = {}
-        for name, spec in engine.settings.resolved_agents().items():
-            shown = spec.model_dump(mode="json")
-            shown["env"] = sorted(shown.get("env", {}))  # values may be secrets
-            agents_json[name] = shown
-        return {"source_file": engine.settings.source_file, "agents": agents_json}
+        resolved = engine.settings.resolved_agents()
+        return {
+            "source_file": engine.settings.source_file,
+            "agents": {name: spec.shown() for name, spec in resolved.items()},
+        }
 
     @app.get(
         "/metrics",
         tags=["health"],
         response_class=PlainTextResponse,
-        summary="Prometheus metrics.",
+        summary="Prometheus metrics (every series is listed in the README).",
+        responses={
+            200: {
+                "content": {
+                    "text/plain": {
+                        "example": '# TYPE roost_agents gauge\nroost_agents{state="running"} 1.0\n'
+                    }
+                }
+            }
+        },
     )
     async def get_metrics() -> Response:
-        return Response(metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+        return Response(
+            await metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST
+        )
 
     app.include_router(registry.registry_router(engine))
     app.include_router(jobs.jobs_router(engine))

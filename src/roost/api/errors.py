@@ -13,8 +13,10 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -26,7 +28,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from roost import errors
 
-__all__ = ["ErrorBody", "error_responses", "install_error_handlers", "refuse", "render"]
+__all__ = [
+    "ERROR_DESCRIPTIONS",
+    "ERROR_SCHEMA_REF",
+    "ErrorBody",
+    "error_response",
+    "error_responses",
+    "install_error_handlers",
+    "refuse",
+    "render",
+]
 
 log = logging.getLogger("roost.api")
 
@@ -35,9 +46,17 @@ RETRY_LATER_SECONDS = 5
 
 
 class ErrorBody(BaseModel):
-    """What every error answer looks like."""
+    """What every error answer looks like (more fields may follow ``error``: ``state``,
+    ``log_tail``, ``valid_actions``, ...)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"error": "agent 'echo' is failed; reset it first", "agent": "echo"},
+            ]
+        },
+    )
 
     error: str = Field(description="What is wrong, naming the thing at fault.")
     agent: str | None = Field(default=None, description="The agent concerned, if any.")
@@ -88,26 +107,56 @@ async def refuse(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+#: What each error status means, as OpenAPI describes it.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Bad request: the message names the field or byte at fault.",
+    401: "Missing or wrong API token (when server.token_file is set).",
+    404: "No such agent, message, job or lease (the message names it).",
+    405: "Method not allowed on this path (Allow lists the ones that are).",
+    409: "The agent's state does not allow it, or the name is taken.",
+    413: "Body larger than server.max_body_size.",
+    422: "A parameter or body field is invalid (the message names it).",
+    429: "The agent's queue is full; see Retry-After.",
+    500: "Roost failed unexpectedly (the message names the request); see its log.",
+    502: "The agent could not start, failed, or answered badly.",
+    503: "Docker is unreachable, the state database is failing, the agent is still "
+    "waking, or Roost is shutting down; see Retry-After when given.",
+    504: "The agent did not become healthy in time.",
+    507: "The disk holding the state database is full; nothing was stored.",
+}
+#: Where OpenAPI finds the one error shape.
+ERROR_SCHEMA_REF = "#/components/schemas/ErrorBody"
+
+
+def error_response(status: int, description: str | None = None) -> dict[str, Any]:
+    """The OpenAPI response object of an error answer (always JSON, whatever the
+    route's own media type)."""
+    return {
+        "description": description or ERROR_DESCRIPTIONS.get(status, "Error."),
+        "content": {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}},
+    }
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` documenting ``statuses`` with the error shape."""
-    described = {
-        400: "Bad request: the message names the field or byte at fault.",
-        401: "Missing or wrong API token (when server.token_file is set).",
-        404: "No such agent, message, job or lease.",
-        409: "The agent's state does not allow it, or the name is taken.",
-        413: "Body larger than server.max_body_size.",
-        422: "A parameter or body field has the wrong type.",
-        429: "The agent's queue is full; see Retry-After.",
-        502: "The agent could not start, failed, or answered badly.",
-        503: "Docker is unreachable, the state database is failing, or the agent is "
-        "still waking; see Retry-After.",
-        504: "The agent did not become healthy in time.",
-        507: "The disk holding the state database is full; nothing was stored.",
-    }
-    return {
-        status: {"model": ErrorBody, "description": described.get(status, "Error.")}
-        for status in statuses
-    }
+    return {status: error_response(status) for status in statuses}
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API documents for the request's path (Starlette's own
+    ``Allow`` names only the first matching route's)."""
+    allowed: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if _path_pattern(template).fullmatch(request.url.path):
+            allowed.update(method.upper() for method in operations)
+    return sorted(allowed)
+
+
+@functools.lru_cache(maxsize=256)
+def _path_pattern(template: str) -> re.Pattern[str]:
+    """``/api/agents/{name}`` as a regular expression (a parameter is one segment)."""
+    parts = re.split(r"(\{[^}]+\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
 
 
 def _response(exc: errors.RoostError, agent: str | None) -> Response:
@@ -128,6 +177,7 @@ def install_error_handlers(app: FastAPI, *, actions: tuple[str, ...]) -> None:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         method, path = request.method, request.url.path
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             parts = path.strip("/").split("/")
             if method == "POST" and len(parts) == 4 and parts[:2] == ["api", "agents"]:
@@ -141,12 +191,14 @@ def install_error_handlers(app: FastAPI, *, actions: tuple[str, ...]) -> None:
                 )
             message = f"no such route: {method} {path}"
         elif exc.status_code == 405:
-            message = f"method {method} is not allowed on {path}"
+            allowed = _allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"method {method} is not allowed on {path}; allowed: {', '.join(allowed)}"
+        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            message = f"the request body of {method} {path} is not valid JSON"
         else:
             message = str(exc.detail)
-        return _response(
-            errors.Refusal(exc.status_code, message, headers=dict(exc.headers or {})), None
-        )
+        return _response(errors.Refusal(exc.status_code, message, headers=headers), None)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from roost.api.errors import error_responses
 from roost.engine import Engine
 from roost.reactor.eventing import HubEvent
 
@@ -130,7 +131,24 @@ def events_router(
         "/api/events",
         summary="Server-sent events: lifecycle, message status, agent.waking.",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}, "application/json": {}}}},
+        responses={
+            200: {
+                "description": "A stream of events (text/event-stream), or with ?recent=N "
+                "the newest N as JSON.",
+                "content": {
+                    "text/event-stream": {
+                        "schema": {"type": "string"},
+                        "example": 'id: 1767225600000001\nevent: agent.state\ndata: {"id": '
+                        '1767225600000001, "kind": "agent.state", "at": 1767225600.5, '
+                        '"agent": "echo", "from": "starting", "to": "running"}\n\n',
+                    },
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/EventList"},
+                    },
+                },
+            },
+            **error_responses(400, 422),
+        },
     )
     async def get_events(
         last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,

@@ -19,9 +19,11 @@ import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from roost.api import schemas
+from roost.api.errors import error_responses
 from roost.config.fields import DOCKER_MIN_MEMORY, parse_size
 from roost.core.jobs import (
     LOG_TAIL_LINES,
@@ -41,7 +43,16 @@ MAX_LOG_LINES = 10_000
 class JobRequest(BaseModel):
     """The body of ``POST /api/jobs``."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a number sent as a string is refused, as the schema says.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {"image": "roost-busybox:latest", "command": ["echo", "hi"], "timeout": 60}
+            ]
+        },
+    )
 
     image: str = Field(description="Image to run (pulled only if absent).", min_length=1)
     command: list[str] | None = Field(
@@ -122,8 +133,14 @@ def jobs_router(engine: Engine) -> APIRouter:
     runner = engine.jobs
     router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
-    @router.post("", status_code=202, summary="Queue a one-shot job; 202 with the job.")
-    async def submit_job(body: JobRequest) -> JSONResponse:
+    @router.post(
+        "",
+        status_code=202,
+        summary="Queue a one-shot job; 202 with the job.",
+        response_model=schemas.Job,
+        responses=error_responses(409, 422),
+    )
+    async def submit_job(body: JobRequest) -> dict[str, Any]:
         memory = body.memory
         assert memory is None or isinstance(memory, int)
         job = await runner.submit(
@@ -138,9 +155,14 @@ def jobs_router(engine: Engine) -> APIRouter:
             project=body.project,
             snapshot_key=body.snapshot_key,
         )
-        return JSONResponse(job.to_json(), status_code=202)
+        return job.to_json()
 
-    @router.get("", summary="Jobs, newest first.")
+    @router.get(
+        "",
+        summary="Jobs, newest first.",
+        response_model=schemas.JobList,
+        responses=error_responses(422),
+    )
     async def list_jobs(
         status: Annotated[
             list[JobStatus] | None,
@@ -152,7 +174,12 @@ def jobs_router(engine: Engine) -> APIRouter:
         jobs = await runner.store.list_jobs(statuses=status or (), project=project, limit=limit)
         return {"jobs": [job.to_json() for job in jobs]}
 
-    @router.get("/{job_id}", summary="One job.")
+    @router.get(
+        "/{job_id}",
+        summary="One job.",
+        response_model=schemas.Job,
+        responses=error_responses(404),
+    )
     async def get_job(job_id: str) -> dict[str, Any]:
         return (await runner.get(job_id)).to_json()
 
@@ -160,6 +187,8 @@ def jobs_router(engine: Engine) -> APIRouter:
         "/{job_id}/cancel",
         summary="Cancel a queued job, or stop a running one (SIGTERM, grace, SIGKILL); "
         "answers once it has ended.",
+        response_model=schemas.Job,
+        responses=error_responses(404, 409),
     )
     async def cancel_job(job_id: str) -> dict[str, Any]:
         return (await runner.cancel(job_id)).to_json()
@@ -168,6 +197,10 @@ def jobs_router(engine: Engine) -> APIRouter:
         "/{job_id}/logs",
         response_class=PlainTextResponse,
         summary="Output: live while the job runs, its stored last lines after.",
+        responses={
+            200: {"content": {"text/plain": {"example": "hi\n"}}},
+            **error_responses(404, 422, 502, 503),
+        },
     )
     async def job_logs(
         job_id: str,

@@ -19,6 +19,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from roost.api import schemas
 from roost.api.errors import error_responses
 from roost.reactor.leasing import MAX_TTL, Leases
 
@@ -44,6 +45,10 @@ class LeaseRenewal(BaseModel):
 class LeaseRequest(LeaseRenewal):
     """The body of ``POST .../leases``."""
 
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"ttl": 600, "holder": "nightly-report"}]}
+    )
+
     holder: str = Field(
         default="",
         max_length=MAX_HOLDER_LENGTH,
@@ -60,26 +65,29 @@ def lease_router(leases: Leases) -> APIRouter:
         "/api/agents/{name}/leases",
         status_code=201,
         summary="Take a lease: wake the agent and keep it awake for ttl seconds.",
-        responses=error_responses(404, 422, 502, 503, 504),
+        response_model=schemas.Lease,
+        responses=error_responses(404, 409, 422, 502, 503, 504),
     )
-    async def take_lease(name: str, body: LeaseRequest) -> Response:
+    async def take_lease(name: schemas.AgentName, body: LeaseRequest) -> Response:
         lease = await leases.grant(name, body.ttl, holder=body.holder)
         return JSONResponse(lease.to_json(), status_code=201)
 
     @router.get(
         "/api/agents/{name}/leases",
         summary="Leases held on the agent.",
-        responses=error_responses(404),
+        response_model=schemas.LeaseList,
+        responses=error_responses(404, 422),
     )
-    async def list_leases(name: str) -> dict[str, Any]:
+    async def list_leases(name: schemas.AgentName) -> dict[str, Any]:
         return {"leases": [lease.to_json() for lease in leases.list(name)]}
 
     @router.put(
         "/api/agents/{name}/leases/{lease_id}",
         summary="Renew a lease: it now ends ttl seconds from now.",
+        response_model=schemas.Lease,
         responses=error_responses(404, 422),
     )
-    async def renew_lease(name: str, lease_id: str, body: LeaseRenewal) -> Response:
+    async def renew_lease(name: schemas.AgentName, lease_id: str, body: LeaseRenewal) -> Response:
         lease = await leases.renew(name, lease_id, body.ttl)
         return JSONResponse(lease.to_json())
 
@@ -87,9 +95,9 @@ def lease_router(leases: Leases) -> APIRouter:
         "/api/agents/{name}/leases/{lease_id}",
         status_code=204,
         summary="Release a lease now.",
-        responses=error_responses(404),
+        responses=error_responses(404, 422),
     )
-    async def release_lease(name: str, lease_id: str) -> Response:
+    async def release_lease(name: schemas.AgentName, lease_id: str) -> Response:
         await leases.release(name, lease_id)
         return Response(status_code=204)
 

@@ -26,7 +26,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from roost import errors
-from roost.api.errors import error_responses
+from roost.api import schemas
+from roost.api.errors import error_response, error_responses
 from roost.engine import Engine
 from roost.ports.inbox import Message, MessageStatus, QueueFull
 
@@ -45,6 +46,8 @@ QUEUE_FULL_RETRY_AFTER = 1
 MAX_LIST = 1000
 #: Deepest nesting of arrays and objects a message may have (deeper: 400).
 MAX_JSON_DEPTH = 128
+_LOCATION = {"description": "The message's URL.", "schema": {"type": "string"}}
+_RETRY_AFTER = {"description": "Seconds to wait.", "schema": {"type": "integer"}}
 
 
 def _reject_constant(name: str) -> Any:
@@ -118,13 +121,39 @@ def messages_router(engine: Engine) -> APIRouter:
         "/api/agents/{name}/messages",
         status_code=202,
         summary="Store a JSON message for the agent (durable); wake it and deliver in order.",
+        response_model=schemas.MessageAccepted,
         responses={
-            200: {"description": "Replied (?wait=true), or an Idempotency-Key repeat."},
-            **error_responses(400, 404, 413, 429, 503),
+            200: {
+                "model": schemas.MessageOutcome,
+                "description": "Replied or failed (?wait=true), or an Idempotency-Key repeat.",
+            },
+            202: {
+                "description": "Stored (or, with ?wait=true, still pending at the timeout).",
+                "headers": {"Location": _LOCATION},
+            },
+            **error_responses(400, 404, 413, 422),
+            429: {**error_response(429), "headers": {"Retry-After": _RETRY_AFTER}},
+            503: error_response(503, "Roost is shutting down; nothing was stored."),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "Any JSON value: what the agent receives.",
+                "content": {"application/json": {"schema": {}, "example": {"hi": 1}}},
+            },
+            "parameters": [
+                {
+                    "name": IDEMPOTENCY_KEY_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "description": "The same key for the same agent names one message.",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                }
+            ],
         },
     )
     async def post_message(
-        name: str,
+        name: schemas.AgentName,
         request: Request,
         wait: Annotated[bool, Query(description="Wait for the agent's reply.")] = False,
         timeout: Annotated[
@@ -169,9 +198,10 @@ def messages_router(engine: Engine) -> APIRouter:
     @router.get(
         "/api/agents/{name}/messages/{message_id}",
         summary="One message: status, attempts, reply and last error.",
-        responses=error_responses(404),
+        response_model=schemas.Message,
+        responses=error_responses(404, 422),
     )
-    async def get_message(name: str, message_id: str) -> dict[str, Any]:
+    async def get_message(name: schemas.AgentName, message_id: str) -> dict[str, Any]:
         known(name)
         message = await inbox.get(name, message_id)
         if message is None:
@@ -181,10 +211,11 @@ def messages_router(engine: Engine) -> APIRouter:
     @router.get(
         "/api/agents/{name}/messages",
         summary="The agent's newest messages (or a page after a seq), oldest first.",
-        responses=error_responses(404),
+        response_model=schemas.MessageList,
+        responses=error_responses(404, 422),
     )
     async def list_messages(
-        name: str,
+        name: schemas.AgentName,
         status: Annotated[
             MessageStatus | None, Query(description="Only messages in this status.")
         ] = None,

@@ -22,12 +22,13 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from roost.api import schemas
 from roost.api.errors import error_responses
 from roost.engine import Engine
 from roost.reactor import swarming
@@ -38,9 +39,22 @@ __all__ = ["AgentRegistration", "registry_router"]
 class AgentRegistration(BaseModel):
     """The body of ``POST /api/agents``."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a number sent as a string is refused, as the schema says.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [{"name": "worker-1", "capabilities": ["search", "summarise"]}]
+        },
+    )
 
-    name: str = Field(description="The agent's name: a DNS label, unique in this Roost.")
+    # The rules are checked by the agent spec (400 with a message naming the field);
+    # the schema states them too, so the documented request is the accepted one.
+    name: str = Field(
+        description="The agent's name: a DNS label, unique in this Roost.",
+        examples=["worker-1"],
+        json_schema_extra={"pattern": r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"},
+    )
     agent_id: str | None = Field(
         default=None, description="The agent's id in its coordinator (AGENT_ID); default: name."
     )
@@ -49,7 +63,11 @@ class AgentRegistration(BaseModel):
     )
     image: str | None = Field(default=None, description="Image; default: [swarm] image.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
-    port: int | None = Field(default=None, description="Port it listens on; default 8000.")
+    port: int | None = Field(
+        default=None,
+        description="Port it listens on; default 8000.",
+        json_schema_extra={"minimum": 1, "maximum": 65535},
+    )
 
 
 def registry_router(engine: Engine) -> APIRouter:
@@ -61,14 +79,16 @@ def registry_router(engine: Engine) -> APIRouter:
         "/api/agents",
         status_code=201,
         summary="Register (spawn) an agent at run time; it persists until deleted.",
-        responses=error_responses(400, 409, 422, 502, 504),
+        response_model=schemas.Agent,
+        response_model_exclude_unset=True,
+        responses=error_responses(400, 409, 422, 502, 503, 504),
     )
     async def register_agent(
         registration: AgentRegistration,
         start: Annotated[
             bool, Query(description="true: also start it and wait until it is healthy.")
         ] = False,
-    ) -> JSONResponse:
+    ) -> dict[str, Any]:
         spec = swarming.spawned_agent_spec(
             engine.settings,
             name=registration.name,
@@ -83,15 +103,15 @@ def registry_router(engine: Engine) -> APIRouter:
             await agents.wake(
                 spec.name, reason="start requested at registration", timeout=spec.startup_timeout
             )
-        return JSONResponse(agents.describe(spec.name), status_code=201)
+        return schemas.agent_body(agents, engine.inbox, spec.name)
 
     @router.delete(
         "/api/agents/{name}",
         status_code=204,
         summary="Stop and remove the agent's container and forget the agent.",
-        responses=error_responses(404, 409),
+        responses=error_responses(404, 409, 422, 502, 503),
     )
-    async def delete_agent(name: str) -> Response:
+    async def delete_agent(name: schemas.AgentName) -> Response:
         await agents.delete(name)
         return Response(status_code=204)
 

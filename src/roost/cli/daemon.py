@@ -162,11 +162,7 @@ def _check_drift(url: str, token: str | None, settings: Settings) -> Check | Non
     theirs = running.get("agents") if isinstance(running, dict) else None
     if not isinstance(theirs, dict):
         return None
-    ours = {}
-    for name, spec in settings.resolved_agents().items():
-        shown = spec.model_dump(mode="json")
-        shown["env"] = sorted(shown.get("env", {}))
-        ours[name] = shown
+    ours = {name: spec.shown() for name, spec in settings.resolved_agents().items()}
     added = sorted(set(ours) - set(theirs))
     removed = sorted(set(theirs) - set(ours))
     changed = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])

@@ -210,6 +210,12 @@ class HoldSettings(BaseModel):
     waking_notice_after: Seconds = Field(
         default=1.0, description="A request held this long while waking emits agent.waking."
     )
+    waiting_page: Flag = Field(
+        default=False,
+        description="A browser (GET/HEAD with Accept: text/html) asking for a sleeping agent "
+        "through the proxy gets a small self-refreshing page showing its state until it is "
+        "ready, instead of a held request; API clients are held as before.",
+    )
 
 
 class AgentSettings(ContainerSettings, LifecycleSettings, DeliverySettings, HoldSettings):
@@ -242,6 +248,13 @@ class ResolvedAgent(AgentSettings):
         """The values that shape the container: exactly ``CONTAINER_KEYS``."""
         fields = self.model_dump(mode="json", include=set(CONTAINER_KEYS))
         fields["env"] = dict(sorted(self.env.items()))
+        return fields
+
+    def shown(self) -> dict[str, Any]:
+        """The settings as JSON for people and other processes: ``env`` values may be
+        secrets, so only their names are shown (``env_names``)."""
+        fields = self.model_dump(mode="json")
+        fields["env_names"] = sorted(fields.pop("env", {}))
         return fields
 
     @functools.cached_property

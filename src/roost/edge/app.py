@@ -3,11 +3,14 @@
 Role: every HTTP and WebSocket request passes here first, in this order:
 
 1. **token** — with ``server.token_file`` set, every path but the public ones
-   (``/healthz``, the dashboard page ``/`` and the API docs) needs the token, as
-   ``Authorization: Bearer <token>`` or ``Roost-Token: <token>`` (constant-time
-   comparison); 401 otherwise. Roost's own credentials are then removed from the
-   request, so the proxy never forwards them to an agent (an ``Authorization``
-   header that is not Roost's token goes to the agent untouched);
+   (``/healthz``, the dashboard page ``/`` and its files, the API docs) needs the
+   token, as ``Authorization: Bearer <token>`` or ``Roost-Token: <token>``
+   (constant-time comparison); 401 otherwise. ``GET /api/events`` also takes it
+   from the ``roost_token`` cookie: a browser's ``EventSource`` cannot send
+   headers, and a read-only stream that other origins cannot read (no CORS) is no
+   CSRF target. Roost's own credentials are then removed from the request, so the
+   proxy never forwards them to an agent (an ``Authorization`` header that is not
+   Roost's token goes to the agent untouched);
 2. **body limit** — a declared ``Content-Length`` over ``server.max_body_size``
    is 413 before anything is read; a streamed body is counted as it is read and
    cut at the limit with the same 413;
@@ -23,7 +26,9 @@ Invariants:
 
 from __future__ import annotations
 
+import http.cookies
 import secrets
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -35,15 +40,18 @@ from roost.api.errors import refuse
 from roost.engine import Engine
 from roost.gateway.proxying import PREFIX, AgentProxy
 
-__all__ = ["Edge", "create_app"]
+__all__ = ["EVENTS_PATH", "TOKEN_COOKIE", "Edge", "create_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: Path prefixes anyone may read: the API docs' assets.
+#: Path prefixes anyone may read: the API docs' and the dashboard's files.
 _PUBLIC_PREFIXES = ("/docs/", "/redoc/", "/static/")
+#: The event stream also takes the token from this cookie (see the module docstring).
+EVENTS_PATH = "/api/events"
+TOKEN_COOKIE = "roost_token"
 
 
 class Edge:
@@ -82,6 +90,7 @@ class Edge:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         bearer = b""
         roost_token = b""
+        cookies_allowed = scope["path"] == EVENTS_PATH and scope.get("method") == "GET"
         for key, value in headers:
             if key == b"authorization":
                 scheme, _, credentials = value.partition(b" ")
@@ -89,6 +98,8 @@ class Edge:
                     bearer = credentials.strip()
             elif key == b"roost-token":
                 roost_token = value.strip()
+            elif key == b"cookie" and cookies_allowed and not roost_token:
+                roost_token = _cookie_token(value)
         # Always compare both (absent headers are empty tokens): timing tells nothing.
         bearer_ok = secrets.compare_digest(bearer, self._token)
         header_ok = secrets.compare_digest(roost_token, self._token)
@@ -140,6 +151,17 @@ class Edge:
         return counted
 
 
+def _cookie_token(header: bytes) -> bytes:
+    """The ``roost_token`` cookie's value (URL-decoded), or empty."""
+    cookies = http.cookies.SimpleCookie()
+    try:
+        cookies.load(header.decode("latin-1"))
+    except http.cookies.CookieError:
+        return b""
+    morsel = cookies.get(TOKEN_COOKIE)
+    return urllib.parse.unquote(morsel.value).encode("utf-8") if morsel else b""
+
+
 def _is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
 
@@ -147,6 +169,8 @@ def _is_public(path: str) -> bool:
 def create_app(engine: Engine, *, token: str | None) -> Edge:
     """Roost's whole HTTP surface over ``engine`` (which the caller starts and stops)."""
     api = create_api(engine)
-    proxy = AgentProxy(engine)
+    metrics = api.state.metrics
+    proxy = AgentProxy(engine, observer=metrics)
+    metrics.open_streams = lambda: proxy.open_streams
     engine.add_closer(proxy.close)
     return Edge(api, proxy, token=token, max_body=engine.settings.server.max_body_size)

@@ -8,7 +8,10 @@ third of aiohttp's CPU per warm request), WebSockets over aiohttp.
 
 A request for an agent that is not running wakes it (``Agents.wake``) and is
 held until the agent answers its health check, for at most the agent's
-``hold_timeout`` (the facade announces ``agent.waking`` once per wake).
+``hold_timeout`` (the facade announces ``agent.waking`` once per wake). With the
+agent's ``waiting_page`` on, a browser's page request is held only briefly and
+then answered with the waiting page (``roost.gateway.waiting``), which reloads
+itself until the agent is up.
 
 Invariants:
 - Answers Roost gives itself are ``Refusal``s in the API's one JSON shape
@@ -43,7 +46,7 @@ import logging
 import math
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -52,6 +55,7 @@ from roost import errors
 from roost.api.errors import refuse
 from roost.core.states import AgentState
 from roost.engine import Engine
+from roost.gateway import waiting
 from roost.gateway.upstream import (
     UpstreamDisconnected,
     UpstreamError,
@@ -59,7 +63,7 @@ from roost.gateway.upstream import (
     UpstreamResponse,
 )
 
-__all__ = ["PREFIX", "AgentProxy"]
+__all__ = ["PREFIX", "AgentProxy", "ProxyObserver"]
 
 log = logging.getLogger("roost.gateway.proxy")
 
@@ -122,6 +126,22 @@ _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
+class ProxyObserver(Protocol):
+    """Told of every proxied request (``roost.api.metrics.Metrics`` counts them)."""
+
+    def proxy_started(self, agent: str) -> bool:
+        """A request for ``agent`` begins; False: do not report its end."""
+        ...
+
+    def proxy_finished(self, agent: str, status: int, seconds: float) -> None:
+        """It ended: ``status`` of the answer (101: WebSocket accepted; 0: none)."""
+        ...
+
+    def waiting_page_served(self, agent: str) -> None:
+        """A browser got the waiting page instead of a held request."""
+        ...
+
+
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -165,8 +185,11 @@ class AgentProxy:
         *,
         connection_limit: int = CONNECTION_LIMIT,
         connect_timeout: float = CONNECT_TIMEOUT,
+        observer: ProxyObserver | None = None,
     ) -> None:
         self._agents = engine.agents
+        #: told of every proxied request (metrics); None: nobody is.
+        self.observer = observer
         self._clock = engine.clock
         self._connection_limit = connection_limit
         self._timeout = aiohttp.ClientTimeout(
@@ -208,10 +231,27 @@ class AgentProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ``/agents/...`` request (``scope["type"]`` http or websocket)."""
-        if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send)
-        else:
-            await self._http(scope, receive, send)
+        serve = self._websocket if scope["type"] == "websocket" else self._http
+        observer = self.observer
+        name = _split_target(scope)[0]
+        if observer is None or not observer.proxy_started(name):
+            await serve(scope, receive, send)
+            return
+        status = 0
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                status = message["status"]
+            elif message["type"] == "websocket.accept":
+                status = 101
+            await send(message)
+
+        started = self._clock.monotonic()
+        try:
+            await serve(scope, receive, observed)
+        finally:
+            observer.proxy_finished(name, status, self._clock.monotonic() - started)
 
     # -- checks shared by HTTP and WebSocket --------------------------------------------
 
@@ -219,8 +259,11 @@ class AgentProxy:
         if name not in self._agents:
             raise errors.Refusal(404, f"no agent named {name!r}", agent=name)
 
-    async def _awake_url(self, name: str) -> tuple[str, bytes, bytes]:
-        """(agent URL, Roost-Cold-Start, Roost-Wake-Ms): wake and hold when asleep."""
+    async def _awake_url(
+        self, name: str, *, timeout: float | None = None
+    ) -> tuple[str, bytes, bytes]:
+        """(agent URL, Roost-Cold-Start, Roost-Wake-Ms): wake and hold when asleep, for
+        at most ``timeout`` (default: the agent's ``hold_timeout``)."""
         record = self._agents.get(name)
         if record.awake:
             assert record.url is not None
@@ -230,17 +273,17 @@ class AgentProxy:
             raise errors.Refusal(
                 502, f"agent {name!r} is failed; reset it first", agent=name, state=woken_from
             )
-        hold_timeout = self._agents.spec(name).hold_timeout
+        hold_timeout = self._agents.spec(name).hold_timeout if timeout is None else timeout
         retry_after = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         started = self._clock.monotonic()
         try:
-            record = await self._agents.wake(name, reason="proxied request")
+            record = await self._agents.wake(name, reason="proxied request", timeout=timeout)
         except errors.StartupTimeout as exc:
             state = self._state(name)
             raise errors.Refusal(
                 503,
                 f"agent {name!r} is still {state} after holding the request "
-                f"{hold_timeout:g}s (hold_timeout); retry",
+                f"{hold_timeout:g}s" + (" (hold_timeout)" if timeout is None else "") + "; retry",
                 headers=retry_after,
                 agent=name,
                 state=state,
@@ -327,14 +370,47 @@ class AgentProxy:
             await refuse(scope, send, refusal)
             return
         async with self._agents.busy(name):
+            page = self._page_wanted(scope, name)
+            hold: float | None = None  # the agent's hold_timeout
+            if page:  # a browser waits briefly, then gets the waiting page
+                hold = min(waiting.WAIT_BEFORE_PAGE, self._agents.spec(name).hold_timeout)
             try:
-                url, cold, wake_ms = await self._awake_url(name)
+                url, cold, wake_ms = await self._awake_url(name, timeout=hold)
             except errors.Refusal as refusal:
-                await refuse(scope, send, refusal)
+                if page and refusal.status in (502, 503):
+                    await self._waiting_page(scope, send, name, refusal)
+                else:
+                    await refuse(scope, send, refusal)
                 return
             query: bytes = scope.get("query_string", b"")
             target = path + b"?" + query if query else path
             await self._forward_http(scope, receive, send, name, url, target, (cold, wake_ms))
+
+    def _page_wanted(self, scope: Scope, name: str) -> bool:
+        """A browser asks for a sleeping agent that shows a waiting page."""
+        return (
+            not self._agents.get(name).awake
+            and self._agents.spec(name).waiting_page
+            and waiting.wants_page(scope["method"], scope["headers"])
+        )
+
+    async def _waiting_page(
+        self, scope: Scope, send: Send, name: str, refusal: errors.Refusal
+    ) -> None:
+        state = str(refusal.extra.get("state") or self._state(name))
+        detail = str(refusal) if refusal.status == 502 else ""
+        body = waiting.waiting_page(name, state, detail)
+        headers = [
+            (b"content-type", b"text/html; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (b"retry-after", str(waiting.REFRESH_SECONDS).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        head = scope["method"] == "HEAD"
+        await send({"type": "http.response.body", "body": b"" if head else body})
+        if self.observer is not None:
+            self.observer.waiting_page_served(name)
 
     async def _forward_http(
         self,

@@ -6,7 +6,8 @@ the supervisor's actors. It offers what they need and nothing of the reactor's
 insides:
 
 - looking: ``names``, ``get`` (the record), ``spec``, ``describe`` (an agent as
-  JSON, contract: DESIGN.md "Interfaces"), ``details`` (with history), ``logs``;
+  JSON, contract: DESIGN.md "Interfaces"), ``details`` (with history), ``logs``,
+  ``allowed_actions`` (what the state allows now, as ``transition`` decides);
 - acting: ``wake`` (hold until the agent answers its health check), ``act``
   (start/stop/pause/wake/restart/reset requested), ``observe`` (re-read the
   agent's container from the engine now), ``busy`` (activity in flight);
@@ -38,6 +39,7 @@ from roost.core import events as ev
 from roost.core import labels
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
+from roost.core.transition import transition
 from roost.ports.clock import Clock
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
@@ -122,6 +124,8 @@ class Agents:
         #: agents whose current wake has been announced (cleared once they are up).
         self._announced: set[str] = set()
         self._notices = TaskSet(log)
+        #: agent → (record, spec, actions) of the last ``allowed_actions`` answer.
+        self._allowed: dict[str, tuple[AgentRecord, ResolvedAgent, tuple[Action, ...]]] = {}
         supervisor.add_listener(self._on_change)
 
     async def close(self) -> None:
@@ -158,14 +162,33 @@ class Agents:
         body["degraded"] = actor.degraded
         return body
 
+    def allowed_actions(self, name: str) -> list[Action]:
+        """The actions the agent's state allows now and that would change something,
+        as the core decides them: each request is tried on the current record with
+        ``transition`` (pure; nothing is done). ``start`` and ``wake`` are the same
+        request, so they are allowed together."""
+        actor = self._supervisor.actor(name)
+        record, policy = actor.record, self.spec(name)
+        cached = self._allowed.get(name)
+        # Records and specs are frozen: the same two objects give the same answer
+        # (the time only stamps what a request would change, never whether it may).
+        if cached is not None and cached[0] is record and cached[1] is policy:
+            return list(cached[2])
+        now = self._clock.now()
+        allowed: list[Action] = []
+        for action in ACTIONS:
+            decision = transition(record, _REQUESTS[action](""), now=now, policy=policy)
+            if decision.rejected is None and (decision.changes or decision.commands):
+                allowed.append(action)
+        self._allowed[name] = (record, policy, tuple(allowed))
+        return allowed
+
     async def details(self, name: str, *, history: int = 20) -> dict[str, Any]:
         """``describe`` plus the latest ``history`` state changes (oldest first), the
         latest exits with their log tails (newest first), and the agent's settings
         (env values left out: they may be secrets)."""
         body = self.describe(name)
-        spec = self.spec(name).model_dump(mode="json")
-        spec["env"] = sorted(spec.get("env", {}))
-        body["config"] = spec
+        body["config"] = self.spec(name).shown()
         body["exits"] = [
             {**info.to_json_with_tail(), "container_id": info.container_id}
             for info in await self._store.exits(name)
@@ -434,6 +457,7 @@ class Agents:
         grace = actor.spec.stop_timeout
         recorded = actor.record.container_id
         await self._supervisor.remove_actor(name)
+        self._allowed.pop(name, None)
         await self._store.delete_agent(name)
         found = await self._runtime.list({**labels.ownership(self._instance), labels.AGENT: name})
         ids = {c.id for c in found} | ({recorded} if recorded is not None else set())

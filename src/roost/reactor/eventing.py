@@ -12,6 +12,9 @@ Invariants:
   dropped (its stream ends with a ``stream.overflow`` event) rather than slowing
   Roost down.
 - The buffer holds the last ``capacity`` events; older ones are gone.
+- Listeners (``add_listener``) see every event synchronously, in order, as it is
+  published (metrics count from them); one that raises is logged, never stops the
+  others or the publisher.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import asyncio
 import collections
 import dataclasses
 import itertools
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from roost.ports.clock import Clock
 
-__all__ = ["EventHub", "HubEvent"]
+__all__ = ["EventHub", "HubEvent", "HubListener"]
+
+log = logging.getLogger("roost.events")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,7 +42,12 @@ class HubEvent:
     at: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "at": self.at, **self.data}
+        # The event's own fields last: data never hides the id SSE resumes from.
+        return {**self.data, "id": self.id, "kind": self.kind, "at": self.at}
+
+
+#: Told of every event as it is published (synchronously: it must not block).
+HubListener = Callable[[HubEvent], None]
 
 
 class _Subscriber:
@@ -58,10 +69,20 @@ class EventHub:
         self._ids = itertools.count(int(clock.now() * 1_000_000))
         self._subscribers: set[_Subscriber] = set()
         self._queue_size = subscriber_queue
+        self._listeners: list[HubListener] = []
+
+    def add_listener(self, listener: HubListener) -> None:
+        """Call ``listener(event)`` for every event published from now on."""
+        self._listeners.append(listener)
 
     def publish(self, kind: str, data: dict[str, Any], *, at: float | None = None) -> HubEvent:
         event = HubEvent(next(self._ids), kind, data, self._clock.now() if at is None else at)
         self._buffer.append(event)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", kind)
         for sub in list(self._subscribers):
             try:
                 sub.queue.put_nowait(event)

@@ -134,7 +134,7 @@ class Leases:
         except BaseException:
             await self._end(lease.id, None)
             raise
-        self._events.publish("lease.granted", lease.to_json())
+        self._events.publish("lease.granted", _event_data(lease))
         return lease
 
     async def renew(self, agent: str, lease_id: str, ttl: float) -> Lease:
@@ -186,4 +186,12 @@ class Leases:
             log.exception("lease %s: releasing the agent's busy mark failed", lease_id)
         if kind is not None:
             log.info("agent %s: %s %s", held.lease.agent, kind, lease_id)
-            self._events.publish(kind, held.lease.to_json())
+            self._events.publish(kind, _event_data(held.lease))
+
+
+def _event_data(lease: Lease) -> dict[str, Any]:
+    """A lease as an event's data: its id as ``lease`` (an event's own ``id`` is the
+    hub's, which SSE resumes from)."""
+    data = lease.to_json()
+    data["lease"] = data.pop("id")
+    return data
