@@ -17,6 +17,7 @@ from roost.config.agents import (
     HoldSettings,
     LifecycleSettings,
     ResolvedAgent,
+    RoutingSettings,
     SpawnedAgent,
     resolve_agent,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "LifecycleSettings",
     "NotifyConfig",
     "ResolvedAgent",
+    "RoutingSettings",
     "ServerConfig",
     "Settings",
     "SpawnedAgent",

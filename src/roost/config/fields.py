@@ -25,17 +25,22 @@ from typing import Annotated, Any, Literal, TypeGuard
 
 from pydantic import BeforeValidator
 
+from roost.core import routing
+
 __all__ = [
     "DOCKER_MIN_MEMORY",
     "AbsolutePath",
+    "AgentListen",
     "AgentName",
     "AtLeastOne",
     "Command",
     "Count",
     "Cpus",
+    "Delivery",
     "DockerName",
     "Env",
     "EnvNames",
+    "EventPatterns",
     "Flag",
     "HttpUrl",
     "IdleAction",
@@ -44,6 +49,7 @@ __all__ = [
     "Listen",
     "LogLevel",
     "MemorySize",
+    "OptionalUrlPath",
     "Port",
     "PositiveSeconds",
     "PositiveSize",
@@ -189,6 +195,28 @@ def _url_path(value: object) -> str:
     return value
 
 
+def _optional_url_path(value: object) -> str:
+    return "" if value == "" else _url_path(value)
+
+
+_DELIVERY_MODES = ("push", "pull", "websocket")
+
+
+def _delivery(value: object) -> str:
+    if value not in _DELIVERY_MODES:
+        raise ValueError(f"must be one of {', '.join(map(repr, _DELIVERY_MODES))}; got {value!r}")
+    return str(value)
+
+
+def _event_patterns(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = _strings(value)
+    for pattern in patterns:
+        routing.check_pattern(pattern)
+    return patterns
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {value!r}")
@@ -246,16 +274,27 @@ def _log_level(value: object) -> str:
     return value.lower()
 
 
-def split_listen(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:7075"`` / ``"[::1]:7075"`` / ``":7075"`` → (host, port)."""
+def split_listen(value: str, *, any_port: bool = False) -> tuple[str, int]:
+    """``"127.0.0.1:7075"`` / ``"[::1]:7075"`` / ``":7075"`` → (host, port).
+    ``any_port``: port 0 (a free port chosen when binding) is allowed."""
     match = re.match(r"^(?:\[([^\]]+)\]|([^:\[\]]*)):(\d{1,5})$", value.strip())
     if not match:
         raise ValueError(f"must be 'host:port' (e.g. 127.0.0.1:7075), got {value!r}")
     host = match.group(1) if match.group(1) is not None else match.group(2)
     port = int(match.group(3))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be 1-65535, got {port}")
+    lowest = 0 if any_port else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"port must be {lowest}-65535, got {port}")
     return host, port
+
+
+def _agent_listen(value: object) -> str:
+    """``host:port`` where the host may be empty (the agents' network gateway) and
+    the port 0 (any free port)."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be 'host:port' (host may be empty), got {value!r}")
+    split_listen(value, any_port=True)
+    return value.strip()
 
 
 def _listen(value: object) -> str:
@@ -359,6 +398,10 @@ EnvNames = Annotated[tuple[str, ...], BeforeValidator(_env_names)]
 Command = Annotated[tuple[str, ...] | None, BeforeValidator(_command)]
 LogLevel = Annotated[str, BeforeValidator(_log_level)]
 Listen = Annotated[str, BeforeValidator(_listen)]
+AgentListen = Annotated[str, BeforeValidator(_agent_listen)]
+Delivery = Annotated[Literal["push", "pull", "websocket"], BeforeValidator(_delivery)]
+EventPatterns = Annotated[tuple[str, ...] | None, BeforeValidator(_event_patterns)]
+OptionalUrlPath = Annotated[str, BeforeValidator(_optional_url_path)]
 IpAddress = Annotated[str, BeforeValidator(_ip_address)]
 DockerName = Annotated[str, BeforeValidator(_docker_object_name)]
 AbsolutePath = Annotated[str, BeforeValidator(_absolute_path)]
