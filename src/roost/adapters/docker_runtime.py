@@ -315,21 +315,26 @@ class DockerRuntime:
 
     # -- networks and volumes ---------------------------------------------------
 
-    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+    async def ensure_network(
+        self, name: str, *, labels: Mapping[str, str], isolated: bool = False
+    ) -> str:
         lock = self._network_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            return await self._ensure_network(name, labels)
+            return await self._ensure_network(name, labels, isolated)
 
-    async def _ensure_network(self, name: str, labels: Mapping[str, str]) -> str:
+    async def _ensure_network(self, name: str, labels: Mapping[str, str], isolated: bool) -> str:
         existing = await self._network_id(name)
         if existing is not None:
             return existing
-        config = {
+        config: dict[str, Any] = {
             "Name": name,
             "Driver": "bridge",
             "CheckDuplicate": True,
             "Labels": dict(labels),
         }
+        if isolated:
+            # Docker drops traffic between two containers of this bridge (iptables).
+            config["Options"] = {"com.docker.network.bridge.enable_icc": "false"}
         with _translated("create network", name):
             try:
                 network = await self._client().networks.create(config)
@@ -343,6 +348,15 @@ class DockerRuntime:
         if found is None:
             raise errors.ContainerError(f"network {name!r} conflicted on create, then vanished")
         return found
+
+    async def network_gateway(self, name: str) -> str | None:
+        with _translated("inspect network", name):
+            data = await (await self._client().networks.get(name)).show()
+        for pool in (data.get("IPAM") or {}).get("Config") or ():
+            gateway = (pool or {}).get("Gateway")
+            if gateway and ":" not in gateway:  # IPv4 only
+                return str(gateway)
+        return None
 
     async def _network_id(self, name: str) -> str | None:
         try:

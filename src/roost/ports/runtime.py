@@ -8,7 +8,9 @@ Invariants every implementation keeps (checked by tests/contract):
   otherwise.
 - ``remove`` and ``stop`` of a container that is already gone are no-ops.
 - ``ensure_network`` / ``ensure_volume`` create only what is absent and never
-  change or remove an existing network or volume.
+  change or remove an existing network or volume. A network created
+  ``isolated`` has inter-container traffic off: its containers reach the host
+  (its gateway) but not each other.
 - ``events`` never blocks the engine: it reads continuously, reconnects on its
   own, yields a ``lost`` event when the stream breaks (the engine may be going
   away) and a ``gap`` event after every reconnect (events may have been lost, so
@@ -178,10 +180,18 @@ class ContainerRuntime(Protocol):
         """Size in bytes; ContainerNotFound if absent."""
         ...
 
-    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+    async def ensure_network(
+        self, name: str, *, labels: Mapping[str, str], isolated: bool = False
+    ) -> str:
         """Create the bridge network ``name`` carrying ``labels`` unless a network of
         that name exists (then it is used as it is, labels untouched); return its id.
-        Concurrent calls for one name end with one network."""
+        ``isolated``: created with inter-container traffic off. Concurrent calls for
+        one name end with one network."""
+        ...
+
+    async def network_gateway(self, name: str) -> str | None:
+        """The IPv4 gateway of network ``name`` (the host's address on it), or None
+        when it has none (``host``, ``none``). ContainerNotFound if absent."""
         ...
 
     async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:
