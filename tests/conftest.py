@@ -84,7 +84,13 @@ def make_settings(
     **sections: dict[str, Any],
 ) -> Settings:
     document: dict[str, Any] = {
-        "server": {"state_dir": str(tmp_path / "state"), **sections.pop("server", {})},
+        # The agent listener on any free port: tests never collide on 7076 (a test
+        # that restarts Roost under adopted containers pins a port of its own).
+        "server": {
+            "state_dir": str(tmp_path / "state"),
+            "agent_listen": ":0",
+            **sections.pop("server", {}),
+        },
         "docker": {"instance": instance, **sections.pop("docker", {})},
         "defaults": {
             "memory": "128m",

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from roost.api import events, jobs, leases, messages, registry
+from roost.api import agent_endpoints, events, jobs, leases, messages, registry, routing
 from roost.api.errors import error_responses, install_error_handlers
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
@@ -264,6 +264,8 @@ def create_api(engine: Engine) -> FastAPI:
     app.include_router(registry.registry_router(engine))
     app.include_router(jobs.jobs_router(engine))
     app.include_router(messages.messages_router(engine))
+    app.include_router(routing.route_router(engine))
+    app.include_router(agent_endpoints.agent_router(engine))
     # Open event streams end when the server stops (serving closes them) or the engine does.
     app.state.event_streams = event_streams = events.EventStreams()
     engine.add_closer(event_streams.close)
