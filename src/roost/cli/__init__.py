@@ -78,6 +78,7 @@ for _command in [
     *agents.action_commands(),
     agents.logs,
     messages.send,
+    messages.route,
     messages.messages,
     events.events,
     jobs.jobs,
