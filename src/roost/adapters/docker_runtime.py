@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -356,6 +357,11 @@ class DockerRuntime:
             gateway = (pool or {}).get("Gateway")
             if gateway and ":" not in gateway:  # IPv4 only
                 return str(gateway)
+            subnet = (pool or {}).get("Subnet")
+            if not gateway and subnet and ":" not in subnet:
+                # The default bridge lists no gateway: Docker then uses the subnet's
+                # first host address (docker0's 172.17.0.1 unless --bip moved it).
+                return str(next(ipaddress.ip_network(subnet, strict=False).hosts()))
         return None
 
     async def _network_id(self, name: str) -> str | None:
