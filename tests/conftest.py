@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import socket
 import subprocess
@@ -36,9 +37,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def docker_images() -> dict[str, str]:
-    """Build (or find cached) the local test images once per session."""
-    subprocess.run([str(ROOT / "scripts" / "build-images")], check=True, capture_output=True)
-    return {"mimic": MIMIC_IMAGE, "busybox": BUSYBOX_IMAGE}
+    """Build (or find cached) the local test images once per session; each named by
+    the tag pinned to this checkout's inputs (``images/build.py``: another checkout
+    sharing the engine may rebuild ``:latest`` meanwhile)."""
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "build-images")], check=True, capture_output=True, text=True
+    ).stdout
+    pinned = dict(re.findall(r"^([\w.-]+:latest): .* as (\S+)$", built, re.MULTILINE))
+    return {
+        "mimic": pinned.get(MIMIC_IMAGE, MIMIC_IMAGE),
+        "busybox": pinned.get(BUSYBOX_IMAGE, BUSYBOX_IMAGE),
+    }
 
 
 @pytest.fixture
