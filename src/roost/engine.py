@@ -233,13 +233,20 @@ class Engine:
                 log.exception("error while closing %s", closer)
         leave = self.settings.docker.leave_running if leave_running is None else leave_running
         if self._started:
+            await self.release_agents()
             await self.dispatcher.stop()
-            await self.channels.close()
             await self.jobs.stop(leave_running=leave)
             await self.supervisor.shutdown(leave_running=leave, remove=remove)
             await self.agents.close()
             await self.health.close()
         await self._close_resources()
+
+    async def release_agents(self) -> None:
+        """Let go of the agents' own connections (shutdown, before the servers wait
+        for open requests): WebSockets close, waiting polls answer 204 at once.
+        Agents reconnect or poll again to the next Roost."""
+        self.dispatcher.pulls.close()
+        await self.channels.close()
 
     def add_opener(self, opener: Callable[[], Awaitable[None]]) -> None:
         """Have ``start`` await ``opener`` once Docker answers and the agents' network

@@ -265,10 +265,10 @@ async def _run_http(
 
     async def stop_when_asked() -> None:
         await stop.wait()
-        # uvicorn waits for open responses to end: end the event streams (api.events)
-        # and the agents' WebSockets first.
+        # uvicorn waits for open responses to end: end the event streams (api.events),
+        # the agents' WebSockets and their long polls first.
         await edge.api.state.event_streams.close()
-        await engine.channels.close()
+        await engine.release_agents()
         server.should_exit = True
         agent_server.should_exit = True
         if server.force_exit:

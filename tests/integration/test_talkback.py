@@ -124,7 +124,8 @@ def _settings(
         tmp_path,
         instance,
         agents=agents,
-        defaults={"idle_timeout": 0, "hold_timeout": 30},
+        # busybox as PID 1 ignores SIGTERM: stop it quickly
+        defaults={"idle_timeout": 0, "hold_timeout": 30, "stop_timeout": 0.5},
         **sections,
     )
 
@@ -288,7 +289,7 @@ async def test_agent_cannot_reach_another_agent_but_reaches_the_agent_listener(
         with socket.create_connection((b_address, 8000), timeout=5):
             pass
         # ... agent A does not: inter-container traffic is dropped
-        blocked = await _exec(a, f"nc -w 2 {b_address} 8000 </dev/null && echo CONNECTED")
+        blocked = await _exec(a, f"nc -w 1 {b_address} 8000 </dev/null && echo CONNECTED")
         # (nc itself works there: the agent listener's port, on the gateway, answers)
         listener = roost.engine.agent_url.removeprefix("http://").replace(":", " ")
         reached = await _exec(a, f"nc -w 2 {listener} </dev/null && echo CONNECTED")

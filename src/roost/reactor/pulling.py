@@ -97,6 +97,7 @@ class Pulls:
         self._settled = settled
         self._awake = awake
         self._queues: dict[str, _Queue] = {}
+        self.closed = False
 
     def _queue(self, agent: str) -> _Queue:
         queue = self._queues.get(agent)
@@ -169,6 +170,14 @@ class Pulls:
                 lease.state = "withdrawn"
                 lease.moved.set()
 
+    def close(self) -> None:
+        """Shutdown: polls waiting now (and later ones) answer at once with nothing,
+        so no agent's long poll holds the server open; its next poll reaches the
+        next Roost."""
+        self.closed = True
+        for queue in self._queues.values():
+            queue.changed.set()
+
     def forget_agent(self, agent: str) -> None:
         """The agent was deleted (or reset): drop what is remembered of it."""
         self.withdraw(agent)
@@ -202,7 +211,7 @@ class Pulls:
                 lease.moved.set()
                 return lease
             remaining = deadline - self._clock.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self.closed:
                 return None
             await aio.sleep(self._clock, remaining, wakeup=queue.changed)
 
