@@ -27,6 +27,7 @@ else). Endpoints:
 - ``GET /seen``: every ``Roost-Message-Id`` received, in arrival order
   (redeliveries included), how many are distinct, and the most messages ever
   handled at once (``max_in_flight``).
+- ``GET /talkback``: ``{"delivery", "nudges", "connections"}`` (below).
 - ``GET /env``: the process environment.
 - ``GET /stream?n=N&interval=S``: N chunked JSON lines, S seconds apart.
 - ``POST /sleep?seconds=S``: replies after S seconds.
@@ -44,7 +45,7 @@ and ``/env``), but only push mode takes messages over it:
   with ``Authorization: Bearer $ROOST_AGENT_TOKEN``, heartbeat while a message
   takes long, and answer it with ``.../queue/{id}/complete``; a complete that
   finds Roost gone is sent again until Roost answers. ``POST /task`` (the nudge)
-  is counted in ``/seen``.
+  is counted (``GET /talkback``: the mode, nudges, WebSocket connections made).
 - ``websocket``: a client of ``$ROOST_URL/api/agents/$ROOST_AGENT/ws`` written on
   ``socket`` (RFC 6455: handshake with its accept check, masked client frames,
   fragments, ping/pong, close), reconnecting with backoff, sending a heartbeat
@@ -308,6 +309,12 @@ class Mimic:
                 "ids": list(self._seen_ids),
                 "distinct": len(self._distinct_ids),
                 "max_in_flight": self.max_in_flight,
+            }
+
+    def talkback(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "delivery": self.settings.delivery,
                 "nudges": self.nudges,
                 "connections": self.connections,
             }
@@ -371,6 +378,8 @@ class MimicHandler(BaseHTTPRequestHandler):
             self._send_json(status, {"ok": status == HTTPStatus.OK})
         elif route == "/seen":
             self._send_json(HTTPStatus.OK, self.mimic.seen())
+        elif route == "/talkback":
+            self._send_json(HTTPStatus.OK, self.mimic.talkback())
         elif route == "/env":
             self._send_json(HTTPStatus.OK, dict(os.environ))
         elif route == "/stream":

@@ -11,6 +11,7 @@ on ``docker wait``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.error
@@ -122,14 +123,17 @@ def _is_timeout(error: BaseException) -> bool:
 
 @pytest.fixture(scope="module")
 def mimic_image() -> str:
-    """Build the image if its inputs changed (cached: a fraction of a second otherwise)."""
-    subprocess.run(
+    """Build the image if its inputs changed (cached: a fraction of a second otherwise);
+    the tag pinned to this checkout's inputs (another checkout may move ``:latest``)."""
+    built = subprocess.run(
         [str(REPO_ROOT / "scripts" / "build-images"), MIMIC_IMAGE],
         check=True,
         capture_output=True,
+        text=True,
         timeout=300,
-    )
-    return MIMIC_IMAGE
+    ).stdout
+    pinned = re.search(r" as (\S+)$", built.strip())
+    return pinned.group(1) if pinned else MIMIC_IMAGE
 
 
 RunMimic = Callable[..., MimicContainer]
@@ -194,7 +198,7 @@ def test_echo_replies_with_body_agent_and_id_count_when_messages_posted(
         "message_id": None,
         "count": 2,
     }
-    assert seen.body == {"ids": ["m1", "m2", "m1"], "distinct": 2}
+    assert seen.body == {"ids": ["m1", "m2", "m1"], "distinct": 2, "max_in_flight": 1}
 
 
 def test_health_answers_503_then_200_when_startup_delay_set(run_mimic: RunMimic) -> None:
@@ -215,7 +219,8 @@ def test_message_answers_503_when_agent_still_starting(run_mimic: RunMimic) -> N
     reply = _request("POST", f"{container.base_url}/messages", {"text": "early"})
 
     assert reply.status == 503
-    assert _request("GET", f"{container.base_url}/seen").body == {"ids": [], "distinct": 0}
+    seen = _request("GET", f"{container.base_url}/seen").body
+    assert seen == {"ids": [], "distinct": 0, "max_in_flight": 1}  # the 503 itself
 
 
 def test_container_exits_with_requested_code_when_exit_message_sent(run_mimic: RunMimic) -> None:

@@ -110,11 +110,12 @@ async def served(settings: Settings) -> AsyncIterator[Daemon]:
         assert await asyncio.wait_for(task, 60) == serving.EXIT_OK
 
 
-async def _seen(daemon: Daemon, agent: str) -> dict[str, Any]:
+async def _mimic(daemon: Daemon, agent: str, path: str) -> dict[str, Any]:
+    """GET ``path`` (``/seen``, ``/talkback``) of a mimic agent's own HTTP server."""
     url = (await daemon.agent(agent))["url"]
     async with httpx.AsyncClient(timeout=10) as client:
-        seen: dict[str, Any] = (await client.get(f"{url}/seen")).json()
-    return seen
+        found: dict[str, Any] = (await client.get(f"{url}{path}")).json()
+    return found
 
 
 def _settings(
@@ -152,9 +153,9 @@ async def test_mimic_pulls_and_answers_messages_when_in_pull_mode(
         failed = await roost.send("puller", {"cmd": "fail"})
         assert failed["status"] == "failed"
         assert "failing on request" in failed["error"]
-        seen = await _seen(roost, "puller")
+        seen = await _mimic(roost, "puller", "/seen")
         assert seen["ids"][:3] == ids
-        assert seen["nudges"] >= 1
+        assert (await _mimic(roost, "puller", "/talkback"))["nudges"] >= 1
         env = docker_inspect((await roost.agent("puller"))["container_id"])["Config"]["Env"]
         assert f"ROOST_URL={roost.engine.agent_url}" in env
 
@@ -177,7 +178,7 @@ async def test_mimic_answers_over_its_websocket_when_in_websocket_mode(
             assert answer["reply"]["message_id"] == answer["id"]
         routed_failure = await roost.send("talker", {"cmd": "fail"})
         assert routed_failure["status"] == "failed"
-        assert (await _seen(roost, "talker"))["connections"] == 1
+        assert (await _mimic(roost, "talker", "/talkback"))["connections"] == 1
 
 
 async def test_busybox_wget_agent_pulls_and_completes_messages_end_to_end(
