@@ -16,9 +16,12 @@ import pytest
 
 from roost.core.states import AgentState
 from roost.ports.agent_http import AgentResponse
-from roost.ports.inbox import MessageStatus
+from roost.ports.inbox import Message, MessageStatus
+from roost.reactor.attempts import Outcome
+from roost.reactor.pulling import Pulls
 from roost.testing import EngineHarness
 from roost.testing.fake_agent_client import FakeAgentClient
+from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings, wait_until
 
@@ -306,3 +309,70 @@ async def test_complete_is_accepted_after_restart_when_lease_was_held(tmp_path: 
         assert stored["reply"] == 7
         # and it is not given out again
         assert (await _next(agent, wait=0.2)).status_code == 204
+
+
+# -- the queue itself (no HTTP), on fake time --------------------------------------
+
+
+class _Inbox:
+    """Just what ``Pulls`` uses of the inbox: lazy ``delivering`` marks and lookups."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = {m.id: m for m in messages}
+        self.delivered: dict[str, Any] = {}
+
+    def mark_delivering(self, message_id: str, *, attempts: int) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def get(self, agent: str, message_id: str) -> Message | None:
+        return self.messages.get(message_id)
+
+    async def mark_delivered(self, message: Message, reply: Any) -> None:
+        self.delivered[message.id] = reply
+
+
+def _pulls(messages: list[Message]) -> tuple[Pulls, _Inbox, list[Message]]:
+    inbox = _Inbox(messages)
+    settled: list[Message] = []
+    pulls = Pulls(
+        inbox=inbox,  # type: ignore[arg-type]  # the subset Pulls uses
+        clock=FakeClock(),
+        settled=settled.append,
+        awake=lambda agent: True,
+    )
+    return pulls, inbox, settled
+
+
+def _message(seq: int) -> Message:
+    return Message(f"m{seq}", "w", seq, {"n": seq}, MessageStatus.QUEUED)
+
+
+async def test_each_offer_wakes_one_waiting_poll_and_a_cancelled_one_passes_it_on() -> None:
+    pulls, _, _ = _pulls([_message(1), _message(2)])
+    polls = [asyncio.ensure_future(pulls.next("w", wait=60)) for _ in range(3)]
+    await asyncio.sleep(0)
+    offering = asyncio.ensure_future(pulls.offer(_message(1), attempt=1, lease_timeout=9))
+    await asyncio.sleep(0)
+    polls[0].cancel()  # woken for that offer, but gone before it ran
+    leases = await asyncio.wait_for(asyncio.wait(polls[1:], timeout=0.2), 2)
+    taken = [p.result() for p in leases[0]]
+    assert len(taken) == 1  # exactly one poll took it; the other still waits
+    assert taken[0] is not None
+    assert taken[0].message.id == "m1"
+    assert await offering is taken[0]
+    for poll in polls:
+        poll.cancel()
+
+
+async def test_complete_between_leases_is_stored_once_and_the_lane_skips_it() -> None:
+    pulls, inbox, settled = _pulls([_message(1)])
+    stored = await pulls.complete("w", "m1", Outcome.reply({"late": True}))
+    assert stored.status is MessageStatus.DELIVERED
+    assert inbox.delivered == {"m1": {"late": True}}
+    assert [m.id for m in settled] == ["m1"]
+    # when the lane's turn comes it is told the message is settled, and offers nothing
+    skipped = await pulls.offer(_message(1), attempt=2, lease_timeout=9)
+    assert skipped == Outcome("settled")
+    assert await pulls.next("w", wait=0) is None

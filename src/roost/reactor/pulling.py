@@ -31,6 +31,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
@@ -75,8 +77,8 @@ class Lease:
 class _Queue:
     def __init__(self) -> None:
         self.offers: dict[str, Lease] = {}
-        #: set whenever a message is offered (pollers re-check).
-        self.changed = asyncio.Event()
+        #: polls waiting for an offer, oldest first; each offer wakes one (no herd).
+        self.waiting: collections.deque[asyncio.Event] = collections.deque()
         #: ids completed while no lease of theirs was in flight: the lane skips them.
         self.done_early: set[str] = set()
 
@@ -123,7 +125,7 @@ class Pulls:
             return None
         lease = Lease(message, attempt, lease_timeout)
         queue.offers[message.id] = lease
-        queue.changed.set()
+        self._wake_one(queue)
         try:
             await lease.moved.wait()
         finally:
@@ -176,7 +178,8 @@ class Pulls:
         next Roost."""
         self.closed = True
         for queue in self._queues.values():
-            queue.changed.set()
+            while queue.waiting:
+                queue.waiting.popleft().set()
 
     def forget_agent(self, agent: str) -> None:
         """The agent was deleted (or reset): drop what is remembered of it."""
@@ -193,7 +196,6 @@ class Pulls:
         queue = self._queue(agent)
         deadline = self._clock.monotonic() + wait
         while True:
-            queue.changed.clear()
             offered = [
                 lease
                 for lease in queue.offers.values()
@@ -209,11 +211,24 @@ class Pulls:
                     lease.message.id, attempts=lease.attempt
                 )
                 lease.moved.set()
+                if len(offered) > 1:
+                    self._wake_one(queue)  # more are waiting: pass the word on
                 return lease
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0 or self.closed:
                 return None
-            await aio.sleep(self._clock, remaining, wakeup=queue.changed)
+            woken = asyncio.Event()
+            queue.waiting.append(woken)
+            try:
+                await aio.sleep(self._clock, remaining, wakeup=woken)
+            except BaseException:
+                if woken.is_set():
+                    self._wake_one(queue)  # a wake-up meant for an offer goes on, not lost
+                raise
+            finally:
+                if not woken.is_set():
+                    with contextlib.suppress(ValueError):
+                        queue.waiting.remove(woken)
 
     def heartbeat(self, agent: str, message_id: str) -> float:
         """Renew the message's lease; its new expiry. Conflict when it holds none."""
@@ -280,6 +295,12 @@ class Pulls:
         lease.moved.set()
         # The lane records it; shielded: a caller that goes away does not undo it.
         return await asyncio.shield(lease.recorded)
+
+    @staticmethod
+    def _wake_one(queue: _Queue) -> None:
+        """Wake the oldest waiting poll (it takes the oldest offer)."""
+        if queue.waiting:
+            queue.waiting.popleft().set()
 
     def _forget(self, lease: Lease) -> None:
         queue = self._queues.get(lease.message.agent)
