@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from roost.testing import EngineHarness
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_until
 
 IMAGE = "roost-mimic:latest"
 ADMIN_TOKEN = "admin-secret"
@@ -170,3 +170,28 @@ async def test_tokens_stay_out_of_labels_database_and_logs(
     assert all(t.encode() not in state for t in tokens)
     events = (await roost.client.get("/api/agents/bob")).text
     assert all(t not in events for t in tokens)
+
+
+async def test_stopped_container_is_recreated_when_its_token_is_no_longer_valid(
+    roost: EngineHarness,
+) -> None:
+    agents = roost.engine.agents
+    first = agents.get("alice").container_id
+    await agents.act("alice", "stop")
+    await wait_until(lambda: not agents.get("alice").expected_exit, what="the exit seen")
+    await roost.engine.credentials.issue("alice")  # e.g. a create that failed since
+    await agents.wake("alice", reason="test", timeout=5)
+    assert agents.get("alice").container_id != first  # not started again as it was
+    async with roost.agent_client(roost.agent_token("alice")) as alice:
+        assert (await alice.post("/api/agents/alice/queue/next")).status_code == 204
+
+
+async def test_stopped_container_is_started_as_it_is_when_its_token_is_valid(
+    roost: EngineHarness,
+) -> None:
+    agents = roost.engine.agents
+    first = agents.get("alice").container_id
+    await agents.act("alice", "stop")
+    await wait_until(lambda: not agents.get("alice").expected_exit, what="the exit seen")
+    await agents.wake("alice", reason="test", timeout=5)
+    assert agents.get("alice").container_id == first

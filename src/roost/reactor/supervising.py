@@ -456,6 +456,20 @@ class AgentActor:
             extra_hosts=("host.docker.internal:host-gateway",),
         )
 
+    def _wired(self, env: tuple[str, ...]) -> bool:
+        """Whether a stopped container, started again as it is, would reach Roost: its
+        ROOST_URL is the agent listener's now, and it holds the agent's valid token (a
+        container made before either changed, e.g. before a new ``server.agent_listen``
+        or by a Roost without tokens, would not)."""
+        if self.sup.agent_url and f"ROOST_URL={self.sup.agent_url}" not in env:
+            return False
+        credentials = self.sup.credentials
+        if credentials is None:
+            return True
+        prefix = f"{TOKEN_ENV}="
+        tokens = [entry.removeprefix(prefix) for entry in env if entry.startswith(prefix)]
+        return bool(tokens) and credentials.verify(tokens[-1]) == self.name
+
     async def _start_procedure(
         self, replace: str | None, attempt: int, *, paused_before: bool = False
     ) -> None:
@@ -488,6 +502,13 @@ class AgentActor:
                     existing = None
                 if existing is not None and existing.labels.get(labels.CONFIG_HASH) != want_hash:
                     log.info("agent %s: spec changed; recreating its container", self.name)
+                    await rt.remove(cid, force=True)
+                    existing = None
+                if existing is not None and not self._wired(existing.env):
+                    log.info(
+                        "agent %s: its container's ROOST_URL or token is stale; recreating it",
+                        self.name,
+                    )
                     await rt.remove(cid, force=True)
                     existing = None
                 if existing is not None and existing.status in ("dead", "removing"):
