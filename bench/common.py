@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
 import secrets
 import socket
 import statistics
@@ -33,7 +34,13 @@ import aiodocker
 import aiohttp
 
 from roost.adapters.docker_runtime import DockerRuntime
-from roost.config import ResolvedAgent, Settings, parse_agent_config, parse_settings
+from roost.config import (
+    ResolvedAgent,
+    Settings,
+    parse_agent_settings,
+    parse_settings,
+    resolve_agent,
+)
 from roost.ports.runtime import ContainerSpec, ContainerState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +62,16 @@ def parse_args(description: str) -> argparse.Namespace:
 def ensure_images() -> None:
     """Build (or find cached) the local test images; no registry is involved."""
     subprocess.run([str(ROOT / "scripts" / "build-images")], check=True, capture_output=True)
+
+
+def pinned_images() -> dict[str, str]:
+    """Build (or find cached) the local images; ``:latest`` tag → the tag pinned to
+    this checkout's inputs (``images/build.py``), which no other checkout's build
+    replaces while the benchmark runs."""
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "build-images")], check=True, capture_output=True, text=True
+    ).stdout
+    return dict(re.findall(r"^([\w.-]+:latest): .* as (\S+)$", built, re.MULTILINE))
 
 
 def run_id(prefix: str) -> str:
@@ -81,8 +98,8 @@ def agent_spec(
     settings: Settings, name: str, *, image: str = MIMIC_IMAGE, **overrides: Any
 ) -> ResolvedAgent:
     """An agent spec as ``POST /api/agents`` would build it (defaults merged)."""
-    config = parse_agent_config({"image": image, "port": MIMIC_PORT, **overrides}, name=name)
-    return config.effective(settings.defaults, name=name)
+    table = parse_agent_settings({"image": image, "port": MIMIC_PORT, **overrides}, name=name)
+    return resolve_agent(name, settings.defaults, table)
 
 
 def raw_create_config(run: str, name: str, *, memory: int = 64 * 1024**2) -> dict[str, Any]:

@@ -26,6 +26,12 @@ Invariants:
 - The image a rebuild replaces (and any earlier untagged one) is removed only
   when it carries our label and no container uses it (``docker rmi`` without
   force; failure is ignored, a later build retries).
+- Every build is also imported as ``<repository>:inputs-<first 12 of its hash>``
+  (printed as ``as TAG``), an image of its own: on a Docker engine shared by
+  several checkouts, each one's tests name exactly the image built from its own
+  files, whatever another checkout's build has done to ``:latest`` (and the image
+  it replaced) since. Those images are never removed here (another checkout may
+  be using its own); ``docker rmi`` them by hand.
 
 Usage: ``python3 images/build.py [--force] [IMAGE ...]``; prints one line per
 image saying ``built`` (with seconds and size) or ``cached``.
@@ -330,19 +336,12 @@ def _remove_unused_superseded_images() -> None:
         _docker("rmi", image_id)  # best effort: an image in use stays until the next build
 
 
-def build(recipe: ImageRecipe, *, force: bool) -> str:
-    """Build one image unless cached; return the line to print."""
-    started = time.monotonic()
-    rootfs = recipe.make_rootfs()
-    input_hash = rootfs.fingerprint([*recipe.changes, Path(__file__).read_text()])
-    current = _current_image(recipe.tag)
-    if current is not None and current[1] == input_hash and not force:
-        elapsed = time.monotonic() - started
-        return f"{recipe.tag}: cached (inputs {input_hash[:12]}, checked in {elapsed:.2f} s)"
+def _import(rootfs: Rootfs, recipe: ImageRecipe, tag: str, input_hash: str) -> str:
+    """``docker import`` the rootfs as ``tag``; the new image's id."""
     command = ["docker", "import"]
     for change in (*recipe.changes, f"LABEL {INPUT_HASH_LABEL}={input_hash}"):
         command += ["--change", change]
-    command += ["-", recipe.tag]
+    command += ["-", tag]
     importer = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -352,17 +351,40 @@ def build(recipe: ImageRecipe, *, force: bool) -> str:
         rootfs.write_tar(importer.stdin)
     stdout, stderr = importer.communicate()  # closes stdin: the end of the tar stream
     if importer.returncode != 0:
-        raise SystemExit(f"{recipe.tag}: docker import failed: {stderr.decode().strip()}")
-    new_id = stdout.decode().strip()
-    if current is not None and current[0] != new_id and current[1]:
-        _docker("rmi", current[0])  # best effort: an image in use stays
-    _remove_unused_superseded_images()
+        raise SystemExit(f"{tag}: docker import failed: {stderr.decode().strip()}")
+    return stdout.decode().strip()
+
+
+def build(recipe: ImageRecipe, *, force: bool) -> str:
+    """Build one image unless cached; return the line to print."""
+    started = time.monotonic()
+    rootfs = recipe.make_rootfs()
+    input_hash = rootfs.fingerprint([*recipe.changes, Path(__file__).read_text()])
+    pinned = f"{recipe.tag.rsplit(':', 1)[0]}:inputs-{input_hash[:12]}"
+    current = _current_image(recipe.tag)
+    latest_cached = current is not None and current[1] == input_hash and not force
+    pinned_cached = _current_image(pinned) is not None and not force
+    if latest_cached and pinned_cached:
+        elapsed = time.monotonic() - started
+        return (
+            f"{recipe.tag}: cached (inputs {input_hash[:12]}, checked in {elapsed:.2f} s) "
+            f"as {pinned}"
+        )
+    if not pinned_cached:
+        # An image of its own, not a second tag of :latest's: a build elsewhere that
+        # replaces :latest removes the image :latest had, never this one.
+        _import(rootfs, recipe, pinned, input_hash)
+    if not latest_cached:
+        new_id = _import(rootfs, recipe, recipe.tag, input_hash)
+        if current is not None and current[0] != new_id and current[1]:
+            _docker("rmi", current[0])  # best effort: an image in use stays
+        _remove_unused_superseded_images()
     size = _docker("image", "inspect", "--format", "{{.Size}}", recipe.tag).stdout.strip()
     size_mb = int(size or 0) / 1e6
     elapsed = time.monotonic() - started
     return (
         f"{recipe.tag}: built in {elapsed:.2f} s ({size_mb:.1f} MB, "
-        f"{len(rootfs.files)} files, inputs {input_hash[:12]})"
+        f"{len(rootfs.files)} files, inputs {input_hash[:12]}) as {pinned}"
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import socket
 import subprocess
@@ -38,12 +39,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def docker_images() -> dict[str, str]:
-    """Build (or find cached) the local test images once per session."""
-    subprocess.run([str(ROOT / "scripts" / "build-images")], check=True, capture_output=True)
+    """Build (or find cached) the local test images once per session; each named by
+    the tag pinned to this checkout's inputs (``images/build.py``: another checkout
+    sharing the engine may rebuild ``:latest`` meanwhile)."""
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "build-images")], check=True, capture_output=True, text=True
+    ).stdout
+    pinned = dict(re.findall(r"^([\w.-]+:latest): .* as (\S+)$", built, re.MULTILINE))
     return {
-        "mimic": MIMIC_IMAGE,
-        "mimic-healthcheck": MIMIC_HEALTHCHECK_IMAGE,
-        "busybox": BUSYBOX_IMAGE,
+        "mimic": pinned.get(MIMIC_IMAGE, MIMIC_IMAGE),
+        "mimic-healthcheck": pinned.get(MIMIC_HEALTHCHECK_IMAGE, MIMIC_HEALTHCHECK_IMAGE),
+        "busybox": pinned.get(BUSYBOX_IMAGE, BUSYBOX_IMAGE),
     }
 
 
@@ -90,7 +96,13 @@ def make_settings(
     **sections: dict[str, Any],
 ) -> Settings:
     document: dict[str, Any] = {
-        "server": {"state_dir": str(tmp_path / "state"), **sections.pop("server", {})},
+        # The agent listener on any free port: tests never collide on 7076 (a test
+        # that restarts Roost under adopted containers pins a port of its own).
+        "server": {
+            "state_dir": str(tmp_path / "state"),
+            "agent_listen": ":0",
+            **sections.pop("server", {}),
+        },
         "docker": {"instance": instance, **sections.pop("docker", {})},
         "defaults": {
             "memory": "128m",

@@ -6,7 +6,11 @@ Start-up order (each step must succeed before the next):
    store and inbox repositories built on it;
 3. reach Docker (DockerUnavailable names the host and what to do) and claim the
    instance id there (``reactor.owning``: a second live Roost with the same
-   instance on the engine is refused, naming it);
+   instance on the engine is refused, naming it), and make sure the agents'
+   network exists (``roost-agents`` by default: created if missing,
+   inter-container traffic off; its gateway is where the agent listener binds);
+   then run the front ends' openers (``add_opener``: ``roost.serving`` binds the
+   agent listener there), before any agent is touched;
 4. load agents: configured ones are inserted or their spec refreshed, ones
    registered over the API are restored from the store (a spawned agent's
    network and volume are re-created if missing), configured agents that left
@@ -43,10 +47,12 @@ from roost.adapters.sqlite_database import Database
 from roost.adapters.sqlite_inbox import SqliteInbox
 from roost.adapters.sqlite_jobs import SqliteJobStore
 from roost.adapters.sqlite_store import SqliteStore
+from roost.adapters.sqlite_tokens import SqliteTokenStore
 from roost.adapters.state_lock import StateDirLock, instance_id
 from roost.adapters.system_clock import SystemClock
 from roost.adapters.webhook_notifier import WebhookNotifier
 from roost.config import ResolvedAgent, Settings, SpawnedAgent, load_settings
+from roost.core import labels
 from roost.core.records import AgentRecord, StateChange
 from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
@@ -55,8 +61,11 @@ from roost.ports.jobs import Job, JobStore
 from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
+from roost.ports.tokens import TokenStore
 from roost.reactor import owning, swarming
 from roost.reactor.agents import Agents
+from roost.reactor.channels import Channels
+from roost.reactor.credentials import Credentials
 from roost.reactor.delivering import Dispatcher
 from roost.reactor.eventing import EventHub
 from roost.reactor.health import Health
@@ -101,6 +110,7 @@ class Engine:
         agent_client: AgentClient | None = None,
         job_store: JobStore | None = None,
         inbox: Inbox | None = None,
+        tokens: TokenStore | None = None,
         lock: bool = True,
     ) -> None:
         self.settings = settings
@@ -129,6 +139,17 @@ class Engine:
         self.events = EventHub(clock=self.clock)
         #: Roost's own conditions: the engine unreachable, the state database failing.
         self.health = Health(clock=self.clock, announce=self.announce)
+        #: per-container agent tokens, stored as hashes (same SQLite file).
+        self.credentials = Credentials(tokens or SqliteTokenStore(self._database()))
+        #: WebSocket agents' connections; a revoked token closes its connection.
+        self.channels = Channels(clock=self.clock)
+        self.credentials.on_revoke(
+            lambda agent: self.channels.revoke(agent, self.credentials.current(agent))
+        )
+        #: the network agents join (None: Docker's default bridge) and its gateway,
+        #: known once started (the agent listener binds there by default).
+        self.agents_network = settings.agents_network
+        self.agents_gateway: str | None = None
         self.supervisor = Supervisor(
             store=self.store,
             health=self.health,
@@ -141,8 +162,10 @@ class Engine:
             instance=self.instance,
             public_url=settings.server.resolved_public_url,
             publish_host=settings.docker.publish_host,
-            network=settings.docker.network or None,
+            network=self.agents_network,
             pull_timeout=settings.docker.pull_timeout,
+            credentials=self.credentials,
+            channels=self.channels,
         )
         self.supervisor.add_listener(self._publish_changes)
         #: the one door into the agents for every front end (see reactor.agents).
@@ -153,6 +176,7 @@ class Engine:
             clock=self.clock,
             announce=self.announce,
             instance=self.instance,
+            credentials=self.credentials,
         )
         if job_store is None:
             job_store = SqliteJobStore(self._database(), secret_env=settings.jobs.secret_env)
@@ -180,11 +204,14 @@ class Engine:
             agent_client=self.agent_client,
             clock=self.clock,
             publish=self.events.publish,
+            channels=self.channels,
         )
         #: leases that keep agents awake (in memory; ended first on stop).
         self.leases = Leases(self.agents, clock=self.clock, events=self.events)
         #: front-end components' close (proxy session, event streams), run first on stop.
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        #: front-end components' start (the agent listener), run before agents load.
+        self._openers: list[Callable[[], Awaitable[None]]] = []
         self._started = False
         self._closed = False
         #: this engine holds its instance's owner marker in Docker (reactor.owning).
@@ -212,9 +239,13 @@ class Engine:
                 await self.database.open()
             await self.store.open()
             await self.inbox.open()
+            await self.credentials.load()
             self.docker_api_version = await self.runtime.ping()
             await owning.claim_instance(self.runtime, self.instance, self.settings.state_path())
             self._claimed = True
+            await self._prepare_agents_network()
+            for opener in self._openers:
+                await opener()
             await self._load_agents()
             self.supervisor.start_watching()
             await self.supervisor.reconcile()
@@ -246,12 +277,51 @@ class Engine:
                 log.exception("error while closing %s", closer)
         leave = self.settings.docker.leave_running if leave_running is None else leave_running
         if self._started:
+            await self.release_agents()
             await self.dispatcher.stop()
             await self.jobs.stop(leave_running=leave)
             await self.supervisor.shutdown(leave_running=leave, remove=remove)
             await self.agents.close()
             await self.health.close()
         await self._close_resources()
+
+    async def release_agents(self) -> None:
+        """Let go of the agents' own connections (shutdown, before the servers wait
+        for open requests): WebSockets close, waiting polls answer 204 at once.
+        Agents reconnect or poll again to the next Roost."""
+        self.dispatcher.pulls.close()
+        await self.channels.close()
+
+    def add_opener(self, opener: Callable[[], Awaitable[None]]) -> None:
+        """Have ``start`` await ``opener`` once Docker answers and the agents' network
+        exists, before any agent is loaded (e.g. binding the agent listener on that
+        network's gateway, so ROOST_URL is known before a container is created).
+        An opener that raises stops the start."""
+        self._openers.append(opener)
+
+    @property
+    def agent_url(self) -> str:
+        """The agent listener's URL as containers see it (their ROOST_URL); empty
+        while none is served (then they get ``server.public_url``)."""
+        return self.supervisor.agent_url
+
+    @agent_url.setter
+    def agent_url(self, url: str) -> None:
+        self.supervisor.agent_url = url
+
+    async def _prepare_agents_network(self) -> None:
+        """Create Roost's agents' network if missing (only the one Roost names:
+        ``docker.network`` is the user's and used as it is), and learn its gateway."""
+        name = self.agents_network
+        if name is None:
+            name = "bridge"
+        elif not self.settings.docker.network:
+            await self.runtime.ensure_network(name, labels={labels.MANAGED: "true"}, isolated=True)
+        try:
+            self.agents_gateway = await self.runtime.network_gateway(name)
+        except errors.NotFound:
+            log.warning("network %r (docker.network) does not exist yet", name)
+            self.agents_gateway = None
 
     def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Have ``stop`` call ``closer`` first (front ends built on the engine, e.g. the
@@ -263,6 +333,7 @@ class Engine:
             await owning.release_instance(self.runtime, self.instance)
             self._claimed = False
         closers = (self.agent_client.close, self.runtime.close, self.inbox.close, self.store.close)
+        # (The token store needs no closing: its writes are awaited by their callers.)
         database = () if self.database is None else (self.database.close,)
         for closer in (*closers, *database):
             try:

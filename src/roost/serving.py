@@ -1,11 +1,18 @@
 """Run Roost as a daemon: the engine plus the admin API under uvicorn, until a signal.
 
+Two listeners: ``server.listen`` (the admin API, the proxy and the dashboard;
+loopback by default) and ``server.agent_listen`` (the agent listener,
+``roost.edge.agent_app``: the agent endpoints only, with per-agent tokens; by
+default on the gateway of the agents' network, the address containers reach).
+
 Order (each step must succeed before the next, so a refusal starts nothing):
 1. read the API token; refuse (ConfigError naming ``server.listen`` and
    ``server.token_file``) when ``listen`` is not loopback and there is none;
 2. bind the listen socket (a taken port fails here, before any container is touched);
-3. start the engine (state lock, store, Docker, reconcile);
-4. serve HTTP until SIGTERM or SIGINT (SIGHUP re-reads the config file and
+3. start the engine (state lock, store, Docker, reconcile); once Docker answers
+   and the agents' network exists, and before any agent is touched, bind the
+   agent listener and make its URL every new container's ``ROOST_URL``;
+4. serve HTTP on both until SIGTERM or SIGINT (SIGHUP re-reads the config file and
    applies its agents; an invalid file changes nothing and never stops the
    daemon; a second SIGTERM/SIGINT forces the close of open
    connections), or until the ``shutdown`` event is set;
@@ -28,14 +35,14 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 
 import uvicorn
 
 from roost import errors
 from roost.aio import TaskSet
 from roost.config import Settings
-from roost.edge import create_app
+from roost.edge import create_agent_app, create_app
 from roost.edge.connections import protocol_with_head_deadline
 from roost.engine import Engine
 
@@ -122,14 +129,16 @@ async def serve(
     *,
     engine: Engine | None = None,
     listen_socket: socket.socket | None = None,
+    agent_socket: socket.socket | None = None,
     shutdown: asyncio.Event | None = None,
     handle_signals: bool = True,
 ) -> int:
     """Run Roost until told to stop; return the process exit code.
 
-    ``engine`` (default: built from ``settings``) and ``listen_socket`` (default:
-    bound from ``server.listen``) let tests run a daemon on fakes in-process;
-    setting ``shutdown`` stops it like SIGTERM does.
+    ``engine`` (default: built from ``settings``), ``listen_socket`` (default:
+    bound from ``server.listen``) and ``agent_socket`` (default: bound from
+    ``server.agent_listen`` once the agents' network is known) let tests run a
+    daemon on fakes in-process; setting ``shutdown`` stops it like SIGTERM does.
     """
     logging.basicConfig(level=settings.server.log_level.upper(), format=_LOG_FORMAT)
     try:
@@ -150,13 +159,16 @@ async def serve(
             )
             return EXIT_FAILURE
 
-    with contextlib.closing(sock):
+    agent_sockets: list[socket.socket] = [] if agent_socket is None else [agent_socket]
+    with contextlib.closing(sock), contextlib.ExitStack() as closing:
+        closing.callback(_close_all, agent_sockets)
         if engine is None:
             try:
                 engine = Engine(settings)
             except errors.ConfigError as exc:
                 _fail(str(exc))
                 return EXIT_CONFIG
+        engine.add_opener(_agent_listener_opener(settings, engine, agent_sockets))
         try:
             await engine.start()
         except errors.ConfigError as exc:
@@ -169,25 +181,55 @@ async def serve(
             _fail(f"cannot start: {exc}")
             return EXIT_FAILURE
         try:
-            return await _run_http(settings, engine, sock, token, shutdown, handle_signals)
+            return await _run_http(
+                settings, engine, sock, agent_sockets[0], token, shutdown, handle_signals
+            )
         finally:
             log.info("shutting down (leave_running=%s)", settings.docker.leave_running)
             await engine.stop()
             log.info("roost stopped")
 
 
-async def _run_http(
-    settings: Settings,
-    engine: Engine,
-    sock: socket.socket,
-    token: str | None,
-    shutdown: asyncio.Event | None,
-    handle_signals: bool,
-) -> int:
+def _close_all(sockets: list[socket.socket]) -> None:
+    for each in sockets:
+        each.close()
+
+
+def _agent_listener_opener(
+    settings: Settings, engine: Engine, sockets: list[socket.socket]
+) -> Callable[[], Awaitable[None]]:
+    """Bind the agent listener (unless a socket was given) once the agents' network
+    is known, and make it the ROOST_URL of the containers created from now on."""
+
+    async def open_agent_listener() -> None:
+        if not sockets:
+            host = settings.server.agent_listen_host or engine.agents_gateway
+            if not host:
+                raise errors.ConfigError(
+                    f"{settings.source_file or '<defaults>'}: server.agent_listen "
+                    f"({settings.server.agent_listen!r}) names no host and the agents' "
+                    f"network ({engine.agents_network or 'bridge'}) has no gateway: set "
+                    "server.agent_listen = 'HOST:PORT' to an address containers reach",
+                    key="server.agent_listen",
+                    file=settings.source_file,
+                )
+            try:
+                sockets.append(await bind_listen_socket(host, settings.server.agent_listen_port))
+            except OSError as exc:
+                raise errors.RoostError(
+                    f"cannot listen on {host}:{settings.server.agent_listen_port} "
+                    f"(server.agent_listen, the agent listener): {exc.strerror or exc}"
+                ) from exc
+        engine.agent_url = _url_of(sockets[0])
+        log.info("agent listener on %s (ROOST_URL of agent containers)", engine.agent_url)
+
+    return open_agent_listener
+
+
+def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
     level = settings.server.log_level
-    edge = create_app(engine, token=token)
-    config = uvicorn.Config(
-        edge,
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
         log_level=level,
         lifespan="off",
         log_config=None,  # our basicConfig formats uvicorn's records too
@@ -199,7 +241,20 @@ async def _run_http(
         timeout_keep_alive=int(max(1.0, settings.server.keep_alive_timeout)),
         limit_concurrency=settings.server.max_connections,
     )
-    server = _Server(config)
+
+
+async def _run_http(
+    settings: Settings,
+    engine: Engine,
+    sock: socket.socket,
+    agent_sock: socket.socket,
+    token: str | None,
+    shutdown: asyncio.Event | None,
+    handle_signals: bool,
+) -> int:
+    edge = create_app(engine, token=token)
+    server = _Server(_uvicorn_config(settings, edge))
+    agent_server = _Server(_uvicorn_config(settings, create_agent_app(engine)))
     stop = shutdown or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -213,9 +268,14 @@ async def _run_http(
 
     async def stop_when_asked() -> None:
         await stop.wait()
-        # uvicorn waits for open responses to end: end the event streams (api.events) first.
+        # uvicorn waits for open responses to end: end the event streams (api.events),
+        # the agents' WebSockets and their long polls first.
         await edge.api.state.event_streams.close()
+        await engine.release_agents()
         server.should_exit = True
+        agent_server.should_exit = True
+        if server.force_exit:
+            agent_server.force_exit = True
 
     reloads = TaskSet(log)
 
@@ -239,6 +299,14 @@ async def _run_http(
         installed.append(signal.SIGHUP)
     watcher = asyncio.create_task(stop_when_asked(), name="roost.serving.shutdown")
     log.info("roost listening on %s (dashboard /, API /api, docs /docs)", _url_of(sock))
+
+    async def serve_agents() -> None:
+        try:
+            await agent_server.serve(sockets=[agent_sock])
+        except SystemExit:  # uvicorn's way to say it cannot serve: never out of a task
+            log.error("the agent listener on %s could not start", _url_of(agent_sock))
+
+    agents_task = asyncio.create_task(serve_agents(), name="roost.serving.agent-listener")
     try:
         await server.serve(sockets=[sock])
     except SystemExit:
@@ -246,6 +314,9 @@ async def _run_http(
         _fail(f"the HTTP server could not start on {settings.server.listen}")
         return EXIT_FAILURE
     finally:
+        agent_server.should_exit = True
+        agent_server.force_exit = agent_server.force_exit or server.force_exit
+        await asyncio.gather(agents_task, return_exceptions=True)
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await reloads.close()

@@ -125,6 +125,10 @@ class Harness:
         """The labels of volume ``name``; None when there is no such volume."""
         raise NotImplementedError
 
+    async def network_isolated(self, name: str) -> bool:
+        """Whether network ``name`` has inter-container traffic off."""
+        raise NotImplementedError
+
     async def networks_of(self, container_id: str) -> list[str]:
         """Names of the networks a container is attached to."""
         raise NotImplementedError
@@ -173,6 +177,9 @@ class FakeHarness(Harness):
     async def volume_labels(self, name: str) -> dict[str, str] | None:
         found = self.runtime.volumes.get(name)
         return None if found is None else dict(found)
+
+    async def network_isolated(self, name: str) -> bool:
+        return name in self.runtime.isolated_networks
 
     async def networks_of(self, container_id: str) -> list[str]:
         return [self.runtime.container_spec(container_id).network or "bridge"]
@@ -261,6 +268,11 @@ class DockerHarness(Harness):
                 return None
             raise
         return dict(data.get("Labels") or {})
+
+    async def network_isolated(self, name: str) -> bool:
+        data = await (await self.raw.networks.get(name)).show()
+        options = data.get("Options") or {}
+        return bool(options.get("com.docker.network.bridge.enable_icc") == "false")
 
     async def networks_of(self, container_id: str) -> list[str]:
         data = await self.raw.containers.container(container_id).show()

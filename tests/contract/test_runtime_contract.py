@@ -9,6 +9,7 @@ failure modes.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import secrets
 import socket
@@ -675,6 +676,33 @@ async def test_start_attaches_network_and_publishes_port_when_spec_names_network
     assert state.host_port is not None
     assert state.host_ip == "127.0.0.1"
     assert state.ip_address is not None
+
+
+async def test_ensure_network_turns_inter_container_traffic_off_when_isolated(
+    harness: Harness,
+) -> None:
+    isolated, open_ = f"{harness.instance}-iso", f"{harness.instance}-open"
+
+    await harness.runtime.ensure_network(isolated, labels=harness.labels, isolated=True)
+    await harness.runtime.ensure_network(open_, labels=harness.labels)
+
+    assert await harness.network_isolated(isolated)
+    assert not await harness.network_isolated(open_)
+
+
+async def test_network_gateway_is_an_ipv4_address_when_network_is_a_bridge(
+    harness: Harness,
+) -> None:
+    name = f"{harness.instance}-net"
+    await harness.runtime.ensure_network(name, labels=harness.labels, isolated=True)
+
+    for network in (name, "bridge"):
+        gateway = await harness.runtime.network_gateway(network)
+        assert gateway is not None
+        assert ipaddress.ip_address(gateway).version == 4
+    assert await harness.runtime.network_gateway("host") is None
+    with pytest.raises(errors.ContainerNotFound):
+        await harness.runtime.network_gateway(f"{harness.instance}-absent")
 
 
 async def test_ensure_volume_creates_labelled_volume_when_absent(harness: Harness) -> None:

@@ -34,6 +34,7 @@ def _write_config(tmp_path: Path, instance: str, port: int, image: str) -> Path:
 [server]
 listen = "127.0.0.1:{port}"
 state_dir = "{tmp_path / "state"}"
+agent_listen = ":0"
 log_level = "warning"
 
 [docker]

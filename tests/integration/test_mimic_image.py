@@ -11,6 +11,7 @@ on ``docker wait``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.error
@@ -122,14 +123,17 @@ def _is_timeout(error: BaseException) -> bool:
 
 @pytest.fixture(scope="module")
 def mimic_image() -> str:
-    """Build the image if its inputs changed (cached: a fraction of a second otherwise)."""
-    subprocess.run(
+    """Build the image if its inputs changed (cached: a fraction of a second otherwise);
+    the tag pinned to this checkout's inputs (another checkout may move ``:latest``)."""
+    built = subprocess.run(
         [str(REPO_ROOT / "scripts" / "build-images"), MIMIC_IMAGE],
         check=True,
         capture_output=True,
+        text=True,
         timeout=300,
-    )
-    return MIMIC_IMAGE
+    ).stdout
+    pinned = re.search(r" as (\S+)$", built.strip())
+    return pinned.group(1) if pinned else MIMIC_IMAGE
 
 
 RunMimic = Callable[..., MimicContainer]

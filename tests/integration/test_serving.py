@@ -25,6 +25,7 @@ def write_config(tmp_path: Path, instance: str, port: int, *, leave_running: boo
 [server]
 listen = "127.0.0.1:{port}"
 state_dir = "state"
+agent_listen = ":0"
 
 [docker]
 instance = "{instance}"

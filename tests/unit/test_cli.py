@@ -265,9 +265,18 @@ async def test_start_ps_logs_stop_drive_the_agent_when_daemon_runs(daemon: Daemo
     table = await daemon.cli("ps")
     assert table.exit_code == 0
     header, row = table.stdout.splitlines()
-    assert header.split() == ["NAME", "STATE", "AGE", "CONTAINER", "RESTARTS", "URL", "LAST-EXIT"]
+    assert header.split() == [
+        "NAME",
+        "STATE",
+        "AGE",
+        "CONTAINER",
+        "RESTARTS",
+        "URL",
+        "EVENTS",
+        "LAST-EXIT",
+    ]
     name, state, age, *rest = row.split()
-    assert [name, state, *rest] == ["echo", "running", cid[:12], "0", agent["url"], "-"]
+    assert [name, state, *rest] == ["echo", "running", cid[:12], "0", agent["url"], "echo.*", "-"]
     assert re.fullmatch(r"\d+s", age), age
     assert "\x1b[" not in table.stdout  # not a terminal: no colour
 
@@ -288,6 +297,24 @@ async def test_action_exits_1_with_the_daemons_message_when_refused(daemon: Daem
     unknown = await daemon.cli("stop", "nobody")
     assert unknown.exit_code == 1
     assert "no agent named 'nobody'" in unknown.stderr
+
+
+async def test_route_prints_agent_and_id_and_exits_1_when_no_agent_handles_type(
+    daemon: Daemon,
+) -> None:
+    routed = await daemon.cli("route", "echo.ping", '{"n": 1}')
+    assert routed.exit_code == 0, routed.output
+    agent, message_id = routed.stdout.split()
+    assert agent == "echo"
+    shown = await daemon.cli("messages", "show", "echo", message_id, "--json")
+    assert json.loads(shown.stdout)["event_type"] == "echo.ping"
+
+    fanned = await daemon.cli("route", "echo.ping", "hi", "--all", "--json")
+    assert [copy["agent"] for copy in json.loads(fanned.stdout)] == ["echo"]
+
+    nobody = await daemon.cli("route", "deploy.done", "{}")
+    assert nobody.exit_code == 1
+    assert "no agent handles event type 'deploy.done'" in nobody.stderr
 
 
 async def test_shutdown_stops_managed_containers_when_daemon_exits(tmp_path: Path) -> None:

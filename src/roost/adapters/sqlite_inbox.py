@@ -51,11 +51,11 @@ M = MessageStatus
 
 _COLUMNS: Final = (
     "id, agent, seq, body, status, attempts, reply, error, idempotency_key, "
-    "created_at, updated_at, next_attempt_at, delivered_at"
+    "created_at, updated_at, next_attempt_at, delivered_at, event_type"
 )
 _INSERT: Final = (
     "INSERT INTO messages (seq, id, agent, body, status, attempts, error, idempotency_key, "
-    "created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', 0, '', ?, ?, ?) "
+    "created_at, updated_at, event_type) VALUES (?, ?, ?, ?, 'queued', 0, '', ?, ?, ?, ?) "
     "ON CONFLICT (agent, idempotency_key) DO NOTHING"
 )
 _MARK_DELIVERING: Final = (
@@ -74,6 +74,10 @@ _MARK_FAILED: Final = (
 _MARK_RETRY: Final = (
     "UPDATE messages SET status = 'queued', error = ?, updated_at = ?, next_attempt_at = ? "
     "WHERE id = ? AND status IN ('queued', 'delivering')"
+)
+_MARK_DEAD: Final = (
+    "UPDATE messages SET status = 'dead', error = ?, updated_at = ?, next_attempt_at = NULL "
+    "WHERE id = ? AND status IN ('queued', 'delivering') RETURNING id"
 )
 _KILL: Final = (
     "UPDATE messages SET status = 'dead', error = ?, updated_at = ?, next_attempt_at = NULL "
@@ -140,6 +144,7 @@ class SqliteInbox:
         *,
         idempotency_key: str | None = None,
         limit: int | None = None,
+        event_type: str | None = None,
     ) -> tuple[Message, bool]:
         self._require_open()
         if idempotency_key is not None:
@@ -164,6 +169,7 @@ class SqliteInbox:
             idempotency_key=idempotency_key,
             created_at=now,
             updated_at=now,
+            event_type=event_type,
         )
         self._next_seq += 1
         pending.add(message.id)  # reserve the place before the commit
@@ -171,7 +177,7 @@ class SqliteInbox:
             await self._db.execute(
                 "enqueue message",
                 _INSERT,
-                (message.seq, message.id, agent, body_json, idempotency_key, now, now),
+                (message.seq, message.id, agent, body_json, idempotency_key, now, now, event_type),
             )
         except BaseException:
             pending.discard(message.id)
@@ -209,6 +215,14 @@ class SqliteInbox:
             "mark message failed", _MARK_FAILED, (error, self._wall_clock(), message.id)
         )
         self._settled(message)
+
+    async def mark_dead(self, message: Message, error: str) -> bool:
+        self._require_open()
+        rows = await self._db.execute_returning(
+            "mark message dead", _MARK_DEAD, (error, self._wall_clock(), message.id)
+        )
+        self._settled(message)
+        return bool(rows)
 
     async def mark_retry(self, message_id: str, error: str, *, next_attempt_at: float) -> None:
         self._require_open()
@@ -319,6 +333,7 @@ def _message(row: Any) -> Message:
         updated_at,
         next_attempt_at,
         delivered_at,
+        event_type,
     ) = tuple(row)
     return Message(
         id=message_id,
@@ -334,4 +349,5 @@ def _message(row: Any) -> Message:
         updated_at=updated_at,
         next_attempt_at=next_attempt_at,
         delivered_at=delivered_at,
+        event_type=event_type,
     )

@@ -34,7 +34,17 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from roost import errors
-from roost.api import events, jobs, leases, messages, openapi, registry, schemas
+from roost.api import (
+    agent_endpoints,
+    events,
+    jobs,
+    leases,
+    messages,
+    openapi,
+    registry,
+    routing,
+    schemas,
+)
 from roost.api.errors import error_responses, install_error_handlers
 from roost.api.metrics import Metrics, build_version
 from roost.config import parse_duration
@@ -333,6 +343,8 @@ def create_api(engine: Engine) -> FastAPI:
     app.include_router(registry.registry_router(engine))
     app.include_router(jobs.jobs_router(engine))
     app.include_router(messages.messages_router(engine))
+    app.include_router(routing.route_router(engine))
+    app.include_router(agent_endpoints.agent_router(engine))
     app.include_router(events.events_router(engine, event_streams))
     app.include_router(leases.lease_router(engine.leases))
     return app

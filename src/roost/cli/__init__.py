@@ -79,6 +79,7 @@ for _command in [
     agents.logs,
     agents.inspect,
     messages.send,
+    messages.route,
     messages.messages,
     events.events,
     jobs.jobs,

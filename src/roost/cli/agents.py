@@ -37,7 +37,7 @@ __all__ = ["ACTIONS", "action_commands", "logs", "ps"]
 MASS_ACTION_WORKERS = 4
 FILTER_KEYS = ("name", "state")
 STATE_NAMES = tuple(s.value for s in AgentState)
-PS_HEADERS = ("NAME", "STATE", "AGE", "CONTAINER", "RESTARTS", "URL", "LAST-EXIT")
+PS_HEADERS = ("NAME", "STATE", "AGE", "CONTAINER", "RESTARTS", "URL", "EVENTS", "LAST-EXIT")
 
 
 # --------------------------------------------------------------------------- selection
@@ -112,6 +112,14 @@ def _last_exit(agent: dict[str, Any]) -> str:
     return text or "-"
 
 
+def _event_types(agent: dict[str, Any]) -> str:
+    """The event type patterns it handles, comma-joined; '-' for none."""
+    patterns = agent.get("event_types")
+    if not isinstance(patterns, list) or not patterns:
+        return "-"
+    return ",".join(str(p) for p in patterns)
+
+
 def ps_row(agent: dict[str, Any], now: float) -> list[str]:
     return [
         str(agent.get("name")),
@@ -120,6 +128,7 @@ def ps_row(agent: dict[str, Any], now: float) -> list[str]:
         _container(agent),
         str(agent.get("restart_count", 0)),
         str(agent.get("url") or "-"),
+        _event_types(agent),
         _last_exit(agent),
     ]
 
@@ -131,7 +140,8 @@ def ps_row(agent: dict[str, Any], now: float) -> list[str]:
 @output.json_option
 def ps(names: tuple[str, ...], quiet: bool, filters: tuple[str, ...], as_json: bool) -> None:
     """List agents (all, or the NAMEs given): NAME STATE AGE CONTAINER RESTARTS URL
-    LAST-EXIT. AGE is the time in the current state."""
+    EVENTS LAST-EXIT. AGE is the time in the current state; EVENTS the event types it
+    handles (`roost route`)."""
     if quiet and as_json:
         raise click.UsageError("use either --quiet or --json")
     wanted = parse_filters(filters)

@@ -1,14 +1,18 @@
-"""``roost send`` and ``roost messages ls|show``: an agent's durable inbox from a shell.
+"""``roost send``, ``roost route`` and ``roost messages ls|show``: durable messages
+from a shell.
 
-Role: the message verbs, over ``/api/agents/{name}/messages`` through the one
-:class:`~roost.cli.client.ApiClient`.
+Role: the message verbs, over ``/api/agents/{name}/messages`` and
+``/api/route/{event_type}`` through the one :class:`~roost.cli.client.ApiClient`.
 
 Invariants:
 - ``send`` sends MESSAGE as JSON when it parses as JSON, else as
   ``{"text": MESSAGE}``; ``-`` reads MESSAGE from stdin and ``@FILE`` from a
   file (one trailing newline dropped). It exits 0 only when the agent replied
   (or, with ``--no-wait``, when the message was stored).
-- ``send`` always sends an ``Idempotency-Key`` (``--idempotency-key``, else a
+- ``route TYPE MESSAGE`` stores MESSAGE (read like ``send``'s) for the agent that
+  handles event type TYPE (``--all``: every one) and prints ``AGENT ID`` per copy;
+  it exits 1 when no agent handles the type.
+- ``send`` and ``route`` always send an ``Idempotency-Key`` (``--idempotency-key``, else a
   fresh UUID per invocation): it sends again by itself when the connection
   drops after sending, and when it gives up it prints the key, so sending again
   by hand with that key stores the message at most once.
@@ -28,7 +32,7 @@ import click
 from roost.cli import client, output
 from roost.ports.inbox import MessageStatus
 
-__all__ = ["message_body", "messages", "read_message", "send"]
+__all__ = ["message_body", "messages", "read_message", "route", "send"]
 
 #: Times ``send`` sends again, with the same key, after a lost connection.
 SEND_RETRIES = 2
@@ -138,6 +142,54 @@ def send(
     )
 
 
+# --------------------------------------------------------------------------- route
+
+
+@click.command()
+@click.argument("event_type", metavar="TYPE")
+@click.argument("message")
+@click.option("--all", "fan_out", is_flag=True, help="Every agent that handles TYPE gets a copy.")
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="One message per agent and key, however often it is sent (default: a fresh UUID).",
+)
+@output.json_option
+def route(
+    event_type: str, message: str, fan_out: bool, idempotency_key: str | None, as_json: bool
+) -> None:
+    """Route MESSAGE by event TYPE: store it for the first agent that handles TYPE
+    (in configuration order), or for every one with --all; print AGENT ID per copy.
+
+    MESSAGE is JSON, or text sent as {"text": MESSAGE}; - reads it from stdin,
+    @FILE from a file.
+    """
+    body = message_body(read_message(message))
+    key = idempotency_key or str(uuid.uuid4())
+    with client.current().client() as api:
+        try:
+            answer = api.json(
+                "POST",
+                f"/api/route/{event_type}",
+                params={"all": "true"} if fan_out else {},
+                content=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "Idempotency-Key": key},
+                retries=SEND_RETRIES,
+            )
+        except client.ConnectionLost as exc:
+            raise client.CliError(
+                f"{exc.format_message()}\nthe message may be stored: route it again with "
+                f"--idempotency-key {key} to store it at most once"
+            ) from exc
+    if as_json:
+        output.print_json(answer)
+        return
+    copies = answer if isinstance(answer, list) else [answer]
+    for copy in copies:
+        if isinstance(copy, dict):
+            click.echo(f"{copy.get('agent')} {copy.get('id')}")
+
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -215,6 +267,8 @@ def describe_message(message: dict[str, Any]) -> str:
         f"  delivered:   {output.when(message.get('delivered_at'))}",
         f"  key:         {message.get('idempotency_key') or '-'}",
     ]
+    if message.get("event_type"):
+        lines.append(f"  event type:  {message['event_type']}")
     if message.get("next_attempt_at"):
         lines.append(f"  next try:    {output.when(message.get('next_attempt_at'))}")
     if message.get("error"):

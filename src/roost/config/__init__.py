@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         HoldSettings,
         LifecycleSettings,
         ResolvedAgent,
+        RoutingSettings,
         SpawnedAgent,
         resolve_agent,
     )
@@ -66,6 +67,7 @@ __all__ = [
     "LifecycleSettings",
     "NotifyConfig",
     "ResolvedAgent",
+    "RoutingSettings",
     "ServerConfig",
     "Settings",
     "SpawnedAgent",
@@ -96,6 +98,7 @@ _LAZY: dict[str, str] = {
     "HoldSettings": _AGENTS,
     "LifecycleSettings": _AGENTS,
     "ResolvedAgent": _AGENTS,
+    "RoutingSettings": _AGENTS,
     "SpawnedAgent": _AGENTS,
     "resolve_agent": _AGENTS,
     "parse_capabilities": _FIELDS,

@@ -11,8 +11,11 @@ groups that name their concern (as kopf groups its settings):
 - :class:`LifecycleSettings` — idling, restarts, health: the numbers
   ``roost.core.transition`` obeys (a ``ResolvedAgent`` *is* its
   :class:`roost.core.policy.Policy`; nothing copies them);
-- :class:`DeliverySettings` — durable messages;
-- :class:`HoldSettings` — requests held while the agent wakes.
+- :class:`DeliverySettings` — durable messages: how they reach the agent (push,
+  pull or WebSocket) and how often they are tried;
+- :class:`HoldSettings` — requests held while the agent wakes;
+- :class:`RoutingSettings` — which event types the agent handles, and whether it
+  may route events itself.
 
 Invariants:
 - Every field is declared once, with its default and its description; no other
@@ -39,13 +42,16 @@ from roost.config.fields import (
     Command,
     Count,
     Cpus,
+    Delivery,
     Env,
+    EventPatterns,
     Flag,
     HostPort,
     IdleAction,
     Image,
     IpAddressOrEmpty,
     MemorySize,
+    OptionalUrlPath,
     Port,
     PositiveSeconds,
     Seconds,
@@ -55,6 +61,7 @@ from roost.config.fields import (
     parse_capabilities_list,
 )
 from roost.config.problems import config_error
+from roost.core import routing
 from roost.errors import ConfigError
 
 __all__ = [
@@ -66,6 +73,7 @@ __all__ = [
     "HoldSettings",
     "LifecycleSettings",
     "ResolvedAgent",
+    "RoutingSettings",
     "SpawnedAgent",
     "resolve_agent",
 ]
@@ -178,6 +186,11 @@ class LifecycleSettings(BaseModel):
     liveness_failures: AtLeastOne = Field(
         default=3, description="Consecutive failed probes handled as a crash."
     )
+    connect_timeout: PositiveSeconds = Field(
+        default=60.0,
+        description="delivery = 'websocket': a started container must connect to its "
+        "WebSocket within this, or the start failed (backoff, max_restarts, alert).",
+    )
 
 
 class DeliverySettings(BaseModel):
@@ -185,6 +198,12 @@ class DeliverySettings(BaseModel):
 
     model_config = FROZEN
 
+    delivery: Delivery = Field(
+        default="push",
+        description="'push': Roost POSTs each message to message_path; 'pull': the agent "
+        "takes them from its queue (queue/next, complete, heartbeat); 'websocket': the "
+        "agent connects to its WebSocket and gets them as frames.",
+    )
     message_path: UrlPath = Field(
         default="/messages", description="POST a JSON message here; the reply is JSON."
     )
@@ -196,6 +215,21 @@ class DeliverySettings(BaseModel):
     )
     wait_timeout: PositiveSeconds = Field(
         default=30.0, description="Longest '?wait=true' waits for a reply."
+    )
+    max_attempts: Count = Field(
+        default=0,
+        description="Delivery attempts of one message without a reply (no answer, a 5xx, "
+        "an expired lease, a WebSocket lost before the reply) before it is 'dead'; 0: no limit.",
+    )
+    lease_timeout: PositiveSeconds = Field(
+        default=60.0,
+        description="delivery = 'pull': a message taken with queue/next is leased this long; "
+        "a heartbeat renews it; once it expires the message is given out again.",
+    )
+    nudge_path: OptionalUrlPath = Field(
+        default="",
+        description="delivery = 'pull': POST {\"task_id\": id} here when a message is "
+        "waiting, fire and forget; empty: no nudge (other modes ignore it).",
     )
 
 
@@ -218,7 +252,27 @@ class HoldSettings(BaseModel):
     )
 
 
-class AgentSettings(ContainerSettings, LifecycleSettings, DeliverySettings, HoldSettings):
+class RoutingSettings(BaseModel):
+    """Routing by event type (``POST /api/route/{event_type}``)."""
+
+    model_config = FROZEN
+
+    event_types: EventPatterns = Field(
+        default=None,
+        description="Glob patterns of the event types this agent handles, e.g. "
+        "['issue.opened', 'pr.*']; absent: '<name up to the first ->.*' "
+        "(issue-triage handles issue.*); []: none.",
+    )
+    may_route: Flag = Field(
+        default=False,
+        description="The agent may route events itself (POST /api/route/... on the "
+        "agent listener, with its own token).",
+    )
+
+
+class AgentSettings(
+    ContainerSettings, LifecycleSettings, DeliverySettings, HoldSettings, RoutingSettings
+):
     """``[defaults]`` and ``[agents.NAME]`` alike: every setting an agent has."""
 
     model_config = FROZEN
@@ -243,6 +297,11 @@ class ResolvedAgent(AgentSettings):
     """
 
     name: AgentName = Field(description="The agent's name (a DNS label).")
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The event type patterns it handles: ``event_types``, or the prefix rule."""
+        return routing.patterns_of(self.name, self.event_types)
 
     def container_fields(self) -> dict[str, Any]:
         """The values that shape the container: exactly ``CONTAINER_KEYS``."""
@@ -320,6 +379,7 @@ def resolve_agent(
     table_key = where or f"agents.{name}"
     if not agent.image:
         raise ValueError(f"{table_key}.image: required key is missing")
+
     if agent.restart_backoff_max < agent.restart_backoff:
         blamed = "restart_backoff_max" if "restart_backoff_max" in table.model_fields_set else None
         if blamed is None:

@@ -26,18 +26,22 @@ from typing import Annotated, Any, Literal, TypeGuard
 from pydantic import BeforeValidator
 
 from roost.config.sources import split_listen
+from roost.core import routing
 
 __all__ = [
     "DOCKER_MIN_MEMORY",
     "AbsolutePath",
+    "AgentListen",
     "AgentName",
     "AtLeastOne",
     "Command",
     "Count",
     "Cpus",
+    "Delivery",
     "DockerName",
     "Env",
     "EnvNames",
+    "EventPatterns",
     "Flag",
     "HostPort",
     "HttpUrl",
@@ -48,6 +52,7 @@ __all__ = [
     "Listen",
     "LogLevel",
     "MemorySize",
+    "OptionalUrlPath",
     "Port",
     "PositiveSeconds",
     "PositiveSize",
@@ -193,6 +198,28 @@ def _url_path(value: object) -> str:
     return value
 
 
+def _optional_url_path(value: object) -> str:
+    return "" if value == "" else _url_path(value)
+
+
+_DELIVERY_MODES = ("push", "pull", "websocket")
+
+
+def _delivery(value: object) -> str:
+    if value not in _DELIVERY_MODES:
+        raise ValueError(f"must be one of {', '.join(map(repr, _DELIVERY_MODES))}; got {value!r}")
+    return str(value)
+
+
+def _event_patterns(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = _strings(value)
+    for pattern in patterns:
+        routing.check_pattern(pattern)
+    return patterns
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {value!r}")
@@ -248,6 +275,15 @@ def _log_level(value: object) -> str:
     if not isinstance(value, str) or value.lower() not in _LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}; got {value!r}")
     return value.lower()
+
+
+def _agent_listen(value: object) -> str:
+    """``host:port`` where the host may be empty (the agents' network gateway) and
+    the port 0 (any free port)."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be 'host:port' (host may be empty), got {value!r}")
+    split_listen(value, any_port=True)
+    return value.strip()
 
 
 def _listen(value: object) -> str:
@@ -376,6 +412,10 @@ EnvNames = Annotated[tuple[str, ...], BeforeValidator(_env_names)]
 Command = Annotated[tuple[str, ...] | None, BeforeValidator(_command)]
 LogLevel = Annotated[str, BeforeValidator(_log_level)]
 Listen = Annotated[str, BeforeValidator(_listen)]
+AgentListen = Annotated[str, BeforeValidator(_agent_listen)]
+Delivery = Annotated[Literal["push", "pull", "websocket"], BeforeValidator(_delivery)]
+EventPatterns = Annotated[tuple[str, ...] | None, BeforeValidator(_event_patterns)]
+OptionalUrlPath = Annotated[str, BeforeValidator(_optional_url_path)]
 IpAddress = Annotated[str, BeforeValidator(_ip_address)]
 IpAddressOrEmpty = Annotated[str, BeforeValidator(_ip_address_or_empty)]
 DockerName = Annotated[str, BeforeValidator(_docker_object_name)]

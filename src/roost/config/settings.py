@@ -50,6 +50,7 @@ from pydantic import (
 from roost.config.agents import FROZEN, AgentSettings, ResolvedAgent, resolve_agent
 from roost.config.fields import (
     AbsolutePath,
+    AgentListen,
     AgentName,
     AtLeastOne,
     Count,
@@ -156,10 +157,17 @@ class ServerConfig(BaseModel):
     public_url: HttpUrl = Field(
         default="",
         description=(
-            "Roost's URL as containers see it (their ROOST_URL). Empty: "
+            "Roost's admin URL as containers see it (the swarm's COORDINATOR_URL). Empty: "
             "http://host.docker.internal:<listen port>. Containers reach the host through "
             "the bridge gateway, so that only works if Roost does not listen on 127.0.0.1 only."
         ),
+    )
+    agent_listen: AgentListen = Field(
+        default=":7076",
+        description="host:port of the agent listener, the only Roost endpoint containers "
+        "reach (their ROOST_URL): their queue, their WebSocket and, with may_route, "
+        "routing. Empty host: the gateway of the agents' network. Port 0: any free port "
+        "(containers adopted after a restart then point at the old one).",
     )
     max_body_size: PositiveSize = Field(
         default=1024 * 1024,
@@ -189,6 +197,15 @@ class ServerConfig(BaseModel):
     @property
     def listen_port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def agent_listen_host(self) -> str:
+        """Host part of ``agent_listen`` ('': the agents' network gateway)."""
+        return split_listen(self.agent_listen, any_port=True)[0]
+
+    @property
+    def agent_listen_port(self) -> int:
+        return split_listen(self.agent_listen, any_port=True)[1]
 
     @property
     def resolved_public_url(self) -> str:
@@ -228,7 +245,16 @@ class DockerConfig(BaseModel):
         description="On shutdown leave containers running; the next start adopts them.",
     )
     network: Text = Field(
-        default="", description="Docker network for agent containers; empty: default bridge."
+        default="",
+        description="Docker network for agent and job containers; empty: agents join "
+        "agent_network, jobs the default bridge.",
+    )
+    agent_network: DockerName = Field(
+        default="roost-agents",
+        description="The agents' network when docker.network is empty: created if missing "
+        "(labelled roost.managed, inter-container traffic off, so one agent reaches another "
+        "only through Roost), shared by every Roost on this engine; the agent listener "
+        "binds on its gateway. Empty: the default bridge.",
     )
     publish_host: IpAddress = Field(
         default="127.0.0.1", description="Host IP agent ports are published on."
@@ -280,7 +306,7 @@ class SwarmConfig(BaseModel):
     network: DockerName = Field(
         default="roost-swarm",
         description="Docker network every spawned agent joins (created if missing); "
-        "empty: docker.network or the default bridge.",
+        "empty: the agents' network (docker.network, else docker.agent_network).",
     )
     volume: DockerName = Field(
         default="roost-swarm-data",
@@ -393,10 +419,10 @@ class Settings(BaseModel):
                 f"({self.defaults.restart_backoff_max:g}) must be >= restart_backoff "
                 f"({self.defaults.restart_backoff:g})"
             )
-        # Resolve every agent now, so a contradictory override fails at load.
+        # Resolve every agent now, so a contradictory override fails at load. In the
+        # file's order: routing takes the first agent, in configuration order.
         self._resolved = {
-            name: resolve_agent(name, self.defaults, table)
-            for name, table in sorted(self.agents.items())
+            name: resolve_agent(name, self.defaults, table) for name, table in self.agents.items()
         }
         return self
 
@@ -409,6 +435,12 @@ class Settings(BaseModel):
     def base_dir(self) -> Path:
         """Directory relative paths are resolved against."""
         return self._base_dir if self._base_dir is not None else Path.cwd()
+
+    @property
+    def agents_network(self) -> str | None:
+        """The network agents join: ``docker.network``, else ``docker.agent_network``;
+        None: Docker's default bridge."""
+        return self.docker.network or self.docker.agent_network or None
 
     @property
     def coordinator_url(self) -> str:
@@ -450,6 +482,7 @@ class Settings(BaseModel):
             raise NotFound(f"no agent {name!r} in the configuration") from None
 
     def resolved_agents(self) -> dict[str, ResolvedAgent]:
+        """Every configured agent, in the configuration file's order."""
         return dict(self._resolved)
 
 

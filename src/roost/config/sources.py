@@ -47,15 +47,17 @@ CONFIG_ENV_VAR = "ROOST_CONFIG"
 DEFAULT_LISTEN = "127.0.0.1:7075"
 
 
-def split_listen(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:7075"`` / ``"[::1]:7075"`` / ``":7075"`` → (host, port)."""
+def split_listen(value: str, *, any_port: bool = False) -> tuple[str, int]:
+    """``"127.0.0.1:7075"`` / ``"[::1]:7075"`` / ``":7075"`` → (host, port).
+    ``any_port``: port 0 (a free port chosen when binding) is allowed."""
     match = re.match(r"^(?:\[([^\]]+)\]|([^:\[\]]*)):(\d{1,5})$", value.strip())
     if not match:
         raise ValueError(f"must be 'host:port' (e.g. 127.0.0.1:7075), got {value!r}")
     host = match.group(1) if match.group(1) is not None else match.group(2)
     port = int(match.group(3))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be 1-65535, got {port}")
+    lowest = 0 if any_port else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"port must be {lowest}-65535, got {port}")
     return host, port
 
 

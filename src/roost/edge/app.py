@@ -40,7 +40,7 @@ from roost.api.errors import refuse
 from roost.engine import Engine
 from roost.gateway.proxying import PREFIX, AgentProxy
 
-__all__ = ["EVENTS_PATH", "TOKEN_COOKIE", "Edge", "create_app"]
+__all__ = ["EVENTS_PATH", "TOKEN_COOKIE", "Edge", "create_app", "limited"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -118,37 +118,41 @@ class Edge:
         return {**scope, "headers": kept}
 
     def _limited(self, scope: Scope, receive: Receive) -> Receive:
-        """``receive`` that refuses a body over the limit (declared or streamed)."""
-        limit = self._max_body
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise errors.Refusal(
-                        400, f"invalid Content-Length header {value.decode('latin-1')!r}"
-                    ) from None
-                if declared > limit:
-                    raise errors.Refusal(
-                        413,
-                        f"request body of {declared} bytes is larger than "
-                        f"server.max_body_size ({limit} bytes)",
-                    )
-        received = 0
+        return limited(scope, receive, self._max_body)
 
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise errors.Refusal(
-                        413,
-                        f"request body is larger than server.max_body_size ({limit} bytes)",
-                    )
-            return message
 
-        return counted
+def limited(scope: Scope, receive: Receive, limit: int) -> Receive:
+    """``receive`` that refuses a body over ``limit`` bytes (declared or streamed)
+    with 413, and a malformed Content-Length with 400."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise errors.Refusal(
+                    400, f"invalid Content-Length header {value.decode('latin-1')!r}"
+                ) from None
+            if declared > limit:
+                raise errors.Refusal(
+                    413,
+                    f"request body of {declared} bytes is larger than "
+                    f"server.max_body_size ({limit} bytes)",
+                )
+    received = 0
+
+    async def counted() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise errors.Refusal(
+                    413,
+                    f"request body is larger than server.max_body_size ({limit} bytes)",
+                )
+        return message
+
+    return counted
 
 
 def _cookie_token(header: bytes) -> bytes:

@@ -9,7 +9,8 @@ Statuses (contract names)::
       ▲            │  └──────▶ failed          (4xx, or too many 5xx)
       │            ▼
       └──────── queued (retry: 5xx, no answer; attempts counted)
-    queued / delivering ──▶ dead               (the agent went ``failed``)
+    queued / delivering ──▶ dead               (the agent went ``failed``, or
+                                                ``max_attempts`` attempts got no reply)
     dead ──▶ queued                            (``reset`` re-queues them)
 
 Invariants every implementation keeps:
@@ -72,6 +73,8 @@ class Message:
     updated_at: float = 0.0
     next_attempt_at: float | None = None
     delivered_at: float | None = None
+    #: the event type it was routed by (``POST /api/route/{event_type}``), or None.
+    event_type: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A message as JSON (contract: ``id``, ``agent``, ``status``, ``attempts``,
@@ -89,6 +92,7 @@ class Message:
             "updated_at": self.updated_at,
             "next_attempt_at": self.next_attempt_at,
             "delivered_at": self.delivered_at,
+            "event_type": self.event_type,
             "body": self.body,
         }
 
@@ -109,8 +113,10 @@ class Inbox(Protocol):
         *,
         idempotency_key: str | None = None,
         limit: int | None = None,
+        event_type: str | None = None,
     ) -> tuple[Message, bool]:
-        """Store a message durably; return it and whether it is new.
+        """Store a message durably (with the ``event_type`` it was routed by, if
+        any); return it and whether it is new.
 
         With ``idempotency_key``, a message already stored under that key for
         ``agent`` is returned unchanged (``False``). ``QueueFull`` when ``agent``
@@ -148,6 +154,11 @@ class Inbox(Protocol):
     async def mark_delivered(self, message: Message, reply: Any) -> None: ...
 
     async def mark_failed(self, message: Message, error: str) -> None: ...
+
+    async def mark_dead(self, message: Message, error: str) -> bool:
+        """A pending message becomes ``dead`` (``max_attempts`` reached); False when it
+        was no longer pending (nothing changed)."""
+        ...
 
     async def mark_retry(self, message_id: str, error: str, *, next_attempt_at: float) -> None:
         """Back to ``queued`` after a failed attempt, with the error and when to retry."""

@@ -10,7 +10,9 @@ Invariants every implementation keeps (checked by tests/contract):
 - ``ensure_network`` / ``ensure_volume`` create only what is absent and never
   change or remove an existing network or volume; ``remove_network`` /
   ``remove_volume`` remove one only when it carries every label asked for, so a
-  caller removes only what its own instance created.
+  caller removes only what its own instance created. A network created
+  ``isolated`` has inter-container traffic off: its containers reach the host
+  (its gateway) but not each other.
 - A spec with a fixed ``host_port`` publishes exactly that port; when it is
   taken, ``start`` raises ``ContainerError`` naming it and the container stays
   ``created``.
@@ -213,10 +215,18 @@ class ContainerRuntime(Protocol):
         """Size in bytes; ContainerNotFound if absent."""
         ...
 
-    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+    async def ensure_network(
+        self, name: str, *, labels: Mapping[str, str], isolated: bool = False
+    ) -> str:
         """Create the bridge network ``name`` carrying ``labels`` unless a network of
         that name exists (then it is used as it is, labels untouched); return its id.
-        Concurrent calls for one name end with one network."""
+        ``isolated``: created with inter-container traffic off. Concurrent calls for
+        one name end with one network."""
+        ...
+
+    async def network_gateway(self, name: str) -> str | None:
+        """The IPv4 gateway of network ``name`` (the host's address on it), or None
+        when it has none (``host``, ``none``). ContainerNotFound if absent."""
         ...
 
     async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:

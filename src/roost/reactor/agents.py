@@ -7,11 +7,14 @@ insides:
 
 - looking: ``names``, ``get`` (the record), ``spec``, ``describe`` (an agent as
   JSON, contract: DESIGN.md "Interfaces"), ``details`` (with history), ``logs``,
-  ``allowed_actions`` (what the state allows now, as ``transition`` decides);
-- acting: ``wake`` (hold until the agent answers its health check), ``act``
-  (start/stop/pause/wake/restart/reset requested), ``observe`` (re-read the
-  agent's container from the engine now), ``busy`` (activity in flight);
-- the registry: ``register`` and ``delete`` of agents added at run time.
+  ``allowed_actions`` (what the state allows now, as ``transition`` decides),
+  ``routes`` (every agent's event type patterns, in configuration order);
+- acting: ``wake`` (hold until the agent is ready: answers its health check, or
+  is connected), ``act`` (start/stop/pause/wake/restart/reset requested), ``observe`` (re-read the
+  agent's container from the engine now), ``busy`` (activity in flight),
+  ``touch`` (a sign of life from the agent itself: a poll, a heartbeat);
+- the registry: ``register`` and ``delete`` of agents added at run time
+  (``on_delete`` tells the delivery side, and the agent's token is revoked).
 
 Invariants:
 - ``wake`` announces ``agent.waking`` at most once per wake, after the agent's
@@ -44,6 +47,7 @@ from roost.ports.clock import Clock
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
 from roost.reactor import swarming
+from roost.reactor.credentials import Credentials
 from roost.reactor.supervising import StateListener, Supervisor
 
 __all__ = ["ACTIONS", "Action", "Agents", "Announce", "describe"]
@@ -83,6 +87,8 @@ def describe(record: AgentRecord, spec: ResolvedAgent | None = None) -> dict[str
     }
     if spec is not None:
         body["image"] = spec.image
+        body["delivery"] = spec.delivery
+        body["event_types"] = list(spec.routes)
     if isinstance(spec, SpawnedAgent):
         body["agent_id"] = spec.agent_id
         body["capabilities"] = list(spec.capabilities)
@@ -114,8 +120,11 @@ class Agents:
         clock: Clock,
         announce: Announce,
         instance: str,
+        credentials: Credentials | None = None,
     ) -> None:
         self._supervisor = supervisor
+        self._credentials = credentials
+        self._deletion_listeners: list[Callable[[str], None]] = []
         self._store = store
         self._runtime = runtime
         self._clock = clock
@@ -275,9 +284,18 @@ class Agents:
             followed = run
             first = False
 
+    def routes(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Every agent's event type patterns, in configuration order (configured
+        agents as the file lists them, then the registered ones as they came)."""
+        return [(name, actor.spec.routes) for name, actor in self._supervisor.actors.items()]
+
     def add_listener(self, listener: StateListener) -> None:
         """Call ``listener(record, changes)`` after every persisted state change."""
         self._supervisor.add_listener(listener)
+
+    def on_delete(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(name)`` once an agent has been deleted."""
+        self._deletion_listeners.append(listener)
 
     # -- acting ----------------------------------------------------------------------
 
@@ -350,6 +368,10 @@ class Agents:
         actor = self._supervisor.actor(name)
         async with actor.busy():
             yield actor.touch
+
+    def touch(self, name: str) -> None:
+        """A sign of life from the agent itself (a poll, a heartbeat): it is in use."""
+        self._supervisor.actor(name).touch()
 
     # -- the registry ----------------------------------------------------------------
 
@@ -459,6 +481,13 @@ class Agents:
         await self._supervisor.remove_actor(name)
         self._allowed.pop(name, None)
         await self._store.delete_agent(name)
+        if self._credentials is not None:
+            await self._credentials.forget(name)
+        for listener in self._deletion_listeners:
+            try:
+                listener(name)
+            except Exception:
+                log.exception("agent %s: a deletion listener failed", name)
         found = await self._runtime.list({**labels.ownership(self._instance), labels.AGENT: name})
         ids = {c.id for c in found} | ({recorded} if recorded is not None else set())
         for container_id in sorted(ids):

@@ -3,6 +3,20 @@
 Role: the bridge between the inbox (what was accepted) and the supervisor (is
 the agent awake?). A lane is a named task, started when an agent first has
 queued messages (on ``submit``, or at start-up for what a previous Roost left).
+How one attempt reaches the agent depends on its ``delivery`` mode; everything
+else (order, wake, retries, ``max_attempts``, dead on failure) is the same:
+
+- ``push``: a POST to ``message_path`` (the reply is the answer's body);
+- ``pull``: the message is offered on the agent's queue (``roost.reactor.pulling``)
+  and the attempt is the lease an agent's ``queue/next`` takes, answered by its
+  ``complete`` or lost when the lease expires (then offered again at once);
+  ``nudge_path``, if set, gets ``{"task_id": id}`` each time it is offered;
+- ``websocket``: a frame on the agent's connection (``roost.reactor.channels``),
+  answered by a reply or error frame; a connection lost first means no answer.
+
+``route`` stores a message for the agent(s) whose ``event_types`` match an event
+type (``roost.core.routing``, in configuration order); the agent sees the type in
+``Roost-Event-Type`` (push) or the frame's ``event_type`` field.
 
 Invariants:
 - FIFO by ``seq``: a lane dispatches messages strictly in acceptance order;
@@ -22,7 +36,9 @@ Invariants:
   ``max_server_errors`` consecutive 5xx answers the message is ``failed``.
 - When the agent enters ``failed`` its lane stops and every queued/delivering
   message becomes ``dead``; ``reset`` (failed → stopped) re-queues them, and
-  the lane starts again from the oldest.
+  the lane starts again from the oldest. A message that had ``max_attempts``
+  attempts without a reply (no answer, 5xx, expired lease, lost WebSocket) is
+  ``dead`` too (0: no limit).
 - Time comes from the injected clock: retries run on ``FakeClock`` in tests.
 - Every status change is published as ``message.status`` on the event hub, with
   ``message_id``, ``agent``, ``status`` and ``attempts`` (not ``id``: an event's
@@ -36,11 +52,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from roost import aio, errors
 from roost.config import ResolvedAgent
+from roost.core import routing
 from roost.core.backoff import Backoff
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
@@ -48,8 +65,11 @@ from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
 from roost.ports.inbox import TERMINAL, Inbox, Message, MessageStatus
 from roost.reactor.agents import Agents
+from roost.reactor.attempts import Outcome
+from roost.reactor.channels import Channels
+from roost.reactor.pulling import Lease, Pulls
 
-__all__ = ["DEFAULT_RETRY", "MESSAGE_ID_HEADER", "Dispatcher"]
+__all__ = ["DEFAULT_RETRY", "EVENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "Dispatcher"]
 
 log = logging.getLogger("roost.delivery")
 
@@ -57,6 +77,10 @@ S = AgentState
 M = MessageStatus
 
 MESSAGE_ID_HEADER = "Roost-Message-Id"
+#: The event type a routed message was routed by (push mode).
+EVENT_TYPE_HEADER = "Roost-Event-Type"
+#: Seconds a pull agent's nudge may take (fire and forget).
+NUDGE_TIMEOUT = 5.0
 #: Backoff between attempts of one message (the last value repeats).
 DEFAULT_RETRY = Backoff((0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0), repeat=True)
 #: Queued messages read from the store at once.
@@ -78,6 +102,7 @@ class Dispatcher:
         agent_client: AgentClient,
         clock: Clock,
         publish: Publish,
+        channels: Channels | None = None,
         delivery_timeout: float = 300.0,
         retry: Backoff = DEFAULT_RETRY,
         max_server_errors: int = 10,
@@ -96,6 +121,12 @@ class Dispatcher:
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
         #: reset handling: owned, awaited on stop.
         self._tasks = aio.TaskSet(log)
+        #: pull agents' nudges: fire and forget, but owned (cancelled on stop).
+        self._nudges = aio.TaskSet(log)
+        #: WebSocket agents' connections.
+        self.channels = channels if channels is not None else Channels(clock=clock)
+        #: pull agents' offers and leases.
+        self.pulls = Pulls(inbox=inbox, clock=clock, settled=self._settled, awake=self._awake)
         self._listening = False
         self.closed = False
 
@@ -105,6 +136,7 @@ class Dispatcher:
         """Re-queue what was in flight when Roost stopped and resume every agent's lane."""
         if not self._listening:
             self.agents.add_listener(self._on_change)
+            self.agents.on_delete(self.pulls.forget_agent)
             self._listening = True
         for name in await self.inbox.recover():
             if name in self.agents:
@@ -118,6 +150,7 @@ class Dispatcher:
             lane.cancel()
         await asyncio.gather(*(lane.join() for lane in lanes), return_exceptions=True)
         await self._tasks.join()
+        await self._nudges.close()
         for futures in self._waiters.values():
             for future in futures:
                 future.cancel()
@@ -125,7 +158,12 @@ class Dispatcher:
     # -- accepting --------------------------------------------------------------------
 
     async def submit(
-        self, name: str, body: Any, *, idempotency_key: str | None = None
+        self,
+        name: str,
+        body: Any,
+        *,
+        idempotency_key: str | None = None,
+        event_type: str | None = None,
     ) -> tuple[Message, bool]:
         """Store a message durably for agent ``name`` and start its delivery.
 
@@ -134,12 +172,40 @@ class Dispatcher:
             raise errors.StateError("Roost is shutting down; the message was not stored")
         spec = self.agents.spec(name)  # NotFound first: nothing stored for an unknown agent
         message, created = await self.inbox.enqueue(
-            name, body, idempotency_key=idempotency_key, limit=spec.queue_limit
+            name,
+            body,
+            idempotency_key=idempotency_key,
+            limit=spec.queue_limit,
+            event_type=event_type,
         )
         if created:
             self._status(message)
             self._lane(name).wake()
         return message, created
+
+    def route_targets(self, event_type: str, *, fan_out: bool = False) -> list[str]:
+        """The agents an event of this type goes to (configuration order); NotFound
+        naming the type when none handles it."""
+        targets = routing.route(self.agents.routes(), event_type, fan_out=fan_out)
+        if not targets:
+            raise errors.NotFound(f"no agent handles event type {event_type!r}")
+        return targets
+
+    async def route(
+        self,
+        event_type: str,
+        body: Any,
+        *,
+        fan_out: bool = False,
+        idempotency_key: str | None = None,
+    ) -> list[tuple[Message, bool]]:
+        """Store ``body`` for the first agent that handles ``event_type`` (or, with
+        ``fan_out``, a copy for every one), in configuration order. NotFound naming
+        the type when no agent handles it; each copy as ``submit`` stores it."""
+        return [
+            await self.submit(name, body, idempotency_key=idempotency_key, event_type=event_type)
+            for name in self.route_targets(event_type, fan_out=fan_out)
+        ]
 
     async def wait_final(self, name: str, message_id: str, timeout: float) -> Message | None:
         """The message once delivered, failed or dead; None if still pending at ``timeout``."""
@@ -168,6 +234,8 @@ class Dispatcher:
         if self.closed:
             return  # shutting down: what is left is resumed by the next start
         name = record.name
+        if not record.awake and name in self.agents and self.agents.spec(name).delivery == "pull":
+            self.pulls.withdraw(name)  # asleep: the lane wakes it and offers again
         for change in changes:
             if change.to_state is S.FAILED:
                 lane = self._lanes.get(name)
@@ -189,6 +257,22 @@ class Dispatcher:
             self._lane(name).wake(rewind=True)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _awake(self, name: str) -> bool:
+        return name in self.agents and self.agents.get(name).awake
+
+    def _nudge(self, url: str, message: Message) -> None:
+        """POST ``{"task_id": id}`` to a pull agent's nudge URL, fire and forget."""
+
+        async def nudge() -> None:
+            try:
+                await self.agent_client.post_json(
+                    url, {"task_id": message.id}, headers={}, timeout=NUDGE_TIMEOUT
+                )
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                log.debug("agent %s: nudge %s failed: %s", message.agent, url, exc)
+
+        self._nudges.spawn(nudge(), f"roost.nudge[{message.agent}]")
 
     def _lane(self, name: str) -> _Lane:
         lane = self._lanes.get(name)
@@ -355,64 +439,177 @@ class _Lane:
                 await self._pause(retries)
                 retries += 1
                 continue
-            url = record.url
-            if url is None:
+            attempt = await self._attempt(spec, record, message, attempts + 1)
+            if attempt is None:
+                # Not sent: a pull agent went to sleep (the wake above brings it back),
+                # a WebSocket agent is not connected, a push agent has no URL yet.
+                if spec.delivery != "pull":
+                    await self._pause(retries)
+                    retries += 1
                 continue
-            attempts += 1
-            # Queued now, committed with this attempt's outcome (see SqliteInbox).
-            marking = d.inbox.mark_delivering(message.id, attempts=attempts)
-            error: str
-            try:
-                async with d.agents.busy(self.name):
-                    response = await d.agent_client.post_json(
-                        url + spec.message_path,
-                        message.body,
-                        headers={MESSAGE_ID_HEADER: message.id},
-                        timeout=d.delivery_timeout,
-                    )
-            except (ConnectionError, TimeoutError, OSError) as exc:
-                error = f"no answer from the agent: {exc or type(exc).__name__}"
-            else:
-                status = response.status
-                if 200 <= status < 300:
-                    await d.inbox.mark_delivered(message, response.body)
-                    await marking
-                    d._settled(
-                        dataclasses.replace(
-                            message, status=M.DELIVERED, attempts=attempts, reply=response.body
-                        )
-                    )
-                    return
-                error = f"HTTP {status}: {_excerpt(response.body)}"
-                server_errors += status >= 500
-                if status < 500 or server_errors >= d.max_server_errors:
-                    await d.inbox.mark_failed(message, error)
-                    await marking
-                    d._settled(
-                        dataclasses.replace(
-                            message, status=M.FAILED, attempts=attempts, error=error
-                        )
-                    )
-                    return
-            delay = d.retry.delay(retries) or 0.0
-            await d.inbox.mark_retry(message.id, error, next_attempt_at=d.clock.now() + delay)
-            await marking
+            outcome = attempt.outcome
+            if attempt.counted:
+                attempts += 1
+            if outcome.kind == "settled":  # a pull agent completed it between leases
+                await self._finish(attempt, None, settle=False)
+                return
+            if outcome.kind == "server_error":
+                server_errors += 1
+            stored = await self._record(spec, message, outcome, attempts, server_errors)
+            if stored is not None:
+                await self._finish(attempt, stored)
+                return
+            # A lost lease is offered again at once; push and WebSocket wait a little.
+            immediate = spec.delivery == "pull"
+            delay = 0.0 if immediate else (d.retry.delay(retries) or 0.0)
+            await d.inbox.mark_retry(
+                message.id, outcome.value, next_attempt_at=d.clock.now() + delay
+            )
+            await self._finish(attempt, None, settle=False)
             d._status(dataclasses.replace(message, status=M.QUEUED, attempts=attempts))
             log.info(
-                "agent %s: message %s attempt %d failed (%s); retrying in %gs",
+                "agent %s: message %s attempt %d failed (%s); retrying%s",
                 self.name,
                 message.id,
                 attempts,
-                error,
-                delay,
+                outcome.value,
+                "" if immediate else f" in {delay:g}s",
             )
-            await self._pause(retries)
-            retries += 1
+            if not immediate:
+                await self._pause(retries)
+                retries += 1
+
+    async def _record(
+        self,
+        spec: ResolvedAgent,
+        message: Message,
+        outcome: Outcome,
+        attempts: int,
+        server_errors: int,
+    ) -> Message | None:
+        """Store a final outcome (delivered, failed, dead); None when it is retried."""
+        inbox = self.d.inbox
+        if outcome.kind == "reply":
+            await inbox.mark_delivered(message, outcome.value)
+            return dataclasses.replace(
+                message, status=M.DELIVERED, attempts=attempts, reply=outcome.value
+            )
+        if outcome.kind == "error" or (
+            outcome.kind == "server_error" and server_errors >= self.d.max_server_errors
+        ):
+            await inbox.mark_failed(message, outcome.value)
+            return dataclasses.replace(
+                message, status=M.FAILED, attempts=attempts, error=outcome.value
+            )
+        if spec.max_attempts and attempts >= spec.max_attempts:
+            error = f"gave up after {attempts} attempts (max_attempts); last: {outcome.value}"
+            await inbox.mark_dead(message, error)
+            return dataclasses.replace(message, status=M.DEAD, attempts=attempts, error=error)
+        return None
+
+    async def _finish(
+        self, attempt: _Attempt, stored: Message | None, *, settle: bool = True
+    ) -> None:
+        """The attempt's outcome is written: wait for its ``delivering`` write too,
+        then tell whoever waits (a pull agent's ``complete``, ``?wait=true``)."""
+        if attempt.marking is not None:
+            await attempt.marking
+        if attempt.lease is not None:
+            self.d.pulls.finish(attempt.lease, stored)
+        if settle and stored is not None:
+            self.d._settled(stored)
+
+    async def _attempt(
+        self, spec: ResolvedAgent, record: AgentRecord, message: Message, attempt: int
+    ) -> _Attempt | None:
+        """One attempt in the agent's delivery mode; None when it could not be made."""
+        if spec.delivery == "pull":
+            return await self._offer(spec, record, message, attempt)
+        if spec.delivery == "websocket":
+            return await self._send_frame(spec, message, attempt)
+        if record.url is None:
+            return None
+        return await self._push(spec, record.url, message, attempt)
+
+    async def _push(
+        self, spec: ResolvedAgent, url: str, message: Message, attempt: int
+    ) -> _Attempt:
+        d = self.d
+        # Queued now, committed with this attempt's outcome (see SqliteInbox).
+        marking = d.inbox.mark_delivering(message.id, attempts=attempt)
+        headers = _headers(message)
+        try:
+            async with d.agents.busy(self.name):
+                response = await d.agent_client.post_json(
+                    url + spec.message_path,
+                    message.body,
+                    headers=headers,
+                    timeout=d.delivery_timeout,
+                )
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            error = f"no answer from the agent: {exc or type(exc).__name__}"
+            return _Attempt(Outcome.no_answer(error), marking)
+        status = response.status
+        if 200 <= status < 300:
+            return _Attempt(Outcome.reply(response.body), marking)
+        error = f"HTTP {status}: {_excerpt(response.body)}"
+        outcome = Outcome("server_error", error) if status >= 500 else Outcome.error(error)
+        return _Attempt(outcome, marking)
+
+    async def _send_frame(
+        self, spec: ResolvedAgent, message: Message, attempt: int
+    ) -> _Attempt | None:
+        d = self.d
+        if not await d.channels.wait_connected(self.name, spec.hold_timeout):
+            log.info("agent %s: running but its WebSocket is not connected; waiting", self.name)
+            return None
+        marking = d.inbox.mark_delivering(message.id, attempts=attempt)
+        async with d.agents.busy(self.name):
+            outcome = await d.channels.request(
+                self.name, message, attempt=attempt, timeout=d.delivery_timeout
+            )
+        return _Attempt(outcome, marking)
+
+    async def _offer(
+        self, spec: ResolvedAgent, record: AgentRecord, message: Message, attempt: int
+    ) -> _Attempt | None:
+        d = self.d
+        if spec.nudge_path and record.url is not None:
+            d._nudge(record.url + spec.nudge_path, message)
+        taken = await d.pulls.offer(message, attempt=attempt, lease_timeout=spec.lease_timeout)
+        if taken is None or isinstance(taken, Outcome):
+            return None if taken is None else _Attempt(taken, None, counted=False)
+        lease: Lease = taken
+        if lease.outcome is not None:  # completed while offered: no lease was taken
+            return _Attempt(lease.outcome, None, lease, counted=False)
+        async with d.agents.busy(self.name):  # a held lease is activity
+            outcome = await d.pulls.outcome(lease)
+        return _Attempt(outcome, lease.marking, lease)
 
     async def _pause(self, retries: int) -> None:
         """Wait out the backoff after ``retries`` failed waits, cut short when the
         agent fails."""
         await aio.sleep(self.d.clock, self.d.retry.delay(retries) or 0.0, wakeup=self._interrupt)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Attempt:
+    """What one attempt came to, and what is left to settle of it."""
+
+    outcome: Outcome
+    #: its ``delivering`` write (awaited after the outcome's); None: none was made.
+    marking: Awaitable[object] | None = None
+    #: the pull lease it was, if any (finished once the outcome is stored).
+    lease: Lease | None = None
+    #: it counts as an attempt (False: nothing reached the agent this time).
+    counted: bool = True
+
+
+def _headers(message: Message) -> dict[str, str]:
+    headers = {MESSAGE_ID_HEADER: message.id}
+    if message.event_type is not None:
+        headers[EVENT_TYPE_HEADER] = message.event_type
+    return headers
 
 
 def _excerpt(body: Any) -> str:

@@ -48,11 +48,13 @@ from roost.core.reconciling import Observed, plan_reconcile
 from roost.core.records import AgentRecord, ExitInfo, SessionHealth, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
 from roost.core.transition import Decision, next_deadline, transition
-from roost.ports.agent_http import AgentClient
+from roost.ports.agent_http import AgentClient, ProbeResult
 from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
+from roost.reactor.channels import Channels
+from roost.reactor.credentials import TOKEN_ENV, Credentials
 from roost.reactor.health import Health
 
 __all__ = ["AgentActor", "StateListener", "Supervisor"]
@@ -438,14 +440,19 @@ class AgentActor:
 
     # -- the start procedure --------------------------------------------------------
 
-    def container_spec(self) -> ContainerSpec:
+    def container_spec(self, token: str | None = None) -> ContainerSpec:
+        """The container to create; ``token`` (its ROOST_AGENT_TOKEN) goes into its
+        environment only: never into labels, the name or a log line."""
         spec = self.spec
         env = {
             **dict(spec.env),
             "ROOST_AGENT": spec.name,
             "ROOST_AGENT_ID": self.agent_id,
-            "ROOST_URL": self.sup.public_url,
+            # The agent listener, when Roost serves one; else the admin URL as before.
+            "ROOST_URL": self.sup.agent_url or self.sup.public_url,
         }
+        if token is not None:
+            env[TOKEN_ENV] = token
         return ContainerSpec(
             image=spec.image,
             labels=labels.agent_labels(self.sup.instance, spec.name, spec.config_hash),
@@ -470,6 +477,20 @@ class AgentActor:
             user=spec.user,
             private_cgroupns=spec.private_cgroupns,
         )
+
+    def _wired(self, env: tuple[str, ...]) -> bool:
+        """Whether a stopped container, started again as it is, would reach Roost: its
+        ROOST_URL is the agent listener's now, and it holds the agent's valid token (a
+        container made before either changed, e.g. before a new ``server.agent_listen``
+        or by a Roost without tokens, would not)."""
+        if self.sup.agent_url and f"ROOST_URL={self.sup.agent_url}" not in env:
+            return False
+        credentials = self.sup.credentials
+        if credentials is None:
+            return True
+        prefix = f"{TOKEN_ENV}="
+        tokens = [entry.removeprefix(prefix) for entry in env if entry.startswith(prefix)]
+        return bool(tokens) and credentials.verify(tokens[-1]) == self.name
 
     async def _start_procedure(
         self, replace: str | None, attempt: int, *, paused_before: bool = False
@@ -510,6 +531,13 @@ class AgentActor:
                     log.info("agent %s: spec changed; recreating its container", self.name)
                     await rt.remove(cid, force=True)
                     existing = None
+                if existing is not None and not self._wired(existing.env):
+                    log.info(
+                        "agent %s: its container's ROOST_URL or token is stale; recreating it",
+                        self.name,
+                    )
+                    await rt.remove(cid, force=True)
+                    existing = None
                 if existing is not None and existing.status in ("dead", "removing"):
                     await rt.remove(cid, force=True)
                     existing = None
@@ -520,8 +548,12 @@ class AgentActor:
                     # container of a restart, a liveness or HEALTHCHECK kill).
                     await asyncio.gather(*self._port_holders, return_exceptions=True)
                 await rt.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
+                credentials = self.sup.credentials
+                # A new container, a new token (durable before the container holds it);
+                # the replaced container's token stops working now.
+                token = await credentials.issue(self.name) if credentials is not None else None
                 async with self.sup.start_slots:
-                    cid = await rt.create(self.container_spec())
+                    cid = await rt.create(self.container_spec(token))
                     await self.submit(ev.ContainerCreated(cid, want_hash), attempt=attempt)
                     if self.record.container_id != cid:
                         return  # overtaken; the actor removes the container
@@ -574,7 +606,10 @@ class AgentActor:
         )
 
     async def _wait_ready(self, cid: str, *, known_url: str | None = None) -> str:
-        """Poll the health path over HTTP at millisecond granularity until it answers 200."""
+        """Wait until the agent is ready; its URL. Push mode: poll the health path over
+        HTTP at millisecond granularity until it answers 200. Pull mode: the container
+        runs (the agent needs no HTTP server). WebSocket mode: it runs and the agent
+        has connected within ``connect_timeout``."""
         rt = self.sup.runtime
         clock = self.sup.clock
         deadline = clock.monotonic() + self.policy.startup_timeout
@@ -588,6 +623,11 @@ class AgentActor:
                 )
             host = state.host_ip if state.host_ip not in (None, "", "0.0.0.0") else "127.0.0.1"
             url = f"http://{host}:{state.host_port}"
+        if self.spec.delivery == "pull":
+            return url
+        if self.spec.delivery == "websocket":
+            await self._wait_connected(cid)
+            return url
         health = url + self.spec.health_path
         last = ""
         polls = 0
@@ -616,6 +656,22 @@ class AgentActor:
                 )
             await clock.sleep(READINESS_POLL_INTERVAL)
 
+    async def _wait_connected(self, cid: str) -> None:
+        """WebSocket mode: the agent connects within ``connect_timeout``, or its start
+        failed (StartupTimeout with the log tail: backoff, max_restarts, the alert)."""
+        channels = self.sup.channels
+        timeout = self.spec.connect_timeout
+        if channels is not None and await channels.wait_connected(self.name, timeout):
+            return
+        tail = ""
+        with contextlib.suppress(errors.RoostError):
+            tail = await self.sup.runtime.logs_tail(cid, lines=LOG_TAIL_LINES)
+        raise errors.StartupTimeout(
+            f"agent {self.name!r} did not connect to GET /api/agents/{self.name}/ws within "
+            f"{timeout:g}s (connect_timeout)" + (f"; log tail:\n{tail}" if tail else ""),
+            log_tail=tail,
+        )
+
     # -- timers and liveness ----------------------------------------------------------
 
     def _reschedule(self) -> None:
@@ -642,7 +698,12 @@ class AgentActor:
 
     def _manage_liveness(self) -> None:
         """Keep this agent in (or out of) the supervisor's batched liveness probing."""
-        live = self.record.state in ACTIVE_STATES and self.policy.liveness_interval > 0
+        # A pull agent serves no health check: its polls are its signs of life.
+        live = (
+            self.record.state in ACTIVE_STATES
+            and self.policy.liveness_interval > 0
+            and self.spec.delivery != "pull"
+        )
         cid, url = self.record.container_id, self.record.url
         if live and cid is not None and url is not None:
             if self._probe_target is None or self._probe_target[0] != cid:
@@ -664,9 +725,15 @@ class AgentActor:
         cid, url = target
         interval = self.policy.liveness_interval
         self.next_probe_at = self.sup.clock.monotonic() + interval
-        result = await self.sup.agent_client.probe(
-            url + self.spec.health_path, timeout=max(0.05, min(interval, 5.0))
-        )
+        if self.spec.delivery == "websocket":
+            # Alive means connected: a container that runs but lost its WebSocket for
+            # liveness_failures probes in a row is restarted.
+            connected = self.sup.channels is not None and self.sup.channels.connected(self.name)
+            result = ProbeResult(connected, None, "" if connected else "WebSocket not connected")
+        else:
+            result = await self.sup.agent_client.probe(
+                url + self.spec.health_path, timeout=max(0.05, min(interval, 5.0))
+            )
         if result.ok and not self.record.liveness_failures:
             return
         if self.record.container_id == cid:
@@ -687,6 +754,8 @@ class Supervisor:
         instance: str,
         health: Health,
         public_url: str = "",
+        credentials: Credentials | None = None,
+        channels: Channels | None = None,
         publish_host: str = "127.0.0.1",
         network: str | None = None,
         pull_timeout: float = 300.0,
@@ -702,6 +771,13 @@ class Supervisor:
         self.agent_client = agent_client
         self.instance = instance
         self.public_url = public_url
+        #: the agent listener's URL as containers see it (their ROOST_URL); set by
+        #: the front end that serves it (``roost.serving``), else public_url is used.
+        self.agent_url = ""
+        #: per-container agent tokens (None: containers get none).
+        self.credentials = credentials
+        #: WebSocket agents' connections (readiness and liveness in that mode).
+        self.channels = channels
         self.publish_host = publish_host
         self.network = network
         self.pull_timeout = pull_timeout

@@ -30,10 +30,12 @@ Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
 - Networks ``bridge``, ``host`` and ``none`` exist from the start;
   ``ensure_network``/``ensure_volume`` create a labelled one only when the name
   is absent and leave an existing one as it is (``networks``/``volumes`` hold
-  their labels for assertions). ``remove_network``/``remove_volume`` remove only
-  one carrying the labels asked for, and refuse (``ContainerError``) while a
-  running container uses the network or any container mounts the volume, or
-  for a predefined network.
+  their labels for assertions, ``isolated_networks`` the names created with
+  inter-container traffic off). Every bridge network's gateway is ``gateway``
+  (loopback by default, so a test's agent listener binds where it can).
+  ``remove_network``/``remove_volume`` remove only one carrying the labels asked
+  for, and refuse (``ContainerError``) while a running container uses the
+  network or any container mounts the volume, or for a predefined network.
 - A spec's ``host_port`` is published as given; starting a second container on
   a host port a running one holds fails (``ContainerError`` naming the port,
   status 500) and leaves it ``created``. Ports bound by other processes are not
@@ -141,6 +143,9 @@ class FakeRuntime:
             name: (secrets.token_hex(32), {}) for name in _PREDEFINED_NETWORKS
         }
         self.volumes: dict[str, dict[str, str]] = {}
+        self.isolated_networks: set[str] = set()
+        #: the gateway address of every bridge network (``network_gateway``).
+        self.gateway = "127.0.0.1"
         self._addresses = itertools.count()
         #: the engine is unreachable: every call raises DockerUnavailable.
         self.down = False
@@ -494,11 +499,21 @@ class FakeRuntime:
         finally:
             self._subscribers.remove(subscriber)
 
-    async def ensure_network(self, name: str, *, labels: Mapping[str, str]) -> str:
+    async def ensure_network(
+        self, name: str, *, labels: Mapping[str, str], isolated: bool = False
+    ) -> str:
         self._record("ensure_network", name)
         if name not in self.networks:
             self.networks[name] = (secrets.token_hex(32), dict(labels))
+            if isolated:
+                self.isolated_networks.add(name)
         return self.networks[name][0]
+
+    async def network_gateway(self, name: str) -> str | None:
+        self._record("network_gateway", name)
+        if name not in self.networks:
+            raise errors.ContainerNotFound(f"no such network: {name}")
+        return None if name in ("host", "none") else self.gateway
 
     async def ensure_volume(self, name: str, *, labels: Mapping[str, str]) -> str:
         self._record("ensure_volume", name)

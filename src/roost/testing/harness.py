@@ -7,7 +7,12 @@ the client you pass) and, optionally, a :class:`FakeClock`; builds the edge app
 ``ASGITransport`` — no sockets, no Docker. Everything is stopped on exit.
 
 ``EngineHarness.served(settings)`` does the same behind ``roost.serving.serve`` on
-a real loopback socket (``h.url``): the daemon as ``roost up`` runs it, on fakes.
+a real loopback socket (``h.url``), with the agent listener on another one
+(``h.agent_url``): the daemon as ``roost up`` runs it, on fakes.
+
+``h.agent_client(token)`` talks to the agent listener's app (in process, or over
+its socket when served) as an agent container holding ``token`` would;
+``h.agent_token(name)`` reads that token from the agent's (fake) container.
 
 Invariants: the harness uses exactly the engine and app that ``roost up`` serves;
 only the ports are faked.
@@ -25,7 +30,7 @@ import httpx
 
 from roost import serving
 from roost.config import Settings
-from roost.edge import Edge, create_app
+from roost.edge import AgentEdge, Edge, create_agent_app, create_app
 from roost.engine import Engine
 from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
@@ -44,14 +49,18 @@ class EngineHarness:
         runtime: FakeRuntime,
         app: Edge | None,
         client: httpx.AsyncClient,
+        agent_app: AgentEdge | None = None,
     ) -> None:
         self.engine = engine
         self.runtime = runtime
         #: the edge app (``running``); None when ``served`` (``serve`` owns its own).
         self.app = app
         self.client = client
-        #: the served daemon's base URL (``served`` only).
+        #: the agent listener's app (``running``); None when ``served``.
+        self.agent_app = agent_app
+        #: the served daemon's base URL and its agent listener's (``served`` only).
         self.url = ""
+        self.agent_url = ""
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -82,7 +91,7 @@ class EngineHarness:
             app = create_app(engine, token=token)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
-                yield cls(engine, runtime, app, client)
+                yield cls(engine, runtime, app, client, create_agent_app(engine))
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -102,11 +111,17 @@ class EngineHarness:
             settings, runtime=runtime, agent_client=agent_client or FakeAgentClient(runtime)
         )
         sock = await serving.bind_listen_socket("127.0.0.1", 0)
+        agent_sock = await serving.bind_listen_socket("127.0.0.1", 0)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         shutdown = asyncio.Event()
         task = asyncio.create_task(
             serving.serve(
-                settings, engine=engine, listen_socket=sock, shutdown=shutdown, handle_signals=False
+                settings,
+                engine=engine,
+                listen_socket=sock,
+                agent_socket=agent_sock,
+                shutdown=shutdown,
+                handle_signals=False,
             ),
             name="roost.testing.served",
         )
@@ -126,12 +141,31 @@ class EngineHarness:
                     await asyncio.sleep(0.02)
                 harness = cls(engine, runtime, None, client)  # serve built the app
                 harness.url = url
+                harness.agent_url = f"http://127.0.0.1:{agent_sock.getsockname()[1]}"
                 yield harness
         finally:
             shutdown.set()
             code = await asyncio.wait_for(task, timeout=30)
             if code != 0:
                 raise RuntimeError(f"serve exited with {code}")
+
+    def agent_token(self, name: str) -> str:
+        """The ROOST_AGENT_TOKEN in the environment of the agent's current container."""
+        container_id = self.engine.agents.get(name).container_id
+        if container_id is None:
+            raise LookupError(f"agent {name!r} has no container")
+        return self.runtime.container_spec(container_id).env["ROOST_AGENT_TOKEN"]
+
+    def agent_client(self, token: str | None) -> httpx.AsyncClient:
+        """A client of the agent listener sending ``token`` (None: no token), as an
+        agent container would; close it (``async with``)."""
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        if self.agent_app is not None:
+            transport = httpx.ASGITransport(app=self.agent_app)
+            return httpx.AsyncClient(
+                transport=transport, base_url="http://roost-agents", headers=headers
+            )
+        return httpx.AsyncClient(base_url=self.agent_url, headers=headers, timeout=30)
 
     async def agent(self, name: str) -> dict[str, Any]:
         """``GET /api/agents/{name}``, which must answer 200."""
