@@ -62,7 +62,7 @@ from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
 from roost.ports.tokens import TokenStore
-from roost.reactor import owning, swarming
+from roost.reactor import owning, spawning
 from roost.reactor.agents import Agents
 from roost.reactor.channels import Channels
 from roost.reactor.credentials import Credentials
@@ -458,7 +458,7 @@ class Engine:
             if isinstance(spec, SpawnedAgent):
                 agent_id = spec.agent_id
                 try:
-                    await swarming.ensure_swarm_resources(
+                    await spawning.ensure_spawn_resources(
                         self.runtime, spec, instance=self.instance
                     )
                 except errors.RoostError as exc:

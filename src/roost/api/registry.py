@@ -1,7 +1,7 @@
 """Registering agents at run time: ``POST /api/agents`` and ``DELETE /api/agents/{name}``.
 
 Role: the HTTP face of swarm spawning. A registered agent is a
-``config.SpawnedAgent`` built by ``reactor.swarming`` from ``[defaults]``,
+``config.SpawnedAgent`` built by ``reactor.spawning`` from ``[defaults]``,
 ``[swarm]`` and the request; ``Engine.register_agent`` persists it, so it
 behaves like a configured agent (idles, wakes, restarts, survives a Roost
 restart) until ``DELETE`` stops and removes its container and forgets it.
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from roost.api import schemas
 from roost.api.errors import error_responses
 from roost.engine import Engine
-from roost.reactor import swarming
+from roost.reactor import spawning
 
 __all__ = ["AgentRegistration", "registry_router"]
 
@@ -89,7 +89,7 @@ def registry_router(engine: Engine) -> APIRouter:
             bool, Query(description="true: also start it and wait until it is healthy.")
         ] = False,
     ) -> dict[str, Any]:
-        spec = swarming.spawned_agent_spec(
+        spec = spawning.spawned_agent_spec(
             engine.settings,
             name=registration.name,
             agent_id=registration.agent_id,

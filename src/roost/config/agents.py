@@ -350,7 +350,7 @@ class SpawnedAgent(ResolvedAgent):
     ``DockerAgentRunner.spawn``): a resolved spec plus its swarm identity and wiring.
 
     Its ``env`` already holds ``COORDINATOR_URL``, ``AGENT_NAME``, ``AGENT_ID`` and
-    ``AGENT_CAPABILITIES`` (see ``roost.reactor.swarming``). ``network`` and
+    ``AGENT_CAPABILITIES`` (see ``roost.reactor.spawning``). ``network`` and
     ``binds`` shape the container, so ``config_hash`` covers them; ``agent_id``
     and ``capabilities`` reach the container only through ``env`` (hashed there).
     """

@@ -8,7 +8,7 @@ Each spawned agent is a Roost agent (a ``config.SpawnedAgent``), so a crashed on
 is restarted with backoff like any other. It gets ``COORDINATOR_URL``,
 ``AGENT_NAME``, ``AGENT_ID`` and ``AGENT_CAPABILITIES`` plus the runner's
 ``extra_env``, joins the shared network and mounts the shared volume (both
-created when absent; see ``reactor.swarming``).
+created when absent; see ``reactor.spawning``).
 
 Invariants:
 - ``spawn`` accepts any ``name`` (``"Echo"``): the agent's name in Roost is
@@ -47,7 +47,7 @@ from roost.core.states import ACTIVE_STATES
 from roost.engine import Engine
 from roost.library.embedded import EmbeddedEngine, derived_name
 from roost.library.loop_thread import LoopThread
-from roost.reactor import swarming
+from roost.reactor import spawning
 
 __all__ = ["AgentContainer", "AsyncDockerAgentRunner", "DockerAgentRunner"]
 
@@ -103,7 +103,7 @@ class AsyncDockerAgentRunner(EmbeddedEngine):
     ) -> None:
         self._extra_env = dict(extra_env or {})
         for key in self._extra_env:
-            if key in swarming.RESERVED_ENV:
+            if key in spawning.RESERVED_ENV:
                 raise errors.ConfigError(
                     f"extra_env.{key}: {key} is set by Roost for every spawned agent",
                     key=f"extra_env.{key}",
@@ -177,7 +177,7 @@ class AsyncDockerAgentRunner(EmbeddedEngine):
         the log tail) if it does not become healthy."""
         engine = await self._ensure_engine()
         identity = agent_id if agent_id is not None else str(uuid.uuid4())
-        spec = swarming.spawned_agent_spec(
+        spec = spawning.spawned_agent_spec(
             engine.settings,
             name=derived_name(name, unique=f"{name}\0{identity}"),
             agent_name=name,
@@ -308,7 +308,7 @@ class AsyncDockerAgentRunner(EmbeddedEngine):
                 AgentContainer(
                     container_id=record.container_id,
                     agent_id=spawned.agent_id if spawned else record.name,
-                    name=spec.env.get(swarming.AGENT_NAME, record.name),
+                    name=spec.env.get(spawning.AGENT_NAME, record.name),
                     image=spec.image,
                     capabilities=",".join(spawned.capabilities) if spawned else "",
                     state=record.state.value,

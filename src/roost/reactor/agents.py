@@ -46,7 +46,7 @@ from roost.core.transition import transition
 from roost.ports.clock import Clock
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
-from roost.reactor import swarming
+from roost.reactor import spawning
 from roost.reactor.credentials import Credentials
 from roost.reactor.supervising import StateListener, Supervisor
 
@@ -383,7 +383,7 @@ class Agents:
         if spec.name in self._supervisor.actors:
             raise errors.Conflict(f"an agent named {spec.name!r} already exists")
         if isinstance(spec, SpawnedAgent):
-            await swarming.ensure_swarm_resources(self._runtime, spec, instance=self._instance)
+            await spawning.ensure_spawn_resources(self._runtime, spec, instance=self._instance)
         record = await self._store.insert_agent(
             AgentRecord(name=spec.name, state_since=self._clock.now()),
             spec.model_dump(mode="json"),

@@ -1,5 +1,6 @@
-"""Swarm spawning: the spec of an agent spawned at run time, and the shared
-network and volume every spawned agent joins.
+"""Spawned agents (the ``[swarm]`` section): the spec of an agent spawned at run
+time, and the shared network and volume every spawned agent joins. (Not Docker
+Swarm: that is a backend, ``[docker] backend = "swarm"``.)
 
 Used by ``POST /api/agents`` (``roost.api.registry``) and by the library's
 ``DockerAgentRunner``; both then hand the spec to ``engine.agents.register``.
@@ -39,7 +40,7 @@ from roost.ports.runtime import ContainerRuntime
 
 __all__ = [
     "RESERVED_ENV",
-    "ensure_swarm_resources",
+    "ensure_spawn_resources",
     "spawned_agent_spec",
 ]
 
@@ -120,7 +121,7 @@ def spawned_agent_spec(
     )
 
 
-async def ensure_swarm_resources(
+async def ensure_spawn_resources(
     runtime: ContainerRuntime, spec: SpawnedAgent, *, instance: str
 ) -> None:
     """Create the spec's network and named volumes when they are absent."""
