@@ -4,20 +4,14 @@ duplicate only for the message that was being delivered at the kill."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import free_port, wait_until
+from tests.integration.roost_process import answers_health, docker_state, roost_process
 
 pytestmark = pytest.mark.docker
 
@@ -53,40 +47,6 @@ image = "{image}"
     return config
 
 
-@contextlib.asynccontextmanager
-async def roost_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    roost = Path(sys.executable).parent / "roost"
-    with log.open("ab") as output:
-        process = await asyncio.create_subprocess_exec(
-            str(roost),
-            "--config",
-            str(config),
-            "up",
-            stdout=output,
-            stderr=output,
-            cwd=str(ROOT),
-            env={**os.environ, "ROOST_TOKEN": ""},
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-async def _up(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/healthz")).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def _messages(client: httpx.AsyncClient) -> list[dict[str, Any]]:
     response = await client.get("/api/agents/echo/messages", params={"limit": MESSAGES})
     response.raise_for_status()
@@ -104,7 +64,7 @@ async def test_every_message_arrives_in_order_when_roost_is_killed_mid_delivery(
     accepted: list[str] = []
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         async with roost_process(config, log) as first:
-            await wait_until(lambda: _up(client), timeout=30, what="first roost up")
+            await wait_until(lambda: answers_health(client), timeout=30, what="first roost up")
             started = await client.post("/api/agents/echo/start")
             assert started.status_code == 200, started.text
             container = started.json()["container_id"]
@@ -119,11 +79,11 @@ async def test_every_message_arrives_in_order_when_roost_is_killed_mid_delivery(
             await first.wait()
 
         # the agent's container outlives Roost, and is adopted (not recreated) below
-        state = await _docker_state(container)
+        state = await docker_state(container)
         assert state["Running"] is True
 
         async with roost_process(config, log):
-            await wait_until(lambda: _up(client), timeout=30, what="second roost up")
+            await wait_until(lambda: answers_health(client), timeout=30, what="second roost up")
 
             async def all_delivered() -> bool:
                 messages = await _messages(client)
@@ -145,13 +105,3 @@ async def test_every_message_arrives_in_order_when_roost_is_killed_mid_delivery(
     for p in duplicates:
         assert ids[p] == ids[p - 1]
     print(f"kill test: {pending} pending at the kill, {len(duplicates)} redelivered")
-
-
-async def _docker_state(container: str) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        "docker", "inspect", container, stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await process.communicate()
-    assert process.returncode == 0, f"container {container} is gone"
-    state: dict[str, Any] = json.loads(out)[0]["State"]
-    return state

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import docker_inspect, free_port, wait_until
+from tests.integration.roost_process import answers_health, roost_process
 
 pytestmark = pytest.mark.docker
 
@@ -45,30 +45,13 @@ image = "roost-mimic:latest"
 
 @asynccontextmanager
 async def roost_up(config: Path, port: int) -> AsyncIterator[asyncio.subprocess.Process]:
-    roost = Path(sys.executable).parent / "roost"
-    process = await asyncio.create_subprocess_exec(
-        str(roost),
-        "--config",
-        str(config),
-        "up",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-
-        async def answers() -> bool:
-            try:
-                async with httpx.AsyncClient() as client:
-                    return (await client.get(f"http://127.0.0.1:{port}/healthz")).is_success
-            except httpx.HTTPError:
-                return False
-
-        await wait_until(answers, what="roost up answering /healthz")
+    """``roost up`` answering on ``port`` (its output in roost.log beside ``config``)."""
+    async with (
+        roost_process(config, config.parent / "roost.log") as process,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        await wait_until(lambda: answers_health(client), what="roost up answering /healthz")
         yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def api(port: int, method: str, path: str) -> Any:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, wait_until
-from tests.integration.test_inbox_kill import _docker_state, _up, roost_process
+from tests.integration.roost_process import answers_health, docker_state, roost_process
 
 pytestmark = pytest.mark.docker
 
@@ -82,7 +82,7 @@ async def test_every_message_is_answered_in_order_when_roost_is_killed_mid_answe
     accepted: list[str] = []
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         async with roost_process(config, log) as first:
-            await wait_until(lambda: _up(client), timeout=30, what="first roost up")
+            await wait_until(lambda: answers_health(client), timeout=30, what="first roost up")
             started = await client.post("/api/agents/talker/start")
             assert started.status_code == 200, started.text
             container = started.json()["container_id"]
@@ -102,10 +102,10 @@ async def test_every_message_is_answered_in_order_when_roost_is_killed_mid_answe
             await wait_until(mid_stream, timeout=60, interval=0.01, what="a message in hand")
             first.kill()  # SIGKILL: the lease / the unanswered frame dies with Roost
             await first.wait()
-        assert (await _docker_state(container))["Running"] is True
+        assert (await docker_state(container))["Running"] is True
 
         async with roost_process(config, log):
-            await wait_until(lambda: _up(client), timeout=30, what="second roost up")
+            await wait_until(lambda: answers_health(client), timeout=30, what="second roost up")
 
             async def all_answered() -> bool:
                 messages = await _messages(client)

@@ -3,28 +3,21 @@ real uvicorn daemon served in-process on a FakeRuntime engine."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
-from click.testing import CliRunner, Result
 
 from roost import serving
 from roost.adapters.state_lock import StateDirLock
-from roost.cli import cli
-from roost.config import Settings
-from roost.engine import Engine
-from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_runtime import FakeRuntime
-from tests.conftest import free_port, make_settings, wait_until
+from tests.conftest import free_port, make_settings
+from tests.unit.cli_support import Daemon, invoke, running_daemon
 
-IMAGE = "roost-mimic:latest"
 VERBS = [
     "up",
     "ps",
@@ -38,12 +31,6 @@ VERBS = [
     "inspect",
     "doctor",
 ]
-#: Variables that would leak the developer's environment into the CLI under test.
-CLEAN_ENV: dict[str, str | None] = {"ROOST_TOKEN": None, "ROOST_CONFIG": None, "ROOST_URL": None}
-
-
-def invoke(args: Sequence[str], stdin: str | None = None, **env: str | None) -> Result:
-    return CliRunner().invoke(cli, list(args), input=stdin, env={**CLEAN_ENV, **env})
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -191,59 +178,9 @@ async def test_serve_exits_1_saying_what_to_do_when_docker_unreachable(
 # --------------------------------------------------------------------------- daemon
 
 
-class Daemon:
-    def __init__(self, url: str, runtime: FakeRuntime, engine: Engine) -> None:
-        self.url = url
-        self.runtime = runtime
-        self.engine = engine
-
-    async def cli(self, *args: str, token: str | None = None, stdin: str | None = None) -> Result:
-        """Run the CLI in a thread: it blocks on HTTP that this loop must answer."""
-        env = {"ROOST_TOKEN": token} if token else {}
-        return await asyncio.to_thread(invoke, ["--url", self.url, *args], stdin, **env)
-
-
-async def _daemon(
-    tmp_path: Path, *, token: str | None, agents: Sequence[str] = ("echo",)
-) -> AsyncIterator[Daemon]:
-    server: dict[str, object] = {}
-    if token is not None:
-        (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
-        server["token_file"] = str(tmp_path / "token")
-    settings: Settings = make_settings(
-        tmp_path, "cli-test", agents={name: {"image": IMAGE} for name in agents}, server=server
-    )
-    runtime = FakeRuntime(images=[IMAGE])
-    engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime))
-    sock = await serving.bind_listen_socket("127.0.0.1", 0)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    shutdown = asyncio.Event()
-    task = asyncio.create_task(
-        serving.serve(
-            settings, engine=engine, listen_socket=sock, shutdown=shutdown, handle_signals=False
-        )
-    )
-
-    async def answers() -> bool:
-        if task.done():
-            raise AssertionError(f"serve ended early with {task.result()}")
-        try:
-            async with httpx.AsyncClient() as client:
-                return (await client.get(f"{url}/healthz")).status_code == 200
-        except httpx.ConnectError:
-            return False
-
-    await wait_until(answers, timeout=10, what="the daemon to answer /healthz")
-    try:
-        yield Daemon(url, runtime, engine)
-    finally:
-        shutdown.set()
-        assert await asyncio.wait_for(task, timeout=30) == 0
-
-
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    async for running in _daemon(tmp_path, token=None):
+    async with running_daemon(tmp_path) as running:
         yield running
 
 
@@ -320,7 +257,7 @@ async def test_route_prints_agent_and_id_and_exits_1_when_no_agent_handles_type(
 async def test_shutdown_stops_managed_containers_when_daemon_exits(tmp_path: Path) -> None:
     runtime: FakeRuntime | None = None
     cid = ""
-    async for running in _daemon(tmp_path, token=None):
+    async with running_daemon(tmp_path) as running:
         runtime = running.runtime
         result = await running.cli("start", "echo", "--json")
         cid = json.loads(result.stdout)["container_id"]
@@ -331,7 +268,7 @@ async def test_shutdown_stops_managed_containers_when_daemon_exits(tmp_path: Pat
 
 async def test_cli_sends_token_and_explains_401_when_daemon_needs_token(tmp_path: Path) -> None:
     token = secrets.token_hex(8)
-    async for running in _daemon(tmp_path, token=token):
+    async with running_daemon(tmp_path, token=token) as running:
         refused = await running.cli("ps")
         assert refused.exit_code == 1
         assert "ROOST_TOKEN" in refused.stderr

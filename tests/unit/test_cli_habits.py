@@ -20,13 +20,13 @@ import pytest
 from roost.cli import client
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import wait_until
-from tests.unit.test_cli import IMAGE, Daemon, _daemon, invoke
+from tests.unit.cli_support import IMAGE, Daemon, invoke, running_daemon
 
 
 @pytest.fixture
 async def fleet(tmp_path: Path) -> AsyncIterator[Daemon]:
     """A daemon with three agents: coder, echo, echo2."""
-    async for running in _daemon(tmp_path, token=None, agents=("coder", "echo", "echo2")):
+    async with running_daemon(tmp_path, agents=("coder", "echo", "echo2")) as running:
         yield running
 
 
@@ -353,5 +353,5 @@ async def test_events_follow_prints_live_events_and_exits_0_on_ctrl_c(
 
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    async for running in _daemon(tmp_path, token=None):
+    async with running_daemon(tmp_path) as running:
         yield running

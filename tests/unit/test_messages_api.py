@@ -19,7 +19,7 @@ from roost.testing import EngineHarness
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings, wait_until
 from tests.support import ScriptedAgent
-from tests.unit.test_cli import _daemon
+from tests.unit.cli_support import running_daemon
 
 IMAGE = "roost-mimic:latest"
 TOKEN = "t0ken"
@@ -352,7 +352,7 @@ def _answers(client: httpx.AsyncClient) -> Any:
 async def test_send_prints_the_reply_and_events_list_it_when_daemon_runs(
     tmp_path: Path,
 ) -> None:
-    async for daemon in _daemon(tmp_path, token=None):
+    async with running_daemon(tmp_path) as daemon:
         text = await daemon.cli("send", "echo", "hello there")
         assert text.exit_code == 0, text.output
         assert json.loads(text.stdout)["echo"] == {"text": "hello there"}
