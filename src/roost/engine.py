@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Any
 
 from roost import errors
-from roost.adapters.aiohttp_agent_client import AiohttpAgentClient
 from roost.adapters.docker_runtime import DockerRuntime
+from roost.adapters.http_agent_client import HttpAgentClient
 from roost.adapters.sqlite_inbox import SqliteInbox
 from roost.adapters.sqlite_jobs import SqliteJobStore
 from roost.adapters.sqlite_store import SqliteStore
@@ -78,7 +78,7 @@ class Engine:
             settings.notify.webhook, timeout=settings.notify.timeout
         )
         self.clock: Clock = clock or SystemClock()
-        self.agent_client: AgentClient = agent_client or AiohttpAgentClient()
+        self.agent_client: AgentClient = agent_client or HttpAgentClient()
         self.docker_api_version = ""
         #: every lifecycle change, message status change and notice, for SSE.
         self.events = EventHub()

@@ -4,16 +4,18 @@ dead on failure, requeue on reset, recovery at start, the waking notice."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from roost import errors
 from roost.core import events as ev
 from roost.core.states import AgentState
 from roost.engine import Engine
-from roost.ports.agent_http import AgentResponse
+from roost.ports.agent_http import AgentResponse, Headers
 from roost.ports.inbox import Message, MessageStatus
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_runtime import FakeRuntime
@@ -38,25 +40,34 @@ class ScriptedAgent(FakeAgentClient):
         self.hold: asyncio.Event | None = None
         self._failures: dict[str, int] = {}
 
-    async def post_json(
-        self, url: str, body: Any, *, headers: Mapping[str, str], timeout: float
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Headers = (),
+        timeout: float,
     ) -> AgentResponse:
         if self.down or await self._serves(url) is None:
-            raise ConnectionError(f"connection refused: {url}")
-        message_id = headers["Roost-Message-Id"]
-        self.deliveries.append((message_id, body))
+            raise errors.AgentHTTPError(f"connection refused: {url}")
+        message_id = dict(headers)[b"roost-message-id"].decode()
+        decoded: Any = json.loads(body or b"null")
+        self.deliveries.append((message_id, decoded))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             if self.hold is not None:
                 await self.hold.wait()
-            fields = body if isinstance(body, dict) else {}
+            fields = decoded if isinstance(decoded, dict) else {}
             if "status" in fields:
-                return AgentResponse(fields["status"], {"error": "scripted"})
+                return AgentResponse(fields["status"], b'{"error": "scripted"}')
             if self._failures.get(message_id, 0) < fields.get("fail_first", 0):
                 self._failures[message_id] = self._failures.get(message_id, 0) + 1
-                return AgentResponse(503, "busy")
-            return AgentResponse(200, {"echo": body, "message_id": message_id})
+                return AgentResponse(503, b'"busy"')
+            return AgentResponse(
+                200, json.dumps({"echo": decoded, "message_id": message_id}).encode()
+            )
         finally:
             self.in_flight -= 1
 

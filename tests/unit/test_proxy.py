@@ -25,13 +25,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from roost import errors, serving
+from roost.adapters.http_agent_client import HttpAgentClient
 from roost.api.app import create_app
 from roost.core import events as ev
 from roost.core.states import AgentState
 from roost.engine import Engine
 from roost.ports.runtime import ContainerState
 from roost.reactor.supervising import AgentActor
-from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings, wait_until
 
@@ -82,8 +82,9 @@ class AgentServer:
 
     async def stop(self) -> None:
         self.release_stream.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -269,7 +270,7 @@ async def harness(
         server=server or {},
     )
     runtime = MappedRuntime(agent_port if agent_port is not None else agent.port)
-    engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime))
+    engine = Engine(settings, runtime=runtime, agent_client=HttpAgentClient())
     try:
         async with engine:
             app = create_app(engine, token=token)
@@ -409,8 +410,9 @@ async def test_proxy_answers_502_without_waking_when_agent_failed(tmp_path: Path
 
 
 async def test_proxy_answers_502_json_when_upstream_refuses_connection(tmp_path: Path) -> None:
-    async with harness(tmp_path, agent_port=closed_port()) as h:
+    async with harness(tmp_path) as h:
         await h.start_agent()
+        await h.agent.stop()  # the app is gone, the container (as far as Roost knows) runs
         status, _, body = await get_json(h, "/agents/echo/echo/x")
         assert status == 502
         assert body["agent"] == "echo"
@@ -704,14 +706,14 @@ async def test_proxy_relays_large_body_intact_when_answer_exceeds_read_buffer(
 
 async def test_proxy_answers_head_without_body_when_method_is_head(proxy: Harness) -> None:
     await proxy.start_agent()
-    for _ in range(2):  # the second goes over a fresh connection (HEAD ones are not reused)
+    for _ in range(2):  # the second reuses the connection: a HEAD answer has no body
         async with proxy.session.head(proxy.url + "/agents/echo/big") as response:
             assert response.status == 200
             assert int(response.headers["Content-Length"]) == len(BIG_BODY)
             assert await response.read() == b""
 
 
-async def test_proxy_answers_expect_continue_itself_when_client_sends_it(
+async def test_proxy_passes_expect_continue_to_agent_when_client_sends_it(
     proxy: Harness,
 ) -> None:
     await proxy.start_agent()
@@ -720,8 +722,8 @@ async def test_proxy_answers_expect_continue_itself_when_client_sends_it(
     ) as response:
         assert response.status == 200
         seen = await response.json()
-    assert seen["body"] == "payload"
-    assert "expect" not in headers_of(seen)
+    assert seen["body"] == "payload"  # sent once the agent (aiohttp) said 100 Continue
+    assert headers_of(seen)["expect"] == "100-continue"
 
 
 async def test_proxy_reuses_upstream_connection_when_requests_follow(proxy: Harness) -> None:

@@ -60,6 +60,7 @@ S = AgentState
 M = MessageStatus
 
 MESSAGE_ID_HEADER = "Roost-Message-Id"
+_MESSAGE_ID_KEY = MESSAGE_ID_HEADER.lower().encode()
 #: Backoff between attempts of one message (the last value repeats).
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
 #: Queued messages read from the store at once.
@@ -445,26 +446,31 @@ class _Lane:
             error: str
             try:
                 async with actor.busy():
-                    response = await d.agent_client.post_json(
+                    response = await d.agent_client.request(
+                        "POST",
                         url + limits.message_path,
-                        message.body,
-                        headers={MESSAGE_ID_HEADER: message.id},
+                        body=json.dumps(message.body).encode(),
+                        headers=(
+                            (b"content-type", b"application/json"),
+                            (_MESSAGE_ID_KEY, message.id.encode()),
+                        ),
                         timeout=d.delivery_timeout,
                     )
             except (ConnectionError, TimeoutError, OSError) as exc:
                 error = f"no answer from the agent: {exc or type(exc).__name__}"
             else:
                 status = response.status
+                reply = _decoded_reply(response.body)
                 if 200 <= status < 300:
-                    await d.inbox.mark_delivered(message, response.body)
+                    await d.inbox.mark_delivered(message, reply)
                     await marking
                     d._settled(
                         dataclasses.replace(
-                            message, status=M.DELIVERED, attempts=attempts, reply=response.body
+                            message, status=M.DELIVERED, attempts=attempts, reply=reply
                         )
                     )
                     return
-                error = f"HTTP {status}: {_excerpt(response.body)}"
+                error = f"HTTP {status}: {_excerpt(reply)}"
                 server_errors += status >= 500
                 if status < 500 or server_errors >= d.max_server_errors:
                     await d.inbox.mark_failed(message, error)
@@ -495,6 +501,14 @@ class _Lane:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._interrupt.wait()
+
+
+def _decoded_reply(raw: bytes) -> Any:
+    """The agent's answer: JSON when it parses, else its text (None when empty)."""
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode(errors="replace")
 
 
 def _excerpt(body: Any) -> str:
