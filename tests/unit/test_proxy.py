@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gzip
-import socket
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from roost.api.app import create_app
 from roost.core import events as ev
 from roost.core.states import AgentState
 from roost.engine import Engine
-from roost.ports.runtime import ContainerState
 from roost.reactor.supervising import AgentActor
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings, wait_until
@@ -174,15 +172,9 @@ class MappedRuntime(FakeRuntime):
 
     def __init__(self, agent_port: int) -> None:
         super().__init__(images=[IMAGE])
-        self.agent_port = agent_port
+        self.endpoints[IMAGE] = agent_port
         self.start_gate: asyncio.Event | None = None
         self.start_error: errors.RoostError | None = None
-
-    async def inspect(self, container_id: str) -> ContainerState:
-        state = await super().inspect(container_id)
-        if state.host_port is None:
-            return state
-        return dataclasses.replace(state, host_port=self.agent_port)
 
     async def start(self, container_id: str) -> None:
         if self.start_gate is not None:
@@ -222,13 +214,6 @@ async def served(app: Any) -> AsyncIterator[str]:
         sock.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclasses.dataclass
 class Harness:
     engine: Engine
@@ -258,7 +243,6 @@ async def harness(
     token: str | None = None,
     defaults: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
-    agent_port: int | None = None,
 ) -> AsyncIterator[Harness]:
     agent = AgentServer()
     await agent.start()
@@ -269,7 +253,7 @@ async def harness(
         defaults={"liveness_interval": 3600, **(defaults or {})},
         server=server or {},
     )
-    runtime = MappedRuntime(agent_port if agent_port is not None else agent.port)
+    runtime = MappedRuntime(agent.port)
     engine = Engine(settings, runtime=runtime, agent_client=HttpAgentClient())
     try:
         async with engine:

@@ -729,13 +729,19 @@ async def _exchange_on(connection: _Connection, exchange: _Exchange, request: h1
 
 
 async def _within(head: asyncio.Future[None], timeout: float) -> None:
-    try:
-        async with asyncio.timeout(timeout):
+    """Wait for the answer's head; ``AgentTimeout`` after ``timeout`` seconds."""
+    if not head.done():
+        expiry = asyncio.get_running_loop().call_later(timeout, _expire, head, timeout)
+        try:
             await head
-    except TimeoutError as exc:
-        if isinstance(exc, errors.AgentHTTPError):
-            raise
-        raise errors.AgentTimeout(f"the agent did not answer within {timeout:g}s") from exc
+        finally:
+            expiry.cancel()
+    head.result()
+
+
+def _expire(head: asyncio.Future[None], timeout: float) -> None:
+    if not head.done():
+        head.set_exception(errors.AgentTimeout(f"the agent did not answer within {timeout:g}s"))
 
 
 async def _continued(connection: _Connection) -> bool:

@@ -207,7 +207,8 @@ class AgentProxy:
         self._token = token.encode("utf-8") if token else None
         self._max_body = engine.settings.server.max_body_size
         self._client = engine.agent_client
-        self._answer_timeout = answer_timeout
+        #: seconds to wait for an agent's answer once the request is sent (then 504).
+        self.answer_timeout = answer_timeout
         #: agent.waking announcements in flight (awaited by ``close``).
         self._notices: set[asyncio.Task[None]] = set()
         #: WebSockets and streaming responses open right now.
@@ -453,7 +454,7 @@ class AgentProxy:
                 target,
                 headers=headers,
                 body=data,
-                answer_timeout=self._answer_timeout,
+                answer_timeout=self.answer_timeout,
             ) as response:
                 answered = True
                 await self._relay(response, receive, send, body, wake)
