@@ -24,6 +24,7 @@ from roost.config import Settings, parse_settings
 ROOT = Path(__file__).resolve().parent.parent
 MIMIC_IMAGE = "roost-mimic:latest"
 BUSYBOX_IMAGE = "roost-busybox:latest"
+NGINX_IMAGE = "roost-nginx:latest"
 
 
 def free_port() -> int:
@@ -38,7 +39,7 @@ def free_port() -> int:
 def docker_images() -> dict[str, str]:
     """Build (or find cached) the local test images once per session."""
     subprocess.run([str(ROOT / "scripts" / "build-images")], check=True, capture_output=True)
-    return {"mimic": MIMIC_IMAGE, "busybox": BUSYBOX_IMAGE}
+    return {"mimic": MIMIC_IMAGE, "busybox": BUSYBOX_IMAGE, "nginx": NGINX_IMAGE}
 
 
 @pytest.fixture
