@@ -229,6 +229,7 @@ class _Connection(asyncio.Protocol):
                 # Trailers (event.headers) are dropped: nothing downstream can carry them.
                 self.complete = True
                 self._wake()
+                return  # h11 gives nothing more before the next cycle (it would say PAUSED)
             elif kind is h11.InformationalResponse:
                 # 100 releases a held body; 102/103 and an unasked 100 are skipped.
                 status = cast(h11.InformationalResponse, event).status_code
