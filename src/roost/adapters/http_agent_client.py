@@ -6,15 +6,17 @@ and httpcore); this module drives it from an asyncio ``Protocol`` and keeps
 its own small keep-alive pool. WebSockets go through aiohttp, behind the same
 object.
 
-Why h11 on a Protocol rather than httpcore's pool: measured on this machine,
-sequential warm GETs against a raw asyncio server, client + server CPU per
-request: httpcore 1.0.9 ~500 µs (anyio locks and streams per request, and a
-failing ``import sniffio`` per request showed up first in its profile), aiohttp
-~63 µs, this client ~50 µs, the hand-written httptools client it replaced
-~21 µs. The proxy's targets (bench P4) hold with this one; httpcore would miss
-them by far. h11 also exposes what the proxy needs and httpcore hides: the
-100 Continue before the final answer, the states that say whether a connection
-can be reused, and the end of a close-delimited body.
+Why h11 on a Protocol rather than httpcore's pool, measured here (2 cores,
+shared; sequential warm GETs to a raw asyncio server in the same process, CPU of
+both sides per request): httpcore 1.0.9 375-525 µs (anyio locks and streams per
+request; its profile is led by a failing ``import sniffio`` on every request),
+this client 68-85 µs, aiohttp 53-63 µs, the hand-written httptools client it
+replaced 18-21 µs. Of this client's cost h11 itself is ~40 µs (validating the
+request's headers, parsing the answer's head with regexes, its state machine);
+the Protocol, pool and futures around it ~15 µs. httpcore would miss the
+proxy's targets (bench P4) by far. h11 also exposes what the proxy needs and
+httpcore hides: the 100 Continue before the final answer, the states that say
+whether a connection can be reused, and the end of a close-delimited body.
 
 Invariants:
 - Framing is h11's and covers RFC 9112: ``Content-Length``; ``chunked`` with
@@ -442,7 +444,10 @@ class _Exchange:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.finish()
+        if self._upload is None:
+            self.release()
+        else:
+            await self.finish()
 
     # -- AgentStream --------------------------------------------------------------------
 
@@ -469,14 +474,19 @@ class _Exchange:
         return self._connection
 
     async def finish(self) -> None:
+        """End the exchange: stop the upload if it still runs, then ``release``."""
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            if not upload.done():
+                upload.cancel()
+            await asyncio.wait((upload,))  # (a cancellation of ours still propagates)
+            if not upload.cancelled():
+                upload.exception()  # retrieved: what mattered was raised by _exchange_on
+        self.release()
+
+    def release(self) -> None:
         """Pool the connection when both sides ended cleanly, else close it."""
         connection, self._connection = self._connection, None
-        upload, self._upload = self._upload, None
-        if upload is not None and not upload.done():
-            upload.cancel()
-        if upload is not None:
-            with contextlib.suppress(BaseException):
-                await upload
         if connection is None:
             return
         pool = self._client._pool
@@ -706,7 +716,7 @@ async def _exchange_on(connection: _Connection, exchange: _Exchange, request: h1
             pieces.append(connection.h11.send(h11.EndOfMessage()))
         except h11.LocalProtocolError as exc:
             raise errors.AgentHTTPError(f"cannot send the request to the agent: {exc}") from exc
-        connection.write(b"".join(piece for piece in pieces if piece))
+        connection.write(b"".join(pieces))
         await _within(connection.head, timeout)
         return
     connection.send(request)
