@@ -58,9 +58,9 @@ import collections
 import contextlib
 import time
 import urllib.parse
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 import h11
@@ -412,6 +412,8 @@ class _Exchange:
         "_origin",
         "_target",
         "_upload",
+        "headers",
+        "status",
     )
 
     def __init__(
@@ -433,9 +435,16 @@ class _Exchange:
         self._answer_timeout = answer_timeout
         self._connection: _Connection | None = None
         self._upload: asyncio.Task[None] | None = None
+        #: the answer's status and raw headers (names lower-case), once it came.
+        self.status = 0
+        self.headers: Headers = ()
 
     async def __aenter__(self) -> _Exchange:
-        await self._client._send(self)
+        connection = await self._client._send(self)
+        response = connection.response
+        assert response is not None
+        self.status = response.status_code
+        self.headers = connection.headers
         return self
 
     async def __aexit__(
@@ -452,21 +461,11 @@ class _Exchange:
     # -- AgentStream --------------------------------------------------------------------
 
     @property
-    def status(self) -> int:
-        response = self._live().response
-        assert response is not None
-        return response.status_code
-
-    @property
-    def headers(self) -> Headers:
-        return self._live().headers
-
-    @property
     def complete(self) -> bool:
         return self._live().complete
 
-    async def read(self) -> bytes:
-        return await self._live().read()
+    def read(self) -> Coroutine[Any, Any, bytes]:
+        return self._live().read()
 
     def _live(self) -> _Connection:
         if self._connection is None:
@@ -668,7 +667,7 @@ class HttpAgentClient:
         self._pool.add(connection)
         return connection
 
-    async def _send(self, exchange: _Exchange) -> None:
+    async def _send(self, exchange: _Exchange) -> _Connection:
         """Connect (or reuse), send the request and wait for the answer's head."""
         key, host = self._address(exchange._origin)
         body = exchange._body
@@ -692,7 +691,7 @@ class HttpAgentClient:
             exchange._connection = connection
             try:
                 await _exchange_on(connection, exchange, request)
-                return
+                return connection
             except _NoAnswer as exc:
                 await exchange.finish()
                 if pooled and (replayable or isinstance(exc, _NotSent)):
