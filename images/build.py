@@ -15,6 +15,10 @@ Images (both made with ``docker import`` of a rootfs streamed as a tar):
   nothing else (mimic's ``write_file`` command creates the file).
 - ``roost-busybox:latest``: busybox-static with applet symlinks, for one-shot
   jobs; the command is ``/bin/sh``.
+- ``roost-nginx:latest``: Debian's ``/usr/sbin/nginx`` (package ``nginx``, pulled
+  in by ``nginx-light``) with the libraries ``ldd`` lists, its ``mime.types``,
+  ``images/nginx/nginx.conf`` and the files under ``images/nginx/www``: an agent
+  that answers with keep-alive and chunked bodies, for the conformance tests.
 
 Invariants:
 
@@ -59,6 +63,9 @@ PYTHON_BINARY = Path("/usr/bin/python3.11")
 PYTHON_STDLIB = Path("/usr/lib/python3.11")
 BUSYBOX_BINARY = Path("/bin/busybox")
 MIMIC_SOURCE = IMAGES_DIR / "mimic" / "mimic.py"
+NGINX_BINARY = Path("/usr/sbin/nginx")
+NGINX_MIME_TYPES = Path("/etc/nginx/mime.types")
+NGINX_DIR = IMAGES_DIR / "nginx"
 
 # Top-level stdlib entries an agent never needs (or that need libraries we leave out).
 STDLIB_EXCLUDED_NAMES = frozenset(
@@ -271,6 +278,24 @@ def busybox_rootfs() -> Rootfs:
     return rootfs
 
 
+def nginx_rootfs() -> Rootfs:
+    rootfs = Rootfs()
+    _add_base(rootfs)
+    rootfs.add_file(NGINX_BINARY, NGINX_BINARY.resolve())
+    for dest, source in _shared_libraries([NGINX_BINARY]).items():
+        rootfs.add_file(dest, source)
+    rootfs.add_file("/etc/nginx/mime.types", NGINX_MIME_TYPES.resolve())
+    rootfs.add_file("/etc/nginx/nginx.conf", NGINX_DIR / "nginx.conf")
+    www = NGINX_DIR / "www"
+    for source in sorted(www.rglob("*")):
+        if source.is_file():
+            rootfs.add_file(PurePosixPath("/srv/www", source.relative_to(www)), source)
+    rootfs.add_dir("/srv/www/dav", 0o777)  # PUT stores files here as nobody
+    rootfs.add_dir("/var/log/nginx")
+    rootfs.add_dir("/var/lib/nginx")
+    return rootfs
+
+
 @dataclass(frozen=True)
 class ImageRecipe:
     tag: str
@@ -304,6 +329,15 @@ RECIPES = (
         tag="roost-busybox:latest",
         make_rootfs=busybox_rootfs,
         changes=(f"ENV {BASE_PATH_ENV}", 'CMD ["/bin/sh"]'),
+    ),
+    ImageRecipe(
+        tag="roost-nginx:latest",
+        make_rootfs=nginx_rootfs,
+        changes=(
+            f"ENV {BASE_PATH_ENV}",
+            "EXPOSE 8000",
+            'CMD ["/usr/sbin/nginx", "-e", "stderr", "-c", "/etc/nginx/nginx.conf"]',
+        ),
     ),
 )
 

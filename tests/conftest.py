@@ -27,6 +27,7 @@ MIMIC_IMAGE = "roost-mimic:latest"
 #: mimic with a Docker HEALTHCHECK of its own (see images/build.py).
 MIMIC_HEALTHCHECK_IMAGE = "roost-mimic-healthcheck:latest"
 BUSYBOX_IMAGE = "roost-busybox:latest"
+NGINX_IMAGE = "roost-nginx:latest"
 
 
 def free_port() -> int:
@@ -50,6 +51,7 @@ def docker_images() -> dict[str, str]:
         "mimic": pinned.get(MIMIC_IMAGE, MIMIC_IMAGE),
         "mimic-healthcheck": pinned.get(MIMIC_HEALTHCHECK_IMAGE, MIMIC_HEALTHCHECK_IMAGE),
         "busybox": pinned.get(BUSYBOX_IMAGE, BUSYBOX_IMAGE),
+        "nginx": pinned.get(NGINX_IMAGE, NGINX_IMAGE),
     }
 
 

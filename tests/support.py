@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 
-from roost import serving
+from roost import errors, serving
 from roost.config import Settings
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
 from roost.engine import Engine
-from roost.ports.agent_http import AgentResponse, ProbeResult
+from roost.ports.agent_http import AgentResponse, Headers, ProbeResult
 from roost.reactor.supervising import AgentActor, Supervisor
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_clock import FakeClock
@@ -33,6 +35,7 @@ __all__ = [
     "advance_until",
     "open_rig",
     "roost_daemon",
+    "served",
 ]
 
 
@@ -50,25 +53,34 @@ class ScriptedAgent(FakeAgentClient):
         self.hold: asyncio.Event | None = None
         self._failures: dict[str, int] = {}
 
-    async def post_json(
-        self, url: str, body: Any, *, headers: Mapping[str, str], timeout: float
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Headers = (),
+        timeout: float,
     ) -> AgentResponse:
         if self.down or await self._serves(url) is None:
-            raise ConnectionError(f"connection refused: {url}")
-        message_id = headers["Roost-Message-Id"]
-        self.deliveries.append((message_id, body))
+            raise errors.AgentHTTPError(f"connection refused: {url}")
+        message_id = dict(headers)[b"roost-message-id"].decode()
+        decoded: Any = json.loads(body or b"null")
+        self.deliveries.append((message_id, decoded))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             if self.hold is not None:
                 await self.hold.wait()
-            fields = body if isinstance(body, dict) else {}
+            fields = decoded if isinstance(decoded, dict) else {}
             if "status" in fields:
-                return AgentResponse(fields["status"], {"error": "scripted"})
+                return AgentResponse(fields["status"], b'{"error": "scripted"}')
             if self._failures.get(message_id, 0) < fields.get("fail_first", 0):
                 self._failures[message_id] = self._failures.get(message_id, 0) + 1
-                return AgentResponse(503, "busy")
-            return AgentResponse(200, {"echo": body, "message_id": message_id})
+                return AgentResponse(503, b'"busy"')
+            return AgentResponse(
+                200, json.dumps({"echo": decoded, "message_id": message_id}).encode()
+            )
         finally:
             self.in_flight -= 1
 
@@ -238,7 +250,34 @@ async def open_rig(
             await engine.stop()
 
 
-# -- a whole daemon (serving.serve) in this process, on a free port ------------------
+# -- an ASGI app, or a whole daemon (serving.serve), in this process on a free port ----
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without signal capture (the test owns the process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port; yields its base URL."""
+    sock = await serving.bind_listen_socket("127.0.0.1", 0)
+    config = uvicorn.Config(
+        app, lifespan="off", log_config=None, access_log=False, proxy_headers=False
+    )
+    server = _QuietServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="test.uvicorn")
+    try:
+        await wait_until(lambda: server.started or task.done(), timeout=10, what="uvicorn")
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+        sock.close()
 
 
 @contextlib.asynccontextmanager

@@ -41,8 +41,8 @@ from typing import Any
 
 from roost import errors
 from roost.adapters import docker_runtime
-from roost.adapters.aiohttp_agent_client import AiohttpAgentClient
 from roost.adapters.docker_runtime import DockerRuntime
+from roost.adapters.http_agent_client import HttpAgentClient
 from roost.adapters.sqlite_database import Database
 from roost.adapters.sqlite_inbox import SqliteInbox
 from roost.adapters.sqlite_jobs import SqliteJobStore
@@ -133,7 +133,7 @@ class Engine:
             on_failure=self.faults.webhook_failed,
         )
         self.clock: Clock = clock or SystemClock()
-        self.agent_client: AgentClient = agent_client or AiohttpAgentClient()
+        self.agent_client: AgentClient = agent_client or HttpAgentClient()
         self.docker_api_version = ""
         #: every lifecycle change, message status change and notice, for SSE.
         self.events = EventHub(clock=self.clock)

@@ -15,8 +15,11 @@
         ├── DockerUnavailable  the engine cannot be reached
         ├── ImageUnavailable   an image is absent and cannot be pulled (terminal)
         └── StartupTimeout     a container did not become healthy in time; carries the log tail
+    └── AgentHTTPError         HTTP to an agent failed: refused, reset, cut or invalid answer
+        │                      (also a ConnectionError; the proxy answers 502)
+        └── AgentTimeout       the agent did not answer in time (also a TimeoutError; 504)
 
-Third-party errors (aiodocker, sqlite) are translated at the adapter boundary by
+Third-party errors (aiodocker, sqlite, h11, aiohttp) are translated at the adapter boundary by
 meaning (HTTP 404 → NotFound, 409 → Conflict) with ``raise ... from exc``.
 
 Every error reaches an HTTP client as one JSON shape, ``{"error": message, ...}``
@@ -26,6 +29,8 @@ Every error reaches an HTTP client as one JSON shape, ``{"error": message, ...}`
 from __future__ import annotations
 
 __all__ = [
+    "AgentHTTPError",
+    "AgentTimeout",
     "AlreadyRunning",
     "ConfigError",
     "Conflict",
@@ -129,6 +134,25 @@ class StartupTimeout(ContainerError):
     """The container did not answer its health check within ``startup_timeout``."""
 
 
+class AgentHTTPError(RoostError, ConnectionError):
+    """Talking HTTP to an agent failed: the connection was refused, reset or cut, or
+    the answer was not valid HTTP. Also a ``ConnectionError``, so code that handles
+    network failures in general handles it too."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        #: the agent's HTTP status when it answered but refused (a WebSocket
+        #: upgrade answered with 403, say), else None.
+        self.status = status
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class AgentTimeout(AgentHTTPError, TimeoutError):
+    """The agent did not connect or answer within the time allowed."""
+
+
 _STATUS: tuple[tuple[type[RoostError], int], ...] = (
     # Most specific first: StartupTimeout and DockerUnavailable are ContainerErrors.
     (NotFound, 404),
@@ -138,6 +162,8 @@ _STATUS: tuple[tuple[type[RoostError], int], ...] = (
     (StartupTimeout, 504),
     (DockerUnavailable, 503),
     (ContainerError, 502),
+    (AgentTimeout, 504),
+    (AgentHTTPError, 502),
     (StorageFull, 507),
     (StoreError, 503),
 )

@@ -18,7 +18,7 @@ from roost.core.states import AgentState
 from roost.edge import create_app
 from roost.engine import Engine
 from tests.conftest import make_settings, wait_until
-from tests.unit.test_proxy import served
+from tests.support import served
 
 pytestmark = pytest.mark.docker
 

@@ -12,28 +12,26 @@ import asyncio
 import contextlib
 import dataclasses
 import gzip
-import socket
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import uvicorn
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from roost import errors, serving
+from roost import errors
+from roost.adapters.http_agent_client import HttpAgentClient
 from roost.core import events as ev
 from roost.core.states import AgentState
 from roost.edge import create_app
 from roost.engine import Engine
-from roost.ports.runtime import ContainerState
 from roost.reactor.supervising import AgentActor
-from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings, site_port, wait_until
+from tests.support import served
 
 IMAGE = "roost-mimic:latest"
 TOKEN = "proxy-s3cret"
@@ -80,8 +78,9 @@ class AgentServer:
 
     async def stop(self) -> None:
         self.release_stream.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -171,22 +170,9 @@ class MappedRuntime(FakeRuntime):
 
     def __init__(self, agent_port: int) -> None:
         super().__init__(images=[IMAGE])
-        self.agent_port = agent_port
+        self.endpoints[IMAGE] = agent_port
         self.start_gate: asyncio.Event | None = None
         self.start_error: errors.RoostError | None = None
-
-    async def inspect(self, container_id: str) -> ContainerState:
-        state = await super().inspect(container_id)
-        if state.host_port is None:
-            return state
-        return dataclasses.replace(state, host_port=self.agent_port)
-
-    def serves(self, port: int) -> bool:
-        return port == self.agent_port and super().serves(self._fake_port())
-
-    def _fake_port(self) -> int:
-        ports = [c.host_port for c in self._containers.values() if c.status == "running"]
-        return next((p for p in ports if p is not None), -1)
 
     async def start(self, container_id: str) -> None:
         if self.start_gate is not None:
@@ -197,40 +183,6 @@ class MappedRuntime(FakeRuntime):
 
 
 # --------------------------------------------------------------------------- serving
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without signal capture (the test owns the process)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-@contextlib.asynccontextmanager
-async def served(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a free loopback port; yields its base URL."""
-    sock = await serving.bind_listen_socket("127.0.0.1", 0)
-    config = uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, proxy_headers=False
-    )
-    server = _QuietServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="test.uvicorn")
-    try:
-        await wait_until(lambda: server.started or task.done(), timeout=10, what="uvicorn")
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=30)
-        sock.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclasses.dataclass
@@ -262,7 +214,6 @@ async def harness(
     token: str | None = None,
     defaults: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
-    agent_port: int | None = None,
 ) -> AsyncIterator[Harness]:
     agent = AgentServer()
     await agent.start()
@@ -273,8 +224,8 @@ async def harness(
         defaults={"liveness_interval": 3600, **(defaults or {})},
         server=server or {},
     )
-    runtime = MappedRuntime(agent_port if agent_port is not None else agent.port)
-    engine = Engine(settings, runtime=runtime, agent_client=FakeAgentClient(runtime))
+    runtime = MappedRuntime(agent.port)
+    engine = Engine(settings, runtime=runtime, agent_client=HttpAgentClient())
     try:
         async with engine:
             app = create_app(engine, token=token)
@@ -414,8 +365,9 @@ async def test_proxy_answers_502_without_waking_when_agent_failed(tmp_path: Path
 
 
 async def test_proxy_answers_502_json_when_upstream_refuses_connection(tmp_path: Path) -> None:
-    async with harness(tmp_path, agent_port=closed_port()) as h:
+    async with harness(tmp_path) as h:
         await h.start_agent()
+        await h.agent.stop()  # the app is gone, the container (as far as Roost knows) runs
         status, _, body = await get_json(h, "/agents/echo/echo/x")
         assert status == 502
         assert body["agent"] == "echo"
@@ -709,14 +661,14 @@ async def test_proxy_relays_large_body_intact_when_answer_exceeds_read_buffer(
 
 async def test_proxy_answers_head_without_body_when_method_is_head(proxy: Harness) -> None:
     await proxy.start_agent()
-    for _ in range(2):  # the second goes over a fresh connection (HEAD ones are not reused)
+    for _ in range(2):  # the second reuses the connection: a HEAD answer has no body
         async with proxy.session.head(proxy.url + "/agents/echo/big") as response:
             assert response.status == 200
             assert int(response.headers["Content-Length"]) == len(BIG_BODY)
             assert await response.read() == b""
 
 
-async def test_proxy_answers_expect_continue_itself_when_client_sends_it(
+async def test_proxy_passes_expect_continue_to_agent_when_client_sends_it(
     proxy: Harness,
 ) -> None:
     await proxy.start_agent()
@@ -725,8 +677,8 @@ async def test_proxy_answers_expect_continue_itself_when_client_sends_it(
     ) as response:
         assert response.status == 200
         seen = await response.json()
-    assert seen["body"] == "payload"
-    assert "expect" not in headers_of(seen)
+    assert seen["body"] == "payload"  # sent once the agent (aiohttp) said 100 Continue
+    assert headers_of(seen)["expect"] == "100-continue"
 
 
 async def test_proxy_reuses_upstream_connection_when_requests_follow(proxy: Harness) -> None:

@@ -7,7 +7,8 @@ Roost restart."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from roost.core.states import AgentState
-from roost.ports.agent_http import AgentResponse
+from roost.ports.agent_http import AgentResponse, Headers
 from roost.ports.inbox import Message, MessageStatus
 from roost.reactor.attempts import Outcome
 from roost.reactor.pulling import Pulls
@@ -38,12 +39,18 @@ class NudgeRecorder(FakeAgentClient):
         super().__init__(runtime)
         self.nudges: list[Any] = []
 
-    async def post_json(
-        self, url: str, body: Any, *, headers: Mapping[str, str], timeout: float
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Headers = (),
+        timeout: float,
     ) -> AgentResponse:
         if url.endswith("/task"):
-            self.nudges.append(body)
-        return await super().post_json(url, body, headers=headers, timeout=timeout)
+            self.nudges.append(json.loads(body or b"null"))
+        return await super().request(method, url, body=body, headers=headers, timeout=timeout)
 
 
 def _settings(tmp_path: Path, **agent: Any) -> Any:

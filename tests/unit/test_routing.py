@@ -5,7 +5,7 @@ configuration order, ``?all=true`` fan-out, 404 naming the type, the prefix rule
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roost.core import routing
-from roost.ports.agent_http import AgentResponse
+from roost.ports.agent_http import AgentResponse, Headers
 from roost.testing import EngineHarness
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_runtime import FakeRuntime
@@ -94,11 +94,17 @@ class HeaderRecorder(FakeAgentClient):
         super().__init__(runtime)
         self.headers: list[dict[str, str]] = []
 
-    async def post_json(
-        self, url: str, body: Any, *, headers: Mapping[str, str], timeout: float
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Headers = (),
+        timeout: float,
     ) -> AgentResponse:
-        self.headers.append(dict(headers))
-        return await super().post_json(url, body, headers=headers, timeout=timeout)
+        self.headers.append({k.decode(): v.decode() for k, v in headers})
+        return await super().request(method, url, body=body, headers=headers, timeout=timeout)
 
 
 AGENTS: dict[str, dict[str, Any]] = {
@@ -175,7 +181,11 @@ async def test_routed_message_carries_event_type_header_when_pushed(
     recorder = roost.engine.agent_client
     assert isinstance(recorder, HeaderRecorder)
     await wait_until(lambda: bool(recorder.headers), timeout=5, what="delivery")
-    assert recorder.headers[0] == {"Roost-Message-Id": message_id, "Roost-Event-Type": "pr.merged"}
+    assert recorder.headers[0] == {
+        "content-type": "application/json",
+        "roost-message-id": message_id,
+        "roost-event-type": "pr.merged",
+    }
 
 
 async def test_plain_message_carries_no_event_type_header(roost: EngineHarness) -> None:
@@ -183,7 +193,7 @@ async def test_plain_message_carries_no_event_type_header(roost: EngineHarness) 
     recorder = roost.engine.agent_client
     assert isinstance(recorder, HeaderRecorder)
     await wait_until(lambda: bool(recorder.headers), timeout=5, what="delivery")
-    assert list(recorder.headers[0]) == ["Roost-Message-Id"]
+    assert list(recorder.headers[0]) == ["content-type", "roost-message-id"]
 
 
 async def test_route_repeat_with_idempotency_key_stores_nothing_new(roost: EngineHarness) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from roost.adapters.aiohttp_agent_client import AiohttpAgentClient
+from roost.adapters.http_agent_client import HttpAgentClient
 from roost.core.states import AgentState
 from roost.gateway.waiting import accepts_html
 from roost.ports.runtime import ContainerState
@@ -81,7 +81,7 @@ async def gated(tmp_path: Path, agent_port: int) -> AsyncIterator[EngineHarness]
     )
     # Probes and the proxy reach the aiohttp app for real.
     async with EngineHarness.running(
-        settings, runtime=runtime, agent_client=AiohttpAgentClient()
+        settings, runtime=runtime, agent_client=HttpAgentClient()
     ) as harness:
         yield harness
 

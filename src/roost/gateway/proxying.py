@@ -2,9 +2,9 @@
 
 Role: the edge (``roost.edge``) hands every request whose path starts with
 ``/agents/`` (HTTP and WebSocket) to ``AgentProxy``, after its token check and
-body limit, so the hot path skips FastAPI's routing and validation. Plain HTTP
-goes over the keep-alive pool of ``roost.gateway.upstream`` (measured: about a
-third of aiohttp's CPU per warm request), WebSockets over aiohttp.
+body limit, so the hot path skips FastAPI's routing and validation. It talks to
+agents through the engine's one agent client (``engine.agent_client``: plain
+HTTP streamed both ways, and WebSockets).
 
 A request for an agent that is not running wakes it (``Agents.wake``) and is
 held until the agent answers its health check, for at most the agent's
@@ -18,8 +18,12 @@ Invariants:
   ``{"error": ..., "agent": ...}``: 404 (unknown agent), 413 (body, declared or
   streamed, larger than ``server.max_body_size``), 503 + ``Retry-After`` (still waking after
   ``hold_timeout``, or Roost shutting down), 502 (the agent failed or could not
-  start while the request was held, or it did not answer; the body names the
-  agent and its ``state``).
+  start while the request was held, or its answer was refused, cut or not
+  HTTP), 504 (the agent did not answer within ``answer_timeout``); the body
+  names the agent and its ``state``.
+- ``Expect: 100-continue`` goes through: the client's body is read (and the
+  client told to continue) only once the agent asks for it; an agent that
+  answers first (401, 413, ...) gets no body.
 - Every proxied answer carries ``Roost-Cold-Start`` (the state the agent was
   woken from: ``paused``, ``stopped``, ``created``, ...; ``none`` when it was
   already running) and ``Roost-Wake-Ms`` (time spent waking it).
@@ -44,24 +48,15 @@ import asyncio
 import contextlib
 import logging
 import math
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Protocol
-
-import aiohttp
-from yarl import URL
 
 from roost import errors
 from roost.api.errors import refuse
 from roost.core.states import AgentState
 from roost.engine import Engine
 from roost.gateway import waiting
-from roost.gateway.upstream import (
-    UpstreamDisconnected,
-    UpstreamError,
-    UpstreamPool,
-    UpstreamResponse,
-)
+from roost.ports.agent_http import AgentStream, AgentWebSocket, RequestBody
 
 __all__ = ["PREFIX", "AgentProxy", "ProxyObserver"]
 
@@ -79,9 +74,9 @@ PREFIX = "/agents/"
 WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
 #: Retry-After for a request that was still waking when its hold ran out.
 RETRY_AFTER_SECONDS = 1
-#: Time to connect to an agent's port (it answered its health check, so this is short).
-CONNECT_TIMEOUT = 10.0
-CONNECTION_LIMIT = 1024
+#: Longest wait for the agent's answer once the request is sent (then 504): agents may
+#: think for minutes before their first byte, as delivery allows.
+ANSWER_TIMEOUT = 300.0
 
 _PREFIX_BYTES = PREFIX.encode()
 
@@ -99,7 +94,7 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Not forwarded upstream: hop-by-hop, the client's Host (aiohttp sets the agent's),
+# Not forwarded upstream: hop-by-hop, the client's Host (the agent client sets the agent's),
 # forwarding headers Roost rewrites itself, and Roost's own token header.
 _REQUEST_DROP = _HOP_BY_HOP | {
     b"host",
@@ -108,10 +103,10 @@ _REQUEST_DROP = _HOP_BY_HOP | {
     b"x-forwarded-prefix",
     b"roost-token",
 }
-# Plain HTTP: the body framing is Roost's (Content-Length or chunked, set by the
-# upstream client) and ``Expect: 100-continue`` was answered by Roost's server.
+# Plain HTTP: the body framing is the agent client's (Content-Length or chunked), and
+# ``Expect: 100-continue`` is sent again only with a body read when the agent asks.
 _HTTP_DROP = _REQUEST_DROP | {b"content-length", b"expect"}
-# A WebSocket handshake is made anew by aiohttp: the client's handshake fields go.
+# A WebSocket handshake is made anew by the agent client: the client's handshake fields go.
 _WEBSOCKET_DROP = _REQUEST_DROP | {
     b"sec-websocket-key",
     b"sec-websocket-version",
@@ -122,8 +117,6 @@ _WEBSOCKET_DROP = _REQUEST_DROP | {
 # Not returned to the client: hop-by-hop, and Date/Server (uvicorn adds its own).
 _RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
 _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
-
-_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 class ProxyObserver(Protocol):
@@ -168,6 +161,10 @@ def _is_chunked(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return any(key == b"transfer-encoding" for key, _ in headers)
 
 
+def _expects_continue(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(k == b"expect" and v.lower() == b"100-continue" for k, v in headers)
+
+
 def _connection_tokens(value: bytes) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
@@ -175,57 +172,32 @@ def _connection_tokens(value: bytes) -> set[bytes]:
 class AgentProxy:
     """Forwards HTTP and WebSocket traffic to agents, waking them first.
 
-    Owns a keep-alive ``UpstreamPool`` for plain HTTP and an aiohttp session for
-    WebSockets (both created on first use, closed by ``close``).
+    Talks to agents through ``engine.agent_client`` (the engine owns and closes it).
     """
 
     def __init__(
         self,
         engine: Engine,
         *,
-        connection_limit: int = CONNECTION_LIMIT,
-        connect_timeout: float = CONNECT_TIMEOUT,
+        answer_timeout: float = ANSWER_TIMEOUT,
         observer: ProxyObserver | None = None,
     ) -> None:
         self._agents = engine.agents
         #: told of every proxied request (metrics); None: nobody is.
         self.observer = observer
         self._clock = engine.clock
-        self._connection_limit = connection_limit
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout, sock_connect=connect_timeout
-        )
-        #: plain HTTP goes through this pool; aiohttp (``_session``) carries WebSockets.
-        self._upstream = UpstreamPool(connect_timeout=connect_timeout)
-        self._session: aiohttp.ClientSession | None = None
-        self._addresses: dict[str, tuple[str, int]] = {}
+        self._client = engine.agent_client
+        #: seconds to wait for an agent's answer once the request is sent (then 504).
+        self.answer_timeout = answer_timeout
         #: WebSockets and streaming responses open right now.
         self.open_streams = 0
         self.closed = False
 
     # -- resources --------------------------------------------------------------------
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self._connection_limit, limit_per_host=0, enable_cleanup_closed=False
-                ),
-                # A proxy relays bytes: no decompression, no headers the client did not send.
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                timeout=self._timeout,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
-
     async def close(self) -> None:
-        """Close upstream connections."""
+        """Refuse new requests (the agent client is the engine's to close)."""
         self.closed = True
-        await self._upstream.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     # -- entry ------------------------------------------------------------------------
 
@@ -349,17 +321,6 @@ class AgentProxy:
         forwarded.append((b"x-forwarded-prefix", _PREFIX_BYTES + name.encode()))
         return forwarded
 
-    def _address(self, url: str) -> tuple[str, int]:
-        """(host, port) of an agent URL (cached: an agent's URL changes rarely)."""
-        found = self._addresses.get(url)
-        if found is None:
-            parts = urllib.parse.urlsplit(url)
-            found = (parts.hostname or "127.0.0.1", parts.port or 80)
-            if len(self._addresses) > 4096:
-                self._addresses.clear()
-            self._addresses[url] = found
-        return found
-
     # -- HTTP -------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -422,55 +383,52 @@ class AgentProxy:
         target: bytes,
         wake: tuple[bytes, bytes],
     ) -> None:
+        request_headers: list[tuple[bytes, bytes]] = scope["headers"]
         headers = self._forward_headers(scope, name, _HTTP_DROP)
-        declared = _declared_length(scope["headers"])
+        declared = _declared_length(request_headers)
         body = _RequestBody(receive)
-        data: bytes | AsyncIterator[bytes] | None = None
-        if declared is not None or _is_chunked(scope["headers"]):
-            try:
-                data = await body.start()
-            except _ClientGone:
-                return
-            except errors.Refusal as refusal:  # the edge's body limit, on the first chunk
-                await refuse(scope, send, refusal)
-                return
+        data: RequestBody = None
+        if declared is not None or _is_chunked(request_headers):
+            if _expects_continue(request_headers):
+                # Read only when the agent asks: the server tells the client to continue
+                # at the first receive(), so the agent's 100 (or its refusal) decides.
+                data = body.stream()
+                headers.append((b"expect", b"100-continue"))
+            else:
+                try:
+                    data = await body.start()
+                except _ClientGone:
+                    return
+                except errors.Refusal as refusal:  # the edge's body limit, on the first chunk
+                    await refuse(scope, send, refusal)
+                    return
             if declared is not None and not isinstance(data, bytes):
                 headers.append((b"content-length", str(declared).encode()))
-        host, port = self._address(url)
-        method: bytes = scope["method"].encode()
-        attempts = 2 if body.replayable else 1
-        while True:
-            attempts -= 1
-            try:
-                response = await self._upstream.request(
-                    host, port, method, target, headers, data, length_given=declared is not None
-                )
-                break
-            except UpstreamDisconnected as exc:
-                # A pooled keep-alive connection the agent closed meanwhile: send it
-                # again on a fresh one when it can be replayed (its body is in memory).
-                if attempts > 0:
-                    continue
-                await self._upstream_failed(scope, send, name, exc)
-                return
-            except errors.Refusal as refusal:  # the edge's body limit, while uploading
-                await refuse(scope, send, refusal)
-                return
-            except (UpstreamError, OSError, TimeoutError) as exc:
-                await self._upstream_failed(scope, send, name, exc)
-                return
+        answered = False
         try:
-            finished = await self._relay(response, receive, send, body, wake)
-        except BaseException:
-            response.close()
-            raise
-        if finished:
-            await response.release()
-        else:
-            response.close()
+            async with self._client.stream(
+                scope["method"],
+                url,
+                target,
+                headers=headers,
+                body=data,
+                answer_timeout=self.answer_timeout,
+            ) as response:
+                answered = True
+                await self._relay(response, receive, send, body, wake)
+        except _ClientGone:
+            return
+        except errors.Refusal as refusal:  # the edge's body limit, while uploading
+            if answered:
+                raise
+            await refuse(scope, send, refusal)
+        except errors.AgentHTTPError as exc:
+            if answered:
+                raise  # mid-answer: the client's connection is cut, nothing else to say
+            await self._upstream_failed(scope, send, name, exc)
 
     async def _upstream_failed(
-        self, scope: Scope, send: Send, name: str, exc: BaseException
+        self, scope: Scope, send: Send, name: str, exc: errors.AgentHTTPError
     ) -> None:
         detail = str(exc) or type(exc).__name__
         log.info("agent %s: proxied request failed upstream: %s", name, detail)
@@ -478,7 +436,7 @@ class AgentProxy:
             scope,
             send,
             errors.Refusal(
-                502,
+                504 if isinstance(exc, errors.AgentTimeout) else 502,
                 f"agent {name!r} did not answer: {detail}",
                 agent=name,
                 state=self._state(name),
@@ -487,48 +445,51 @@ class AgentProxy:
 
     async def _relay(
         self,
-        response: UpstreamResponse,
+        response: AgentStream,
         receive: Receive,
         send: Send,
         body: _RequestBody,
         wake: tuple[bytes, bytes],
-    ) -> bool:
-        """Send the agent's answer to the client; False when it ended early."""
+    ) -> None:
+        """Send the agent's answer to the client (header names arrive lower-case)."""
         dropped = _RESPONSE_DROP
         raw_headers = response.headers
         for key, value in raw_headers:
-            if key.lower() == b"connection":
+            if key == b"connection":
                 dropped = dropped | _connection_tokens(value)
-        headers = [(k, v) for k, v in raw_headers if k.lower() not in dropped]
+        headers = [(k, v) for k, v in raw_headers if k not in dropped]
         headers.append((b"roost-cold-start", wake[0]))
         headers.append((b"roost-wake-ms", wake[1]))
         start = {"type": "http.response.start", "status": response.status, "headers": headers}
         if response.complete:
             # The whole answer is already here: no streaming machinery.
             await send(start)
-            await send({"type": "http.response.body", "body": response.body(), "more_body": False})
-            return True
+            await send({"type": "http.response.body", "body": await response.read()})
+            return
         await send(start)
         self.open_streams += 1
         try:
-            return await self._stream(response, receive, send, body)
+            await self._stream(response, receive, send, body)
         finally:
             self.open_streams -= 1
 
     async def _stream(
-        self, response: UpstreamResponse, receive: Receive, send: Send, body: _RequestBody
-    ) -> bool:
-        """Relay the body as it comes; False when the client left before its end."""
+        self, response: AgentStream, receive: Receive, send: Send, body: _RequestBody
+    ) -> None:
+        """Relay the body as it comes, until its end or until the client leaves."""
 
         async def pump() -> None:
-            async for chunk in response.chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            while True:
+                chunk = await response.read()
+                ended = response.complete  # read() returned all there was: the last piece
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                if ended:
+                    return
 
         if not body.consumed:
             # The agent answers before reading the whole upload: nothing to watch yet.
             await pump()
-            return True
+            return
 
         async def client_gone() -> None:
             # After the request body, the server's receive() only returns on disconnect.
@@ -545,8 +506,7 @@ class AgentProxy:
             await asyncio.gather(pumping, watching, return_exceptions=True)
         if pumping.done() and not pumping.cancelled():
             pumping.result()  # re-raise an upstream failure mid-stream
-            return True
-        return False  # the client left mid-response
+        # else the client left mid-answer: the exchange closes the agent's connection
 
     # -- WebSocket --------------------------------------------------------------------
 
@@ -566,33 +526,23 @@ class AgentProxy:
                 await refuse(scope, send, refusal)
                 return
             query: bytes = scope.get("query_string", b"")
-            target = "ws" + url[len("http") :] + path.decode("latin-1")
-            if query:
-                target = f"{target}?{query.decode('latin-1')}"
-            headers = [
-                (k.decode("latin-1"), v.decode("latin-1"))
-                for k, v in self._forward_headers(scope, name, _WEBSOCKET_DROP)
-            ]
-            protocols: list[str] = list(scope.get("subprotocols") or ())
+            target = path + b"?" + query if query else path
             try:
-                upstream = await self._client().ws_connect(
-                    URL(target, encoded=True),
-                    headers=headers,
-                    protocols=protocols,
-                    max_msg_size=WEBSOCKET_MAX_MESSAGE,
-                    autoclose=True,
-                    autoping=True,
+                upstream = await self._client.websocket(
+                    url,
+                    target,
+                    headers=self._forward_headers(scope, name, _WEBSOCKET_DROP),
+                    protocols=tuple(scope.get("subprotocols") or ()),
+                    max_message_size=WEBSOCKET_MAX_MESSAGE,
                 )
-            except aiohttp.WSServerHandshakeError as exc:
-                refused = f"agent {name!r} refused the WebSocket upgrade (HTTP {exc.status})"
+            except errors.AgentHTTPError as exc:
+                if exc.status is not None:
+                    error = f"agent {name!r} refused the WebSocket upgrade (HTTP {exc.status})"
+                else:
+                    error = f"agent {name!r} did not answer: {exc or type(exc).__name__}"
+                status = 504 if isinstance(exc, errors.AgentTimeout) else 502
                 await refuse(
-                    scope, send, errors.Refusal(502, refused, agent=name, state=self._state(name))
-                )
-                return
-            except _UPSTREAM_ERRORS as exc:
-                failed = f"agent {name!r} did not answer: {exc or type(exc).__name__}"
-                await refuse(
-                    scope, send, errors.Refusal(502, failed, agent=name, state=self._state(name))
+                    scope, send, errors.Refusal(status, error, agent=name, state=self._state(name))
                 )
                 return
             self.open_streams += 1
@@ -600,7 +550,7 @@ class AgentProxy:
                 await send(
                     {
                         "type": "websocket.accept",
-                        "subprotocol": upstream.protocol,
+                        "subprotocol": upstream.subprotocol,
                         "headers": [(b"roost-cold-start", cold), (b"roost-wake-ms", wake_ms)],
                     }
                 )
@@ -634,12 +584,19 @@ class _RequestBody:
         self.replayable = False
         return self._stream(chunk)
 
+    def stream(self) -> AsyncIterator[bytes]:
+        """The body as a stream that reads nothing until iterated (``Expect: 100-continue``)."""
+        self.consumed = False
+        self.replayable = False
+        return self._stream(b"")
+
     async def _stream(self, first: bytes) -> AsyncIterator[bytes]:
-        yield first
+        if first:
+            yield first
         while True:
             message = await self._receive()
             if message["type"] != "http.request":
-                raise ConnectionResetError("client disconnected while sending its body")
+                raise _ClientGone  # disconnected while sending its body
             chunk: bytes = message.get("body", b"")
             if chunk:
                 yield chunk
@@ -651,7 +608,7 @@ class _RequestBody:
 async def _relay_websocket(
     receive: Receive,
     send: Send,
-    upstream: aiohttp.ClientWebSocketResponse,
+    upstream: AgentWebSocket,
     name: str,
     touch: Callable[[], None],
 ) -> None:
@@ -663,24 +620,20 @@ async def _relay_websocket(
             kind = message["type"]
             if kind == "websocket.receive":
                 touch()
-                text = message.get("text")
-                if text is not None:
-                    await upstream.send_str(text)
-                else:
-                    await upstream.send_bytes(message.get("bytes") or b"")
+                text: str | None = message.get("text")
+                await upstream.send(text if text is not None else message.get("bytes") or b"")
             elif kind == "websocket.disconnect":
                 code: int = message.get("code", 1000)
                 return code
 
     async def agent_to_client() -> int:
-        async for message in upstream:
+        # An agent's failed WebSocket raises here: the client is closed with 1011.
+        while (data := await upstream.receive()) is not None:
             touch()
-            if message.type is aiohttp.WSMsgType.TEXT:
-                await send({"type": "websocket.send", "text": message.data})
-            elif message.type is aiohttp.WSMsgType.BINARY:
-                await send({"type": "websocket.send", "bytes": message.data})
-            elif message.type is aiohttp.WSMsgType.ERROR:
-                return 1011
+            if isinstance(data, str):
+                await send({"type": "websocket.send", "text": data})
+            else:
+                await send({"type": "websocket.send", "bytes": data})
         return upstream.close_code or 1000
 
     from_client = asyncio.create_task(client_to_agent(), name=f"roost.ws.in[{name}]")

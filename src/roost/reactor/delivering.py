@@ -81,6 +81,9 @@ MESSAGE_ID_HEADER = "Roost-Message-Id"
 EVENT_TYPE_HEADER = "Roost-Event-Type"
 #: Seconds a pull agent's nudge may take (fire and forget).
 NUDGE_TIMEOUT = 5.0
+_MESSAGE_ID_KEY = MESSAGE_ID_HEADER.lower().encode()
+_EVENT_TYPE_KEY = EVENT_TYPE_HEADER.lower().encode()
+_JSON = (b"content-type", b"application/json")
 #: Backoff between attempts of one message (the last value repeats).
 DEFAULT_RETRY = Backoff((0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0), repeat=True)
 #: Queued messages read from the store at once.
@@ -266,8 +269,12 @@ class Dispatcher:
 
         async def nudge() -> None:
             try:
-                await self.agent_client.post_json(
-                    url, {"task_id": message.id}, headers={}, timeout=NUDGE_TIMEOUT
+                await self.agent_client.request(
+                    "POST",
+                    url,
+                    body=json.dumps({"task_id": message.id}).encode(),
+                    headers=(_JSON,),
+                    timeout=NUDGE_TIMEOUT,
                 )
             except (ConnectionError, TimeoutError, OSError) as exc:
                 log.debug("agent %s: nudge %s failed: %s", message.agent, url, exc)
@@ -540,9 +547,10 @@ class _Lane:
         headers = _headers(message)
         try:
             async with d.agents.busy(self.name):
-                response = await d.agent_client.post_json(
+                response = await d.agent_client.request(
+                    "POST",
                     url + spec.message_path,
-                    message.body,
+                    body=json.dumps(message.body).encode(),
                     headers=headers,
                     timeout=d.delivery_timeout,
                 )
@@ -550,9 +558,10 @@ class _Lane:
             error = f"no answer from the agent: {exc or type(exc).__name__}"
             return _Attempt(Outcome.no_answer(error), marking)
         status = response.status
+        reply = _decoded_reply(response.body)
         if 200 <= status < 300:
-            return _Attempt(Outcome.reply(response.body), marking)
-        error = f"HTTP {status}: {_excerpt(response.body)}"
+            return _Attempt(Outcome.reply(reply), marking)
+        error = f"HTTP {status}: {_excerpt(reply)}"
         outcome = Outcome("server_error", error) if status >= 500 else Outcome.error(error)
         return _Attempt(outcome, marking)
 
@@ -605,11 +614,19 @@ class _Attempt:
     counted: bool = True
 
 
-def _headers(message: Message) -> dict[str, str]:
-    headers = {MESSAGE_ID_HEADER: message.id}
+def _headers(message: Message) -> tuple[tuple[bytes, bytes], ...]:
+    headers = (_JSON, (_MESSAGE_ID_KEY, message.id.encode()))
     if message.event_type is not None:
-        headers[EVENT_TYPE_HEADER] = message.event_type
+        return (*headers, (_EVENT_TYPE_KEY, message.event_type.encode()))
     return headers
+
+
+def _decoded_reply(raw: bytes) -> Any:
+    """The agent's answer: JSON when it parses, else its text (None when empty)."""
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode(errors="replace")
 
 
 def _excerpt(body: Any) -> str:

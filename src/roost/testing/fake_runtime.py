@@ -22,7 +22,10 @@ Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
   unpause (Docker pauses it to commit). ``emit_gap`` queues a ``gap`` as after a
   reconnect.
 - Processes are not run: ``command`` is stored, never executed. Tests make a
-  container exit with ``crash`` and give it output with ``log_lines``. Any
+  container exit with ``crash`` and give it output with ``log_lines``. A test
+  that needs a real app behind a container runs it on the host and names its
+  port in ``endpoints[image]``: containers of that image then publish that
+  port (as Docker publishes a fixed ``HostPort``) instead of a counted one. Any
   terminating signal ends the process with 128 + signal number; ``stop`` ends it
   with ``stop_exit_code`` (an app that handles SIGTERM, 0 by default).
 - Like Docker, ``commit`` merges Env and Labels with the container's by key:
@@ -114,7 +117,8 @@ class FakeRuntime:
     """In-memory ``ContainerRuntime``. See the module docstring for what it mirrors.
 
     Test hooks: ``images`` (present images), ``pullable`` (what ``ensure_image``
-    can fetch), ``log_lines[container_id]``, ``stop_exit_code``, ``crash(...)``,
+    can fetch), ``endpoints[image]`` (the host port its containers publish),
+    ``log_lines[container_id]``, ``stop_exit_code``, ``crash(...)``,
     ``report_health(...)``, ``emit_gap()``, ``go_down()`` / ``come_back()`` (an engine
     outage), and ``calls`` — every operation as ``(method, container id or image)`` in
     call order.
@@ -130,6 +134,8 @@ class FakeRuntime:
         self.images: set[str] = set(images)
         self.pullable: set[str] = set(pullable)
         self.log_lines: dict[str, list[str]] = {}
+        #: image (as the spec names it) → host port its containers publish.
+        self.endpoints: dict[str, int] = {}
         self.stop_exit_code = 0
         self.calls: list[tuple[str, str]] = []
         self.closed = False
@@ -295,7 +301,11 @@ class FakeRuntime:
         container.health = SessionHealth.UNKNOWN
         container.exited = asyncio.Event()
         if container.spec.port is not None:
-            container.host_port = container.spec.host_port or next(self._host_ports)
+            container.host_port = (
+                container.spec.host_port
+                or self.endpoints.get(container.spec.image)
+                or next(self._host_ports)
+            )
         if container.spec.network not in ("host", "none"):
             n = next(self._addresses)
             container.ip_address = f"172.17.{n // 254}.{n % 254 + 2}"

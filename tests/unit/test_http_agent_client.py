@@ -1,0 +1,118 @@
+"""``HttpAgentClient`` on its own: backpressure both ways and the errors it raises.
+
+Framing, keep-alive and replay are covered end to end in tests/conformance; these
+are the behaviours only visible from the client's side of the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from roost import errors
+from roost.adapters.http_agent_client import READ_HIGH_WATER, HttpAgentClient
+from tests.conftest import wait_until
+
+PIECE = 1024 * 1024
+ANSWER_SIZE = 32 * PIECE  # more than loopback's socket buffers hold
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpAgentClient]:
+    agent_client = HttpAgentClient(connect_timeout=5)
+    yield agent_client
+    await agent_client.close()
+
+
+async def test_reading_pauses_and_agent_waits_when_caller_reads_slowly(
+    client: HttpAgentClient,
+) -> None:
+    written = 0
+
+    async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")  # a GET: its head is all there is
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % ANSWER_SIZE)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(ANSWER_SIZE // PIECE):
+                writer.write(b"x" * PIECE)
+                await writer.drain()
+                written += PIECE
+        writer.close()
+
+    async with (
+        raw_server(big_answer) as origin,
+        client.stream("GET", origin, b"/big", answer_timeout=10) as answer,
+    ):
+        first = await answer.read()
+        connection = answer._live()
+        await wait_until(lambda: connection._reading_paused, timeout=10, what="reading paused")
+        assert connection._buffered <= READ_HIGH_WATER + 512 * 1024
+        assert written < ANSWER_SIZE  # the agent is held back by the caller
+        received = len(first)
+        while chunk := await answer.read():
+            received += len(chunk)
+        assert received == ANSWER_SIZE
+
+
+async def test_upload_raises_timeout_when_agent_reads_none_of_it(client: HttpAgentClient) -> None:
+    stop = asyncio.Event()
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stop.wait()  # accepts, never reads, never answers
+        writer.close()
+
+    async def upload() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"u" * PIECE
+
+    try:
+        async with raw_server(deaf) as origin:
+            with pytest.raises(errors.AgentTimeout, match="read none of the request body"):
+                async with client.stream(
+                    "POST", origin, b"/upload", body=upload(), answer_timeout=0.5
+                ):
+                    pass
+    finally:
+        stop.set()
+
+
+async def test_request_raises_timeout_naming_url_when_answer_never_ends(
+    client: HttpAgentClient,
+) -> None:
+    stop = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly a part")
+        await stop.wait()
+        writer.close()
+
+    try:
+        async with raw_server(trickle) as origin:
+            with pytest.raises(errors.AgentTimeout, match=r"no whole answer within 0\.3s"):
+                await client.request("GET", origin + "/slow", timeout=0.3)
+    finally:
+        stop.set()
+
+
+async def test_request_raises_agent_http_error_when_url_is_not_http(
+    client: HttpAgentClient,
+) -> None:
+    with pytest.raises(errors.AgentHTTPError, match="not an http:// agent address"):
+        await client.request("GET", "https://127.0.0.1:1/health", timeout=1)
