@@ -79,6 +79,68 @@ async def test_exits_when_the_daemon_stops_are_blamed_on_it_and_agents_come_back
         assert len(notices(rig, "engine.unavailable")) == 1
 
 
+async def test_an_exit_while_the_engine_is_stopping_never_fails_the_agent_when_restarts_are_used_up(
+    tmp_path: Path,
+) -> None:
+    # dockerd stops accepting connections first, then stops its containers (SIGKILL
+    # after their stop timeout: exit 137) while it still answers on open connections:
+    # the inspect before giving up works, only a new connection tells it is going.
+    async with open_rig(tmp_path, defaults={"max_restarts": 0, "restart_backoff": 0}) as rig:
+        started = await rig.start("echo")
+        assert started.container_id is not None
+        rig.runtime.begin_stopping()
+        rig.runtime.crash(started.container_id, exit_code=137)
+        waiting = await rig.until(
+            "echo",
+            lambda r: r.state is S.RESTARTING and r.restart_at is None,
+            "waiting for the engine",
+        )
+        assert waiting.restart_count == 0
+        assert notices(rig, "agent.failed") == []
+        rig.runtime.go_down()
+        rig.runtime.come_back()
+        await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.1)
+        assert rig.record("echo").restart_count == 0
+        assert notices(rig, "agent.failed") == []
+        assert len(notices(rig, "engine.unavailable")) == 1
+
+
+async def test_exits_after_the_engine_was_found_stopping_are_its_doing_and_cost_no_restart(
+    tmp_path: Path,
+) -> None:
+    agents = {"one": {"image": "roost-mimic:latest"}, "two": {"image": "roost-mimic:latest"}}
+    async with open_rig(
+        tmp_path, agents=agents, defaults={"max_restarts": 1, "restart_backoff": 0}
+    ) as rig:
+        one = await rig.start("one")
+        two = await rig.start("two")
+        assert one.container_id is not None
+        assert two.container_id is not None
+        rig.runtime.begin_stopping()
+        # One crash restarts at once; that start fails (500), and the engine, asked
+        # on a new connection, is found going: the start waits for it.
+        rig.runtime.crash(one.container_id, exit_code=137)
+        await advance_until(rig.clock, lambda: rig.engine.health.holds("engine"), step=0.1)
+        # Later exits come from the stopping engine (it still streams its events).
+        rig.runtime.crash(two.container_id, exit_code=137)
+        for name in agents:
+            await rig.until(
+                name,
+                lambda r: r.state is S.RESTARTING and r.restart_at is None,
+                "waiting for the engine",
+            )
+        rig.runtime.go_down()
+        rig.runtime.come_back()
+        for name in agents:
+
+            def running(n: str = name) -> bool:
+                return rig.record(n).state is S.RUNNING
+
+            await advance_until(rig.clock, running, step=0.1, what=name)
+            assert rig.record(name).restart_count == 0, name
+        assert notices(rig, "agent.failed") == []
+
+
 async def test_running_agent_keeps_its_container_when_the_engine_restarts_with_live_restore(
     tmp_path: Path,
 ) -> None:

@@ -20,8 +20,10 @@ The engine's and the disk's bad days (``reactor.health``):
   down (one notice), and a start that failed that way waits for it without
   counting against ``max_restarts``; a recovery loop pings the engine, and when it
   answers it reconciles and releases the waiting starts (``EngineRecovered``).
-  Exits seen just before the engine went down are blamed on it. While it is down
-  nothing logs a traceback per call.
+  Exits seen just before the engine went down, or while it is down (a stopping
+  daemon stops its containers after it stopped accepting connections), are blamed
+  on it; before an exit makes an agent ``failed`` the engine is pinged. While it
+  is down nothing logs a traceback per call.
 - A record that cannot be written is retried with backoff until the write
   succeeds: the actor never moves past what is stored, and the store's condition
   is announced once when it begins and once when it ends.
@@ -246,6 +248,11 @@ class AgentActor:
             # read them while removing the container (RemoveContainer.diagnose).
             # An engine that cannot say why is going away itself: its exit, not ours.
             event = await self._enrich_exit(event)
+            if not event.engine_down and await self.sup.engine_unreachable():
+                # A stopping dockerd stops its containers after closing its listener,
+                # and meanwhile still answers on open connections (the inspect
+                # above): asked on a new one, it is gone. Its exit, not the agent's.
+                event = dataclasses.replace(event, engine_down=True)
             now = self.sup.clock.now()
             decision = transition(self.record, event, now=now, policy=self.policy)
         if decision.rejected is None and decision.record != self.record:
@@ -909,7 +916,11 @@ class Supervisor:
                     cid,
                     actor.record.restart_count,
                 )
-            actor.post(ev.ContainerExited(cid, ExitInfo(exit_code=exit_code, oom_killed=oom)))
+            # An exit while the engine is known to be down comes from a daemon that is
+            # stopping its containers (it still streams events on the open connection).
+            down = self.health.holds("engine")
+            exit_info = ExitInfo(exit_code=exit_code, oom_killed=oom)
+            actor.post(ev.ContainerExited(cid, exit_info, engine_down=down))
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
 

@@ -31,6 +31,11 @@ Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
   ``ensure_network``/``ensure_volume`` create a labelled one only when the name
   is absent and leave an existing one as it is (``networks``/``volumes`` hold
   their labels for assertions).
+- An engine that is stopping (``begin_stopping``, as dockerd after SIGTERM) no
+  longer accepts connections, which ``ping`` always opens anew, so ``ping``
+  raises ``DockerUnavailable``; calls on connections already open still answer
+  and events still flow, but ``start`` fails (500: dockerd refuses new sandboxes
+  then). ``go_down`` ends it.
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ class FakeRuntime:
 
     Test hooks: ``images`` (present images), ``pullable`` (what ``ensure_image``
     can fetch), ``log_lines[container_id]``, ``stop_exit_code``, ``crash(...)``,
-    ``emit_gap()``, ``go_down()`` / ``come_back()`` (an engine outage), and ``calls``
+    ``emit_gap()``, ``begin_stopping()``, ``go_down()`` / ``come_back()`` (an engine
+    outage), and ``calls``
     — every operation as ``(method, container id or image)`` in call order.
     """
 
@@ -130,6 +136,8 @@ class FakeRuntime:
         self._addresses = itertools.count()
         #: the engine is unreachable: every call raises DockerUnavailable.
         self.down = False
+        #: the engine is shutting down: new connections (``ping``) are refused.
+        self.stopping = False
 
     # -- test hooks --------------------------------------------------------------
 
@@ -148,6 +156,11 @@ class FakeRuntime:
         for subscriber in self._subscribers:
             subscriber.queue.put_nowait(RuntimeEvent(kind="gap", time=self._clock()))
 
+    def begin_stopping(self) -> None:
+        """The engine begins to stop (see the module docstring): ``ping`` raises, other
+        calls answer, ``start`` fails with 500; the containers are still running."""
+        self.stopping = True
+
     def go_down(self, *, kill_containers: bool = False, exit_code: int = 143) -> None:
         """The engine stops: with ``kill_containers`` (a daemon stop without
         live-restore) its running containers exit first, reported as ``die`` like
@@ -158,6 +171,7 @@ class FakeRuntime:
                 if container.running:
                     self._exit(container, exit_code)
         self.down = True
+        self.stopping = False
         for subscriber in self._subscribers:
             subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
 
@@ -179,6 +193,10 @@ class FakeRuntime:
 
     async def ping(self) -> str:
         self._record("ping", "")
+        if self.stopping:
+            raise errors.DockerUnavailable(
+                "Cannot connect to the Docker daemon (the fake engine is stopping)"
+            )
         return _API_VERSION
 
     async def image_exists(self, image: str) -> bool:
@@ -249,6 +267,12 @@ class FakeRuntime:
         container = self._get(container_id)
         if container.status == "running":
             return  # Docker answers 304
+        if self.stopping:
+            raise errors.ContainerError(
+                f"cannot start container {container_id}: failed to update the store "
+                "state of sandbox (the fake engine is stopping)",
+                status=500,
+            )
         if container.status == "paused":
             raise errors.ContainerError(
                 f"cannot start container {container_id}: "
