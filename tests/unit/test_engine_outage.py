@@ -157,6 +157,33 @@ async def test_running_agent_keeps_its_container_when_the_engine_restarts_with_l
         assert len(rig.calls("create")) == creates
 
 
+async def test_failed_liveness_probes_while_the_engine_is_down_cost_no_restart_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    # Live-restore: the container runs on, but probes go through the engine's port
+    # proxy, which is down with it.
+    async with open_rig(
+        tmp_path, defaults={"liveness_interval": 1, "liveness_failures": 2, "max_restarts": 0}
+    ) as rig:
+        before = await rig.start("echo")
+        rig.runtime.go_down()
+        rig.client.refusing = True
+        probes = rig.client.probes
+        await advance_until(rig.clock, lambda: rig.client.probes >= probes + 5, step=0.25)
+        assert rig.record("echo").state is S.RUNNING
+        assert rig.record("echo").container_id == before.container_id
+        rig.runtime.come_back()
+        rig.client.refusing = False
+        await advance_until(rig.clock, lambda: not rig.engine.health.holds("engine"), step=0.1)
+        probes = rig.client.probes
+        await advance_until(rig.clock, lambda: rig.client.probes >= probes + 3, step=0.25)
+        after = rig.record("echo")
+        assert after.state is S.RUNNING
+        assert after.container_id == before.container_id
+        assert after.restart_count == 0
+        assert notices(rig, "agent.failed") == []
+
+
 async def test_messages_stay_queued_through_an_outage_and_are_delivered_in_order_after(
     tmp_path: Path,
 ) -> None:

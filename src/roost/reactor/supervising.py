@@ -22,8 +22,10 @@ The engine's and the disk's bad days (``reactor.health``):
   answers it reconciles and releases the waiting starts (``EngineRecovered``).
   Exits seen just before the engine went down, or while it is down (a stopping
   daemon stops its containers after it stopped accepting connections), are blamed
-  on it; before an exit makes an agent ``failed`` the engine is pinged. While it
-  is down nothing logs a traceback per call.
+  on it; before an exit makes an agent ``failed`` the engine is pinged. A failed
+  liveness probe while the engine is down (or found down by a ping then) is not
+  counted: the probe goes through the engine's port proxy. While it is down
+  nothing logs a traceback per call.
 - A record that cannot be written is retried with backoff until the write
   succeeds: the actor never moves past what is stored, and the store's condition
   is announced once when it begins and once when it ends.
@@ -643,6 +645,13 @@ class AgentActor:
             url + self.spec.health_path, timeout=max(0.05, min(interval, 5.0))
         )
         if result.ok and not self.record.liveness_failures:
+            return
+        if not result.ok and (
+            self.sup.health.holds("engine") or await self.sup.engine_unreachable()
+        ):
+            # Probes reach the agent through the engine's port proxy, which goes down
+            # with the engine even when the container runs on (live-restore): not
+            # the agent's failure. The reconcile after the outage finds real exits.
             return
         if self.record.container_id == cid:
             self.post(ev.LivenessProbed(cid, result.ok, result.detail))
