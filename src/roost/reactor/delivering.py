@@ -23,6 +23,10 @@ Invariants:
 - When the agent enters ``failed`` its lane stops and every queued/delivering
   message becomes ``dead``; ``reset`` (failed → stopped) re-queues them, and
   the lane starts again from the oldest.
+- An outcome the state database refuses (a full disk) is written again with
+  backoff until it is stored; the message keeps its slot meanwhile, so no later
+  one overtakes it (a Roost stopped meanwhile delivers it again). Failed and
+  successful writes are reported to ``Health`` (``store``).
 - Time comes from the injected clock: retries run on ``FakeClock`` in tests.
 - Every status change is published as ``message.status`` on the event hub, with
   ``message_id``, ``agent``, ``status`` and ``attempts`` (not ``id``: an event's
@@ -34,9 +38,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from roost import aio, errors
@@ -48,6 +53,7 @@ from roost.ports.agent_http import AgentClient
 from roost.ports.clock import Clock
 from roost.ports.inbox import TERMINAL, Inbox, Message, MessageStatus
 from roost.reactor.agents import Agents
+from roost.reactor.health import WRITE_RETRY, Health
 
 __all__ = ["DEFAULT_RETRY", "MESSAGE_ID_HEADER", "Dispatcher"]
 
@@ -81,6 +87,7 @@ class Dispatcher:
         delivery_timeout: float = 300.0,
         retry: Backoff = DEFAULT_RETRY,
         max_server_errors: int = 10,
+        health: Health | None = None,
     ) -> None:
         if not retry.repeat:
             raise ValueError("delivery retries repeat their last delay: pass repeat=True")
@@ -92,6 +99,7 @@ class Dispatcher:
         self.delivery_timeout = delivery_timeout
         self.retry = retry
         self.max_server_errors = max_server_errors
+        self.health = health
         self._lanes: dict[str, _Lane] = {}
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
         #: reset handling: owned, awaited on stop.
@@ -206,6 +214,14 @@ class Dispatcher:
                 "attempts": message.attempts,
             },
         )
+
+    def _store_failed(self, exc: errors.StoreError) -> None:
+        if self.health is not None:
+            self.health.fail("store", str(exc))
+
+    def _store_ok(self) -> None:
+        if self.health is not None:
+            self.health.clear("store")
 
     def _settled(self, message: Message) -> None:
         self._status(message)
@@ -375,8 +391,10 @@ class _Lane:
             else:
                 status = response.status
                 if 200 <= status < 300:
-                    await d.inbox.mark_delivered(message, response.body)
-                    await marking
+                    await self._store(
+                        functools.partial(d.inbox.mark_delivered, message, response.body)
+                    )
+                    await self._marked(marking)
                     d._settled(
                         dataclasses.replace(
                             message, status=M.DELIVERED, attempts=attempts, reply=response.body
@@ -386,8 +404,8 @@ class _Lane:
                 error = f"HTTP {status}: {_excerpt(response.body)}"
                 server_errors += status >= 500
                 if status < 500 or server_errors >= d.max_server_errors:
-                    await d.inbox.mark_failed(message, error)
-                    await marking
+                    await self._store(functools.partial(d.inbox.mark_failed, message, error))
+                    await self._marked(marking)
                     d._settled(
                         dataclasses.replace(
                             message, status=M.FAILED, attempts=attempts, error=error
@@ -395,8 +413,11 @@ class _Lane:
                     )
                     return
             delay = d.retry.delay(retries) or 0.0
-            await d.inbox.mark_retry(message.id, error, next_attempt_at=d.clock.now() + delay)
-            await marking
+            try:
+                await d.inbox.mark_retry(message.id, error, next_attempt_at=d.clock.now() + delay)
+            except errors.StoreError as exc:
+                d._store_failed(exc)  # only the error shown for it is lost: it is retried
+            await self._marked(marking)
             d._status(dataclasses.replace(message, status=M.QUEUED, attempts=attempts))
             log.info(
                 "agent %s: message %s attempt %d failed (%s); retrying in %gs",
@@ -408,6 +429,26 @@ class _Lane:
             )
             await self._pause(retries)
             retries += 1
+
+    async def _store(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Store an outcome; while the database refuses it, again with backoff."""
+        failures = 0
+        while True:
+            try:
+                await write()
+            except errors.StoreError as exc:
+                self.d._store_failed(exc)
+                await self.d.clock.sleep(WRITE_RETRY.delay(failures) or 0.0)
+                failures += 1
+                continue
+            self.d._store_ok()
+            return
+
+    async def _marked(self, marking: Awaitable[Any]) -> None:
+        """The attempt's ``delivering`` mark: it rode with an outcome that is stored
+        now, or failed with a transaction, which the outcome's write overrides."""
+        with contextlib.suppress(errors.StoreError):
+            await marking
 
     async def _pause(self, retries: int) -> None:
         """Wait out the backoff after ``retries`` failed waits, cut short when the

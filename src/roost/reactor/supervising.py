@@ -57,7 +57,7 @@ from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
-from roost.reactor.health import Health
+from roost.reactor.health import WRITE_RETRY, Health
 
 __all__ = ["AgentActor", "StateListener", "Supervisor"]
 
@@ -76,8 +76,6 @@ ENGINE_PING = Backoff.doubling(0.05, 1.0)
 #: Exits this many seconds before the engine is found down are blamed on it (a
 #: daemon that stops kills its containers first; dockerd waits up to 15 s).
 ENGINE_EXIT_WINDOW = 20.0
-#: Retries of a record write the state database refused.
-STORE_RETRY = Backoff.doubling(0.05, 5.0)
 
 
 #: Called after every persisted decision: (agent record, state changes).
@@ -301,7 +299,7 @@ class AgentActor:
                 if failures == 0:
                     self.degraded = f"cannot write its state: {exc}"
                     self.sup.health.fail("store", str(exc))
-                await self.sup.clock.sleep(STORE_RETRY.delay(failures) or 0.0)
+                await self.sup.clock.sleep(WRITE_RETRY.delay(failures) or 0.0)
                 failures += 1
                 continue
             if self.degraded is not None:
