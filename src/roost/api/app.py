@@ -165,7 +165,11 @@ def create_api(engine: Engine) -> FastAPI:
         version=_version(),
         description="Run AI agents as Docker containers on demand: the admin API.",
     )
-    install_error_handlers(app, actions=ACTIONS)
+    install_error_handlers(
+        app,
+        actions=ACTIONS,
+        on_store_error=lambda exc: engine.health.fail("store", str(exc)),
+    )
     _document_security(app)
 
     @app.get(
