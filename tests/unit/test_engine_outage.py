@@ -237,3 +237,35 @@ async def test_a_failed_state_write_is_retried_until_stored_and_the_store_announ
         stored = await store.get_agent("echo")
         assert stored is not None
         assert stored.record.state is S.RUNNING
+
+
+async def test_waiting_starts_are_released_when_the_engine_refuses_to_remove_an_orphan_after_it(
+    tmp_path: Path,
+) -> None:
+    # Seen against a real daemon restart: `docker rm -f` of an old container failed
+    # (500), which ended the recovery before it released the waiting agents.
+    async with open_rig(tmp_path, defaults={"max_restarts": 0, "restart_backoff": 0}) as rig:
+        started = await rig.start("echo")
+        old = started.container_id
+        assert old is not None
+        rig.runtime.go_down(kill_containers=True, exit_code=0)
+        await rig.until(
+            "echo",
+            lambda r: r.state is S.RESTARTING and r.restart_at is None,
+            "waiting for the engine",
+        )
+        real_remove = rig.runtime.remove
+
+        async def refusing_remove(container_id: str, *, force: bool = False) -> None:
+            if container_id == old:
+                raise errors.ContainerError(
+                    f"cannot remove container {old}: driver failed to remove its root file system",
+                    status=500,
+                )
+            await real_remove(container_id, force=force)
+
+        rig.runtime.remove = refusing_remove  # type: ignore[method-assign]
+        rig.runtime.come_back()
+        await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.1)
+        assert rig.record("echo").container_id != old
+        assert rig.record("echo").restart_count == 0

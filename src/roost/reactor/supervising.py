@@ -899,6 +899,10 @@ class Supervisor:
         except errors.DockerUnavailable as exc:
             self.engine_failed(exc)  # gone again already: start over
             return
+        except errors.RoostError as exc:
+            # Whatever the engine refused, the waiting starts must not wait forever:
+            # the next reconcile (after an event gap, or the next start) tries again.
+            log.warning("reconcile after the engine came back failed: %s", exc)
         for actor in list(self.actors.values()):
             actor.post(ev.EngineRecovered())
 
@@ -952,8 +956,12 @@ class Supervisor:
             for c in containers:
                 exit_info = None
                 if c.status in ("exited", "dead"):
-                    with contextlib.suppress(errors.ContainerNotFound):
+                    try:
                         exit_info = (await self.runtime.inspect(c.id)).exit
+                    except errors.DockerUnavailable:
+                        raise
+                    except errors.RoostError as exc:  # gone, or refused: decide without it
+                        log.debug("reconcile: cannot inspect %s: %s", c.id[:12], exc)
                 observed.append(Observed(c.id, c.labels, c.status, exit_info))
             plan = plan_reconcile(
                 {n: a.record for n, a in self.actors.items()}, observed, instance=self.instance
@@ -967,8 +975,19 @@ class Supervisor:
                 if owner.get(cid) in in_flight:
                     continue
                 log.info("removing orphan container %s", cid[:12])
-                with contextlib.suppress(errors.ContainerNotFound):
+                try:
                     await self.runtime.remove(cid, force=True)
+                except errors.ContainerNotFound:
+                    pass  # gone already: what we wanted
+                except errors.DockerUnavailable as exc:
+                    self.engine_failed(exc)
+                    if after_outage:
+                        raise
+                    return
+                except errors.RoostError as exc:
+                    # One container the engine will not remove (seen after a daemon
+                    # restart) must not stop the reconcile; the next one tries again.
+                    log.warning("cannot remove orphan container %s: %s", cid[:12], exc)
             waits = []
             for name, event in plan.events:
                 if name in in_flight and isinstance(event, ev.Resumed | ev.ContainerObserved):
