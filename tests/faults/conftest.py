@@ -131,7 +131,21 @@ def reset(dockerd: PrivateDockerd) -> None:
         [*host, "ps", "-aq"], capture_output=True, text=True, check=True
     ).stdout.split()
     if ids:
-        subprocess.run([*host, "rm", "-f", *ids], capture_output=True, check=True)
+        removed = subprocess.run([*host, "rm", "-f", *ids], capture_output=True, text=True)
+        if removed.returncode != 0:
+            # A container the daemon refuses to remove (seen once after a test's
+            # daemon restarts): once more after restarting it, then fail saying why.
+            run_private_dockerd("restart", dockerd.name)
+            left = subprocess.run(
+                [*host, "ps", "-aq"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            if left:
+                again = subprocess.run([*host, "rm", "-f", *left], capture_output=True, text=True)
+                if again.returncode != 0:
+                    raise RuntimeError(
+                        f"cannot empty private dockerd {dockerd.name}: {removed.stderr.strip()}; "
+                        f"after a restart: {again.stderr.strip()}"
+                    )
     subprocess.run([*host, "network", "prune", "-f"], capture_output=True, check=True)
     subprocess.run([*host, "volume", "prune", "-f"], capture_output=True, check=True)
 

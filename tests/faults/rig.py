@@ -359,6 +359,16 @@ class Sender:
                 return None
             await asyncio.sleep(0.05)
 
+    async def wait_acked(self, count: int, *, timeout: float = 30.0) -> None:
+        """Poll until ``count`` messages in all have been acknowledged."""
+
+        def enough() -> bool:
+            return len(self.acked) >= count
+
+        await wait_until(
+            enough, timeout=timeout, what=f"{self.agent}: {count} messages acknowledged"
+        )
+
     async def run(self, stop: asyncio.Event, *, interval: float) -> None:
         """Send until ``stop`` is set, one message per ``interval`` at most."""
         while not stop.is_set():

@@ -111,7 +111,7 @@ async def test_agents_recover_and_no_message_is_lost_when_the_engine_stops_under
         try:
             # Some traffic delivered before the outage.
             for name, sender in senders.items():
-                await wait_until(lambda s=sender: len(s.acked) >= 5, timeout=30, what="traffic")
+                await sender.wait_acked(5)
                 await wait_delivered(client, name, sender.acked[:5], timeout=30)
             before = await agents(client)
             mark = daemon.mark()

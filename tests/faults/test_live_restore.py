@@ -77,7 +77,7 @@ async def test_agents_stay_running_on_their_containers_when_a_live_restore_daemo
         ]
         try:
             for sender in senders.values():
-                await wait_until(lambda s=sender: len(s.acked) >= 5, timeout=30, what="traffic")
+                await sender.wait_acked(5)
             delivered_before = await _delivered(client)
             await dockerd.stop(kill=kill)
             down_at = time.monotonic()
@@ -87,11 +87,7 @@ async def test_agents_stay_running_on_their_containers_when_a_live_restore_daemo
             # Messages keep coming while the daemon is away.
             counts = {n: len(s.acked) for n, s in senders.items()}
             for name, sender in senders.items():
-                await wait_until(
-                    lambda s=sender, c=counts[name]: len(s.acked) >= c + 10,
-                    timeout=30,
-                    what="traffic during the outage",
-                )
+                await sender.wait_acked(counts[name] + 10)
             await asyncio.sleep(OUTAGE - (time.monotonic() - down_at))  # the outage itself
             delivered_while_down = await _delivered(client) - delivered_before
             start_called = time.monotonic()
@@ -101,11 +97,7 @@ async def test_agents_stay_running_on_their_containers_when_a_live_restore_daemo
             noticed = time.monotonic() - start_called
             counts = {n: len(s.acked) for n, s in senders.items()}
             for name, sender in senders.items():
-                await wait_until(
-                    lambda s=sender, c=counts[name]: len(s.acked) >= c + 5,
-                    timeout=30,
-                    what="traffic after the restart",
-                )
+                await sender.wait_acked(counts[name] + 5)
         finally:
             stop_traffic.set()
             await asyncio.gather(*traffic)
