@@ -7,9 +7,12 @@ in the fault suite (tests/faults, ``make faults``)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from roost import errors
 from roost.core import events as ev
@@ -269,3 +272,17 @@ async def test_waiting_starts_are_released_when_the_engine_refuses_to_remove_an_
         await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.1)
         assert rig.record("echo").container_id != old
         assert rig.record("echo").restart_count == 0
+
+
+async def test_the_job_orphan_scan_logs_no_warning_per_interval_when_the_engine_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_rig(tmp_path) as rig:
+        rig.runtime.go_down()
+        await advance_until(rig.clock, lambda: rig.engine.health.holds("engine"), step=0.1)
+        with caplog.at_level(logging.DEBUG, logger="roost.jobs"):
+            await rig.clock.advance(600)  # ten orphan scans (every 60 s by default)
+        skipped = [r for r in caplog.records if r.name == "roost.jobs"]
+        assert skipped, "no orphan scan ran"
+        assert all(r.levelno == logging.DEBUG for r in skipped), [r.getMessage() for r in skipped]
+        rig.runtime.come_back()
