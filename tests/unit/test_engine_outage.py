@@ -286,3 +286,50 @@ async def test_the_job_orphan_scan_logs_no_warning_per_interval_when_the_engine_
         assert skipped, "no orphan scan ran"
         assert all(r.levelno == logging.DEBUG for r in skipped), [r.getMessage() for r in skipped]
         rig.runtime.come_back()
+
+
+async def test_an_agent_whose_exit_the_stream_never_told_restarts_uncounted_after_the_outage(
+    tmp_path: Path,
+) -> None:
+    # The container ended after the daemon's event stream broke (no die): the
+    # reconcile after the outage finds it exited, and that is the engine's doing.
+    async with open_rig(tmp_path, defaults={"max_restarts": 0, "restart_backoff": 0}) as rig:
+        before = await rig.start("echo")
+        rig.runtime.go_down(kill_containers=True, exit_code=0, unseen=True)
+        await advance_until(rig.clock, lambda: rig.engine.health.holds("engine"), step=0.1)
+        assert rig.record("echo").state is S.RUNNING  # nothing told it otherwise
+        rig.runtime.come_back()
+        await advance_until(
+            rig.clock,
+            lambda: (
+                rig.record("echo").state is S.RUNNING
+                and rig.record("echo").container_id != before.container_id
+            ),
+            step=0.1,
+        )
+        assert rig.record("echo").restart_count == 0
+        assert notices(rig, "agent.failed") == []
+
+
+async def test_a_clean_exit_while_the_engine_stops_is_blamed_on_it_before_a_wake_restarts_it(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path) as rig:
+        started = await rig.start("echo")
+        assert started.container_id is not None
+        rig.runtime.begin_stopping()
+        rig.runtime.crash(started.container_id, exit_code=0)  # the daemon's SIGTERM
+        waiting = await rig.until(
+            "echo",
+            lambda r: r.state is S.RESTARTING and r.restart_at is None,
+            "waiting for the engine",
+        )
+        assert waiting.restart_count == 0
+        starts = len(rig.calls("start"))
+        await rig.sup.request("echo", ev.StartRequested("a message for it"))
+        assert rig.record("echo").state is S.RESTARTING  # merged: no start meanwhile
+        assert len(rig.calls("start")) == starts
+        rig.runtime.go_down()
+        rig.runtime.come_back()
+        await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.1)
+        assert rig.record("echo").restart_count == 0

@@ -20,9 +20,11 @@ The engine's and the disk's bad days (``reactor.health``):
   down (one notice), and a start that failed that way waits for it without
   counting against ``max_restarts``; a recovery loop pings the engine, and when it
   answers it reconciles and releases the waiting starts (``EngineRecovered``).
-  Exits seen just before the engine went down, or while it is down (a stopping
-  daemon stops its containers after it stopped accepting connections), are blamed
-  on it; before an exit makes an agent ``failed`` the engine is pinged. A failed
+  An unexpected exit makes Roost ping the engine (a stopping daemon stops its
+  containers after it stopped accepting connections, and would even start them
+  again on the connections still open). Exits seen just before the engine went
+  down, or while it is down, are blamed on it; before an exit makes an agent
+  ``failed`` the engine is pinged. A failed
   liveness probe while the engine is down (or found down by a ping then) is not
   counted: the probe goes through the engine's port proxy. While it is down
   nothing logs a traceback per call.
@@ -71,8 +73,10 @@ READINESS_PROBE_TIMEOUT = 1.0
 LOG_TAIL_LINES = 50
 #: Liveness probes due within this many seconds are sent together (see _liveness_loop).
 LIVENESS_BATCH_WINDOW = 1.0
-#: Pings of an unreachable engine: quick at first, so recovery is seen within ~1 s.
-ENGINE_PING = Backoff.doubling(0.05, 1.0)
+#: Pings of an unreachable engine: quick at first, then twice a second, so a
+#: recovery is seen within 0.5 s (a ping of a daemon that is not there costs a
+#: failed connect; the issue asks for agents back within 2 s of the engine).
+ENGINE_PING = Backoff.doubling(0.05, 0.5)
 #: Exits this many seconds before the engine is found down are blamed on it (a
 #: daemon that stops kills its containers first; dockerd waits up to 15 s).
 ENGINE_EXIT_WINDOW = 20.0
@@ -701,6 +705,8 @@ class Supervisor:
         #: the latest exit seen per agent: (monotonic time, container, restart count before).
         self._recent_exits: dict[str, tuple[float, str, int]] = {}
         self._recovery: asyncio.Task[None] | None = None
+        #: a background ping after an unexpected exit (one at a time).
+        self._engine_check: asyncio.Task[bool | None] | None = None
         self.reconciles = 0
         self.closed = False
 
@@ -845,7 +851,7 @@ class Supervisor:
         async for event in events:
             if event.kind == "lost":
                 # The stream broke: the engine may be going away. Ask it now.
-                self._tasks.spawn(self.engine_unreachable(), "roost.engine-check")
+                self._check_engine_soon()
                 continue
             if event.kind == "gap":
                 if self.health.holds("engine"):
@@ -869,6 +875,13 @@ class Supervisor:
         self._recent_exits.clear()
         if self._recovery is None or self._recovery.done():
             self._recovery = asyncio.create_task(self._recover(), name="roost.engine-recovery")
+
+    def _check_engine_soon(self) -> None:
+        """Ping the engine in the background, unless a check is under way already."""
+        check = self._engine_check
+        if self.closed or (check is not None and not check.done()):
+            return
+        self._engine_check = self._tasks.spawn(self.engine_unreachable(), "roost.engine-check")
 
     async def engine_unreachable(self) -> bool:
         """Ping the engine now; True (and marked down) when it does not answer."""
@@ -919,6 +932,9 @@ class Supervisor:
         if kind == "die":
             oom = cid in self._oom_seen
             self._oom_seen.discard(cid)
+            # An exit while the engine is known to be down comes from a daemon that is
+            # stopping its containers (it still streams events on the open connection).
+            down = self.health.holds("engine")
             if cid == actor.record.container_id and not actor.record.expected_exit:
                 # Kept in case the engine turns out to be going down: then this exit
                 # was its doing, and the restart it costs is given back.
@@ -927,9 +943,11 @@ class Supervisor:
                     cid,
                     actor.record.restart_count,
                 )
-            # An exit while the engine is known to be down comes from a daemon that is
-            # stopping its containers (it still streams events on the open connection).
-            down = self.health.holds("engine")
+                if not down:
+                    # A stopping dockerd stops every container after it stopped taking
+                    # connections (and still serves the open ones, starts included):
+                    # ask it on a new connection now, before a wake starts one again.
+                    self._check_engine_soon()
             exit_info = ExitInfo(exit_code=exit_code, oom_killed=oom)
             actor.post(ev.ContainerExited(cid, exit_info, engine_down=down))
         elif kind == "destroy":
@@ -964,7 +982,10 @@ class Supervisor:
                         log.debug("reconcile: cannot inspect %s: %s", c.id[:12], exc)
                 observed.append(Observed(c.id, c.labels, c.status, exit_info))
             plan = plan_reconcile(
-                {n: a.record for n, a in self.actors.items()}, observed, instance=self.instance
+                {n: a.record for n, a in self.actors.items()},
+                observed,
+                instance=self.instance,
+                after_outage=after_outage,
             )
             # A start in flight owns its agent (e.g. a reconcile after an event gap):
             # the container it created but has not reported yet is no orphan, and

@@ -161,19 +161,26 @@ class FakeRuntime:
         calls answer, ``start`` fails with 500; the containers are still running."""
         self.stopping = True
 
-    def go_down(self, *, kill_containers: bool = False, exit_code: int = 143) -> None:
+    def go_down(
+        self, *, kill_containers: bool = False, exit_code: int = 143, unseen: bool = False
+    ) -> None:
         """The engine stops: with ``kill_containers`` (a daemon stop without
         live-restore) its running containers exit first, reported as ``die`` like
-        the real daemon does before it closes; then the event stream is ``lost``
+        the real daemon does before it closes (``unseen``: not reported, as when
+        they end after its event stream broke); then the event stream is ``lost``
         and every call raises ``DockerUnavailable`` until ``come_back``."""
+        if unseen:
+            for subscriber in self._subscribers:
+                subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
         if kill_containers:
             for container in list(self._containers.values()):
                 if container.running:
-                    self._exit(container, exit_code)
+                    self._exit(container, exit_code, report=not unseen)
         self.down = True
         self.stopping = False
-        for subscriber in self._subscribers:
-            subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
+        if not unseen:
+            for subscriber in self._subscribers:
+                subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
 
     def come_back(self) -> None:
         """The engine answers again: the event stream reconnects (``gap``)."""
@@ -498,14 +505,22 @@ class FakeRuntime:
     def _meta(self, name: str) -> _FakeImage:
         return self._image_meta.get(name) or _FakeImage(id=f"sha256:{_sha(name)}")
 
-    def _exit(self, container: _FakeContainer, exit_code: int, *, oom_killed: bool = False) -> None:
+    def _exit(
+        self,
+        container: _FakeContainer,
+        exit_code: int,
+        *,
+        oom_killed: bool = False,
+        report: bool = True,
+    ) -> None:
         container.status = "exited"
         container.exit_code = exit_code
         container.oom_killed = oom_killed
         container.finished_at = self._timestamp()
         container.host_port = None
         container.exited.set()
-        self._emit("die", container, exitCode=str(exit_code))
+        if report:
+            self._emit("die", container, exitCode=str(exit_code))
 
     def _emit(self, kind: str, container: _FakeContainer, **attributes: str) -> None:
         event = RuntimeEvent(
