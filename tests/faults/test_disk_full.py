@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,8 @@ async def _check_recovered(
         f"{sum(len(s.acked) for s in senders)} / {sum(len(s.refusals) for s in senders)} / "
         f"{lost} / {duplicates}",
     )
+    statuses = Counter(status for sender in senders for status, _ in sender.refusals)
+    fault_report.record("refusals by HTTP status", dict(sorted(statuses.items())))
     fault_report.record(
         "alerts (store.degraded / store.recovered)",
         f"{len(webhook.of_kind('store.degraded'))} / {len(webhook.of_kind('store.recovered'))}",

@@ -194,7 +194,7 @@ def test_echo_replies_with_body_agent_and_id_count_when_messages_posted(
         "message_id": None,
         "count": 2,
     }
-    assert seen.body == {"ids": ["m1", "m2", "m1"], "distinct": 2}
+    assert seen.body == {"ids": ["m1", "m2", "m1"], "distinct": 2, "max_in_flight": 1}
 
 
 def test_health_answers_503_then_200_when_startup_delay_set(run_mimic: RunMimic) -> None:
@@ -215,7 +215,8 @@ def test_message_answers_503_when_agent_still_starting(run_mimic: RunMimic) -> N
     reply = _request("POST", f"{container.base_url}/messages", {"text": "early"})
 
     assert reply.status == 503
-    assert _request("GET", f"{container.base_url}/seen").body == {"ids": [], "distinct": 0}
+    seen = _request("GET", f"{container.base_url}/seen").body
+    assert seen == {"ids": [], "distinct": 0, "max_in_flight": 1}  # the 503 itself
 
 
 def test_container_exits_with_requested_code_when_exit_message_sent(run_mimic: RunMimic) -> None:
