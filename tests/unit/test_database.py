@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import pathlib
+import shutil
 import sqlite3
 import stat
 import threading
@@ -455,7 +456,7 @@ async def test_check_writable_refuses_until_the_file_system_has_headroom_when_di
     def usage(path: object) -> SimpleNamespace:
         return SimpleNamespace(total=total, used=total - free["bytes"], free=free["bytes"])
 
-    monkeypatch.setattr(sqlite_database.shutil, "disk_usage", usage)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
     with pytest.raises(StorageFull, match="4096 bytes free"):
         await database.check_writable()
     free["bytes"] = sqlite_database.HEADROOM_BYTES
