@@ -205,9 +205,14 @@ class Engine:
             clock=self.clock,
             publish=self.events.publish,
             channels=self.channels,
+            health=self.health,
         )
         #: leases that keep agents awake (in memory; ended first on stop).
         self.leases = Leases(self.agents, clock=self.clock, events=self.events)
+        if self.database is not None:
+            # A full disk that is freed ends the store's condition even if nothing
+            # else writes meanwhile.
+            self.health.probe_with("store", self.database.check_writable)
         #: front-end components' close (proxy session, event streams), run first on stop.
         self._closers: list[Callable[[], Awaitable[None]]] = []
         #: front-end components' start (the agent listener), run before agents load.

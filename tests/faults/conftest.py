@@ -12,6 +12,10 @@ belongs to this session alone).
 ``small_tmpfs`` mounts a 2 MiB tmpfs for disk-full tests (``state_dir`` on it,
 then fill it) and unmounts it afterwards.
 
+``fault_report`` records what a scenario measured (recovery time, messages lost,
+alerts sent); the session's terminal summary prints every figure under "fault
+report", so a run of ``make faults`` ends with the numbers.
+
 Invariants:
 - The shared Docker daemon is never stopped or reconfigured: only this
   session's private instances are.
@@ -29,7 +33,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +131,21 @@ def reset(dockerd: PrivateDockerd) -> None:
         [*host, "ps", "-aq"], capture_output=True, text=True, check=True
     ).stdout.split()
     if ids:
-        subprocess.run([*host, "rm", "-f", *ids], capture_output=True, check=True)
+        removed = subprocess.run([*host, "rm", "-f", *ids], capture_output=True, text=True)
+        if removed.returncode != 0:
+            # A container the daemon refuses to remove (seen once after a test's
+            # daemon restarts): once more after restarting it, then fail saying why.
+            run_private_dockerd("restart", dockerd.name)
+            left = subprocess.run(
+                [*host, "ps", "-aq"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            if left:
+                again = subprocess.run([*host, "rm", "-f", *left], capture_output=True, text=True)
+                if again.returncode != 0:
+                    raise RuntimeError(
+                        f"cannot empty private dockerd {dockerd.name}: {removed.stderr.strip()}; "
+                        f"after a restart: {again.stderr.strip()}"
+                    )
     subprocess.run([*host, "network", "prune", "-f"], capture_output=True, check=True)
     subprocess.run([*host, "volume", "prune", "-f"], capture_output=True, check=True)
 
@@ -200,3 +218,39 @@ def fill(directory: Path) -> int:
                 return written
     finally:
         os.close(descriptor)
+
+
+# -- the report: figures measured by the scenarios, printed at the end ------------------
+
+_FIGURES = pytest.StashKey[list[tuple[str, str, str]]]()
+
+
+@dataclass
+class FaultReport:
+    """What one scenario measured; ``record`` adds a figure to the session's summary."""
+
+    scenario: str
+    figures: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def record(self, figure: str, value: object) -> None:
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        self.figures.append((self.scenario, figure, shown))
+
+
+@pytest.fixture
+def fault_report(request: pytest.FixtureRequest) -> FaultReport:
+    figures = request.config.stash.setdefault(_FIGURES, [])
+    return FaultReport(request.node.name, figures)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    figures = config.stash.get(_FIGURES, [])
+    if not figures:
+        return
+    terminalreporter.section("fault report")
+    scenario = None
+    for name, figure, value in figures:
+        if name != scenario:
+            terminalreporter.write_line(name)
+            scenario = name
+        terminalreporter.write_line(f"    {figure}: {value}")

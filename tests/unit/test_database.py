@@ -14,19 +14,22 @@ import asyncio
 import contextlib
 import os
 import pathlib
+import shutil
 import sqlite3
 import stat
 import threading
 from collections.abc import AsyncIterator, Awaitable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from roost.adapters import sqlite_database
 from roost.adapters.sqlite_database import SCHEMA_VERSION, Database
 from roost.adapters.sqlite_inbox import SqliteInbox
 from roost.adapters.sqlite_store import SqliteStore
 from roost.core.records import AgentRecord
-from roost.errors import Conflict, StoreError
+from roost.errors import Conflict, StorageFull, StoreError
 from tests.conftest import wait_until
 
 DEADLINE = 30.0
@@ -442,3 +445,20 @@ async def test_existing_file_keeps_its_mode_when_opened(tmp_path: pathlib.Path) 
     await database.close()
 
     assert await asyncio.to_thread(file_modes, tmp_path, "roost.db") == {"roost.db": 0o640}
+
+
+async def test_check_writable_refuses_until_the_file_system_has_headroom_when_disk_was_full(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    total = 1 << 30
+    free = {"bytes": 4096}  # a one-page write might still fit: not enough
+
+    def usage(path: object) -> SimpleNamespace:
+        return SimpleNamespace(total=total, used=total - free["bytes"], free=free["bytes"])
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    with pytest.raises(StorageFull, match="4096 bytes free"):
+        await database.check_writable()
+    free["bytes"] = sqlite_database.HEADROOM_BYTES
+    await database.check_writable()
+    assert await database.schema_version() == SCHEMA_VERSION

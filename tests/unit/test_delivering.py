@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from roost import errors
 from roost.core.records import AgentRecord
 from roost.core.states import AgentState
 from roost.engine import Engine
@@ -238,3 +239,29 @@ async def test_wait_final_returns_the_reply_when_message_is_delivered(fake: Harn
     fake.agent.down = True
     stuck = await fake.send({"never": True})
     assert await fake.engine.dispatcher.wait_final("echo", stuck.id, 0.05) is None
+
+
+async def test_an_outcome_the_disk_refuses_is_stored_later_and_nothing_overtakes_it_when_full(
+    fake: Harness,
+) -> None:
+    inbox = fake.engine.inbox
+    real_mark = inbox.mark_delivered
+    refusals = {"left": 4}
+
+    async def full_disk(message: Message, reply: Any) -> None:
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise errors.StorageFull("state database: mark message delivered: disk is full")
+        await real_mark(message, reply)
+
+    inbox.mark_delivered = full_disk  # type: ignore[method-assign]
+    first = await fake.send({"i": 0})
+    second = await fake.send({"i": 1})
+    await fake.until(lambda: fake.engine.health.holds("store"), "store degraded")
+    # Delivered once, its outcome not stored yet: the next message waits behind it.
+    await fake.until(lambda: refusals["left"] == 2, "outcome retried")
+    assert [mid for mid, _ in fake.agent.deliveries] == [first.id]
+    await fake.wait_status(second, M.DELIVERED)
+    assert (await fake.status(first)).status is M.DELIVERED
+    assert [mid for mid, _ in fake.agent.deliveries] == [first.id, second.id]
+    await fake.until(lambda: not fake.engine.health.holds("store"), "store recovered")

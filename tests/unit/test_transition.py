@@ -423,6 +423,13 @@ RESET_ROWS = [
         fields={"restart_count": 0, "last_error": "", "container_id": None, "last_exit": CRASH},
     ),
     row(
+        "failed-settles-its-exit-so-the-engine-is-not-blamed-for-it-later",
+        failed(last_exit=at_cur(CRASH)),
+        ev.ResetRequested(),
+        ((S.STOPPED, "reset requested"),),
+        fields={"last_exit": CRASH},
+    ),
+    row(
         "failed-with-leftover-container",
         failed(container_id=CUR),
         ev.ResetRequested("admin"),

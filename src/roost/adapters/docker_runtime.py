@@ -26,6 +26,10 @@ and ``/var/run/docker.sock`` that exists.
   (``"unreachable"`` or Docker's HTTP status), so metrics can count them.
 
 Invariants:
+- ``ping`` asks on a new connection (over a socket or TCP): a stopping dockerd
+  closes its listener first and then, for its whole shutdown (its containers'
+  stop timeouts, ~10 s measured), keeps serving the connections already open,
+  so an answer on a pooled connection would call a departing engine reachable.
 - ``create`` never pulls; ``ensure_image`` pulls only an absent image, and
   concurrent calls for the same image share one pull.
 - ``ensure_network`` calls for one name are serialised: Docker's
@@ -130,6 +134,10 @@ class DockerRuntime:
         self._connection_limit = connection_limit
         self._docker: aiodocker.Docker | None = None
         self._connector: aiohttp.BaseConnector | None = None
+        #: for ``ping``: a client that opens a new connection per request (None:
+        #: this address's scheme has no such connector here; the pooled one is used).
+        self._fresh: aiodocker.Docker | None = None
+        self._fresh_connector: aiohttp.BaseConnector | None = None
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._event_readers: set[asyncio.Task[None]] = set()
         #: one lock per network name: Docker's CheckDuplicate is best effort, and
@@ -156,6 +164,24 @@ class DockerRuntime:
             self._docker = aiodocker.Docker(url=url, connector=self._connector, timeout=timeout)
         return self._docker
 
+    def _fresh_client(self) -> aiodocker.Docker:
+        """A client whose every request opens (and then closes) its own connection."""
+        if self._fresh is None:
+            timeout = aiohttp.ClientTimeout(sock_connect=_SOCKET_CONNECT_TIMEOUT)
+            connector: aiohttp.BaseConnector
+            if self._host.startswith("unix://"):
+                path = self._host.removeprefix("unix://")
+                connector = aiohttp.UnixConnector(path=path, force_close=True)
+                url = "unix://localhost"
+            elif self._host.startswith(("tcp://", "http://")):
+                connector = aiohttp.TCPConnector(force_close=True)
+                url = "http://" + self._host.split("://", 1)[1]
+            else:
+                return self._client()
+            self._fresh_connector = connector
+            self._fresh = aiodocker.Docker(url=url, connector=connector, timeout=timeout)
+        return self._fresh
+
     async def close(self) -> None:
         tasks = [*self._event_readers, *self._pulls.values()]
         for task in tasks:
@@ -165,17 +191,21 @@ class DockerRuntime:
         self._event_readers.clear()
         self._pulls.clear()
         docker, connector = self._docker, self._connector
-        self._docker = self._connector = None
-        if docker is not None:
-            await docker.close()
-        if connector is not None:
-            await connector.close()
+        fresh, fresh_connector = self._fresh, self._fresh_connector
+        self._docker = self._connector = self._fresh = self._fresh_connector = None
+        # A client leaves a connector it was given open: close both.
+        for client in (docker, fresh):
+            if client is not None:
+                await client.close()
+        for owned in (connector, fresh_connector):
+            if owned is not None:
+                await owned.close()
 
     # -- engine and images ------------------------------------------------------
 
     async def ping(self) -> str:
         with _translated("ping the engine", self._host):
-            version = await self._client().version()
+            version = await self._fresh_client().version()
         return str(version["ApiVersion"])
 
     async def image_exists(self, image: str) -> bool:

@@ -59,6 +59,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import shutil
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, cast
@@ -67,6 +68,8 @@ from roost.errors import StorageFull, StoreError
 
 __all__ = [
     "BUSY_TIMEOUT",
+    "HEADROOM_BYTES",
+    "HEADROOM_SHARE",
     "LAZY_COMMIT_DELAY",
     "MIGRATIONS",
     "ROOST_APPLICATION_ID",
@@ -86,6 +89,10 @@ ROOST_APPLICATION_ID: Final = 0x526F7374
 BUSY_TIMEOUT: Final = 5.0
 #: Longest a lazy write waits for a commit to ride with.
 LAZY_COMMIT_DELAY: Final = 0.05
+#: Free bytes the state file's file system needs before ``check_writable`` tries a
+#: write after a full disk (or ``HEADROOM_SHARE`` of a file system smaller than 20 MiB).
+HEADROOM_BYTES: Final = 1024 * 1024
+HEADROOM_SHARE: Final = 0.05
 #: Mode of a state file Roost creates (its -wal and -shm files follow it).
 FILE_MODE: Final = 0o600
 
@@ -392,6 +399,33 @@ class Database:
         if self._queue:
             self._wakeup.set()
         await asyncio.wait(pending)
+
+    async def check_writable(self) -> None:
+        """Whether the file takes writes again after they failed: ``StorageFull``
+        while its file system has less than ``HEADROOM_BYTES`` free (or
+        ``HEADROOM_SHARE`` of a smaller one), else a write that changes nothing
+        (``user_version`` set to itself, which SQLite writes all the same) is
+        committed, raising ``StoreError`` if it fails. The free space is asked
+        first: on a full disk a one-page write can still fit in the last pages
+        the WAL file holds, and prove nothing."""
+        executor = self._reader_thread
+        if executor is None or self._writer_task is None:
+            raise self._not_open()
+        loop = asyncio.get_running_loop()
+        usage = await loop.run_in_executor(executor, shutil.disk_usage, self.path.parent)
+        needed = min(HEADROOM_BYTES, int(usage.total * HEADROOM_SHARE))
+        if usage.free < needed:
+            raise StorageFull(
+                f"state database {self.path}: {usage.free} bytes free on its file system, "
+                f"{needed} wanted before writing again"
+            )
+
+        def rewrite_version(db: sqlite3.Connection) -> None:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            # PRAGMAs take no parameters; the value is the file's own integer.
+            db.execute(f"PRAGMA user_version = {version}")
+
+        await self.write("check the state file takes writes", rewrite_version)
 
     async def schema_version(self) -> int:
         """The ``user_version`` of the open database."""

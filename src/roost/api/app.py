@@ -113,7 +113,11 @@ def create_api(engine: Engine) -> FastAPI:
         docs_url=None,  # served below, with a Content-Security-Policy
         redoc_url=None,
     )
-    install_error_handlers(app, actions=ACTIONS)
+    install_error_handlers(
+        app,
+        actions=ACTIONS,
+        on_store_error=lambda exc: engine.health.fail("store", str(exc)),
+    )
     openapi.document(app, public_paths=PUBLIC_PATHS)
     #: the proxy reports to it (``roost.edge`` wires them).
     app.state.metrics = metrics

@@ -164,13 +164,25 @@ def _response(exc: errors.RoostError, agent: str | None) -> Response:
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
-def install_error_handlers(app: FastAPI, *, actions: tuple[str, ...]) -> None:
-    """Every error the admin API raises answers in the one shape."""
+def install_error_handlers(
+    app: FastAPI,
+    *,
+    actions: tuple[str, ...],
+    on_store_error: Callable[[errors.StoreError], object] | None = None,
+) -> None:
+    """Every error the admin API raises answers in the one shape.
+
+    ``on_store_error`` hears of every state-database failure (Roost's health):
+    its condition is announced and logged once, so such a refusal is logged at
+    debug level only, not once per refused request."""
 
     async def on_roost_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.RoostError)
         response = _response(exc, request.path_params.get("name"))
-        if response.status_code >= 500:
+        if isinstance(exc, errors.StoreError) and on_store_error is not None:
+            on_store_error(exc)
+            log.debug("%s %s: %s", request.method, request.url.path, exc)
+        elif response.status_code >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc)
         return response
 

@@ -170,10 +170,8 @@ def messages_router(engine: Engine) -> APIRouter:
         body = parse_json_body(await request.body())
         check_depth(body)
         try:
+            # A StoreError (507 or 503) reaches Roost's health in the error handler.
             message, created = await dispatcher.submit(name, body, idempotency_key=key)
-        except errors.StoreError as exc:
-            engine.health.fail("store", str(exc))
-            raise
         except QueueFull as exc:
             raise errors.Refusal(
                 429, f"{exc}; retry later", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}

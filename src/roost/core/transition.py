@@ -176,6 +176,10 @@ def _on_reset(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     assert isinstance(e, ev.ResetRequested)
     r = b.record
     b.set(restart_count=0, last_error="")
+    if r.last_exit is not None and r.last_exit.container_id:
+        # The admin settled that exit: it is no longer the engine's to give back
+        # (ExitBlamedOnEngine would otherwise restart an agent reset to stopped).
+        b.set(last_exit=dataclasses.replace(r.last_exit, container_id=None))
     if r.state is S.FAILED:
         if r.container_id is not None:
             b.do(cmd.RemoveContainer(r.container_id))

@@ -39,6 +39,10 @@ Invariants:
   the lane starts again from the oldest. A message that had ``max_attempts``
   attempts without a reply (no answer, 5xx, expired lease, lost WebSocket) is
   ``dead`` too (0: no limit).
+- An outcome the state database refuses (a full disk) is written again with
+  backoff until it is stored; the message keeps its slot meanwhile, so no later
+  one overtakes it (a Roost stopped meanwhile delivers it again). Failed and
+  successful writes are reported to ``Health`` (``store``).
 - Time comes from the injected clock: retries run on ``FakeClock`` in tests.
 - Every status change is published as ``message.status`` on the event hub, with
   ``message_id``, ``agent``, ``status`` and ``attempts`` (not ``id``: an event's
@@ -50,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -67,6 +72,7 @@ from roost.ports.inbox import TERMINAL, Inbox, Message, MessageStatus
 from roost.reactor.agents import Agents
 from roost.reactor.attempts import Outcome
 from roost.reactor.channels import Channels
+from roost.reactor.health import WRITE_RETRY, Health
 from roost.reactor.pulling import Lease, Pulls
 
 __all__ = ["DEFAULT_RETRY", "EVENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "Dispatcher"]
@@ -109,6 +115,7 @@ class Dispatcher:
         delivery_timeout: float = 300.0,
         retry: Backoff = DEFAULT_RETRY,
         max_server_errors: int = 10,
+        health: Health | None = None,
     ) -> None:
         if not retry.repeat:
             raise ValueError("delivery retries repeat their last delay: pass repeat=True")
@@ -120,6 +127,7 @@ class Dispatcher:
         self.delivery_timeout = delivery_timeout
         self.retry = retry
         self.max_server_errors = max_server_errors
+        self.health = health
         self._lanes: dict[str, _Lane] = {}
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
         #: reset handling: owned, awaited on stop.
@@ -298,6 +306,14 @@ class Dispatcher:
             },
         )
 
+    def _store_failed(self, exc: errors.StoreError) -> None:
+        if self.health is not None:
+            self.health.fail("store", str(exc))
+
+    def _store_ok(self) -> None:
+        if self.health is not None:
+            self.health.clear("store")
+
     def _settled(self, message: Message) -> None:
         self._status(message)
         for future in self._waiters.get(message.id, ()):
@@ -469,9 +485,12 @@ class _Lane:
             # A lost lease is offered again at once; push and WebSocket wait a little.
             immediate = spec.delivery == "pull"
             delay = 0.0 if immediate else (d.retry.delay(retries) or 0.0)
-            await d.inbox.mark_retry(
-                message.id, outcome.value, next_attempt_at=d.clock.now() + delay
-            )
+            try:
+                await d.inbox.mark_retry(
+                    message.id, outcome.value, next_attempt_at=d.clock.now() + delay
+                )
+            except errors.StoreError as exc:
+                d._store_failed(exc)  # only the error shown for it is lost: it is retried
             await self._finish(attempt, None, settle=False)
             d._status(dataclasses.replace(message, status=M.QUEUED, attempts=attempts))
             log.info(
@@ -497,20 +516,20 @@ class _Lane:
         """Store a final outcome (delivered, failed, dead); None when it is retried."""
         inbox = self.d.inbox
         if outcome.kind == "reply":
-            await inbox.mark_delivered(message, outcome.value)
+            await self._store(functools.partial(inbox.mark_delivered, message, outcome.value))
             return dataclasses.replace(
                 message, status=M.DELIVERED, attempts=attempts, reply=outcome.value
             )
         if outcome.kind == "error" or (
             outcome.kind == "server_error" and server_errors >= self.d.max_server_errors
         ):
-            await inbox.mark_failed(message, outcome.value)
+            await self._store(functools.partial(inbox.mark_failed, message, outcome.value))
             return dataclasses.replace(
                 message, status=M.FAILED, attempts=attempts, error=outcome.value
             )
         if spec.max_attempts and attempts >= spec.max_attempts:
             error = f"gave up after {attempts} attempts (max_attempts); last: {outcome.value}"
-            await inbox.mark_dead(message, error)
+            await self._store(functools.partial(inbox.mark_dead, message, error))
             return dataclasses.replace(message, status=M.DEAD, attempts=attempts, error=error)
         return None
 
@@ -520,7 +539,7 @@ class _Lane:
         """The attempt's outcome is written: wait for its ``delivering`` write too,
         then tell whoever waits (a pull agent's ``complete``, ``?wait=true``)."""
         if attempt.marking is not None:
-            await attempt.marking
+            await self._marked(attempt.marking)
         if attempt.lease is not None:
             self.d.pulls.finish(attempt.lease, stored)
         if settle and stored is not None:
@@ -594,6 +613,26 @@ class _Lane:
         async with d.agents.busy(self.name):  # a held lease is activity
             outcome = await d.pulls.outcome(lease)
         return _Attempt(outcome, lease.marking, lease)
+
+    async def _store(self, write: Callable[[], Awaitable[object]]) -> None:
+        """Store an outcome; while the database refuses it, again with backoff."""
+        failures = 0
+        while True:
+            try:
+                await write()
+            except errors.StoreError as exc:
+                self.d._store_failed(exc)
+                await self.d.clock.sleep(WRITE_RETRY.delay(failures) or 0.0)
+                failures += 1
+                continue
+            self.d._store_ok()
+            return
+
+    async def _marked(self, marking: Awaitable[Any]) -> None:
+        """The attempt's ``delivering`` mark: it rode with an outcome that is stored
+        now, or failed with a transaction, which the outcome's write overrides."""
+        with contextlib.suppress(errors.StoreError):
+            await marking
 
     async def _pause(self, retries: int) -> None:
         """Wait out the backoff after ``retries`` failed waits, cut short when the

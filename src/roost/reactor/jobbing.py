@@ -802,6 +802,10 @@ class JobRunner:
             try:
                 await self.scan_orphans()
                 await self.evict_snapshots()
+            except errors.DockerUnavailable as exc:
+                # The engine's outage is announced once (reactor.health, from the
+                # event stream); a line per scan would repeat it every interval.
+                log.debug("job orphan scan skipped: %s", exc)
             except errors.RoostError as exc:
                 log.warning("job orphan scan failed: %s", exc)
 

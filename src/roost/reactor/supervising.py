@@ -20,7 +20,13 @@ The engine's and the disk's bad days (``reactor.health``):
   down (one notice), and a start that failed that way waits for it without
   counting against ``max_restarts``; a recovery loop pings the engine, and when it
   answers it reconciles and releases the waiting starts (``EngineRecovered``).
-  Exits seen just before the engine went down are blamed on it. While it is down
+  An unexpected exit makes Roost ping the engine (a stopping daemon stops its
+  containers after it stopped accepting connections, and would even start them
+  again on the connections still open). Exits seen just before the engine went
+  down, or while it is down, are blamed on it; before an exit makes an agent
+  ``failed`` the engine is pinged. A failed
+  liveness probe while the engine is down (or found down by a ping then) is not
+  counted: the probe goes through the engine's port proxy. While it is down
   nothing logs a traceback per call.
 - A record that cannot be written is retried with backoff until the write
   succeeds: the actor never moves past what is stored, and the store's condition
@@ -55,7 +61,7 @@ from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
 from roost.reactor.channels import Channels
 from roost.reactor.credentials import TOKEN_ENV, Credentials
-from roost.reactor.health import Health
+from roost.reactor.health import WRITE_RETRY, Health
 
 __all__ = ["AgentActor", "StateListener", "Supervisor"]
 
@@ -71,13 +77,13 @@ LOG_TAIL_LINES = 100
 LOG_TAIL_BYTES = 16 * 1024
 #: Liveness probes due within this many seconds are sent together (see _liveness_loop).
 LIVENESS_BATCH_WINDOW = 1.0
-#: Pings of an unreachable engine: quick at first, so recovery is seen within ~1 s.
-ENGINE_PING = Backoff.doubling(0.05, 1.0)
+#: Pings of an unreachable engine: quick at first, then twice a second, so a
+#: recovery is seen within 0.5 s (a ping of a daemon that is not there costs a
+#: failed connect; the issue asks for agents back within 2 s of the engine).
+ENGINE_PING = Backoff.doubling(0.05, 0.5)
 #: Exits this many seconds before the engine is found down are blamed on it (a
 #: daemon that stops kills its containers first; dockerd waits up to 15 s).
 ENGINE_EXIT_WINDOW = 20.0
-#: Retries of a record write the state database refused.
-STORE_RETRY = Backoff.doubling(0.05, 5.0)
 #: Docker health statuses that are a HEALTHCHECK verdict ("starting" is not).
 _VERDICTS = frozenset({SessionHealth.HEALTHY, SessionHealth.UNHEALTHY})
 
@@ -254,6 +260,11 @@ class AgentActor:
             # read them while removing the container (RemoveContainer.diagnose).
             # An engine that cannot say why is going away itself: its exit, not ours.
             event = await self._enrich_exit(event)
+            if not event.engine_down and await self.sup.engine_unreachable():
+                # A stopping dockerd stops its containers after closing its listener,
+                # and meanwhile still answers on open connections (the inspect
+                # above): asked on a new one, it is gone. Its exit, not the agent's.
+                event = dataclasses.replace(event, engine_down=True)
             now = self.sup.clock.now()
             decision = transition(self.record, event, now=now, policy=self.policy)
         if decision.rejected is None and decision.record != self.record:
@@ -303,7 +314,7 @@ class AgentActor:
                 if failures == 0:
                     self.degraded = f"cannot write its state: {exc}"
                     self.sup.health.fail("store", str(exc))
-                await self.sup.clock.sleep(STORE_RETRY.delay(failures) or 0.0)
+                await self.sup.clock.sleep(WRITE_RETRY.delay(failures) or 0.0)
                 failures += 1
                 continue
             if self.degraded is not None:
@@ -736,6 +747,13 @@ class AgentActor:
             )
         if result.ok and not self.record.liveness_failures:
             return
+        if not result.ok and (
+            self.sup.health.holds("engine") or await self.sup.engine_unreachable()
+        ):
+            # Probes reach the agent through the engine's port proxy, which goes down
+            # with the engine even when the container runs on (live-restore): not
+            # the agent's failure. The reconcile after the outage finds real exits.
+            return
         if self.record.container_id == cid:
             self.post(ev.LivenessProbed(cid, result.ok, result.detail))
 
@@ -795,6 +813,8 @@ class Supervisor:
         #: the latest exit seen per agent: (monotonic time, container, restart count before).
         self._recent_exits: dict[str, tuple[float, str, int]] = {}
         self._recovery: asyncio.Task[None] | None = None
+        #: a background ping after an unexpected exit (one at a time).
+        self._engine_check: asyncio.Task[bool | None] | None = None
         self.reconciles = 0
         self.closed = False
 
@@ -939,7 +959,7 @@ class Supervisor:
         async for event in events:
             if event.kind == "lost":
                 # The stream broke: the engine may be going away. Ask it now.
-                self._tasks.spawn(self.engine_unreachable(), "roost.engine-check")
+                self._check_engine_soon()
                 continue
             if event.kind == "gap":
                 if self.health.holds("engine"):
@@ -963,6 +983,13 @@ class Supervisor:
         self._recent_exits.clear()
         if self._recovery is None or self._recovery.done():
             self._recovery = asyncio.create_task(self._recover(), name="roost.engine-recovery")
+
+    def _check_engine_soon(self) -> None:
+        """Ping the engine in the background, unless a check is under way already."""
+        check = self._engine_check
+        if self.closed or (check is not None and not check.done()):
+            return
+        self._engine_check = self._tasks.spawn(self.engine_unreachable(), "roost.engine-check")
 
     async def engine_unreachable(self) -> bool:
         """Ping the engine now; True (and marked down) when it does not answer."""
@@ -993,6 +1020,10 @@ class Supervisor:
         except errors.DockerUnavailable as exc:
             self.engine_failed(exc)  # gone again already: start over
             return
+        except errors.RoostError as exc:
+            # Whatever the engine refused, the waiting starts must not wait forever:
+            # the next reconcile (after an event gap, or the next start) tries again.
+            log.warning("reconcile after the engine came back failed: %s", exc)
         for actor in list(self.actors.values()):
             actor.post(ev.EngineRecovered())
 
@@ -1008,6 +1039,9 @@ class Supervisor:
         if kind == "die":
             oom = cid in self._oom_seen
             self._oom_seen.discard(cid)
+            # An exit while the engine is known to be down comes from a daemon that is
+            # stopping its containers (it still streams events on the open connection).
+            down = self.health.holds("engine")
             if cid == actor.record.container_id and not actor.record.expected_exit:
                 # Kept in case the engine turns out to be going down: then this exit
                 # was its doing, and the restart it costs is given back.
@@ -1016,8 +1050,13 @@ class Supervisor:
                     cid,
                     actor.record.restart_count,
                 )
+                if not down:
+                    # A stopping dockerd stops every container after it stopped taking
+                    # connections (and still serves the open ones, starts included):
+                    # ask it on a new connection now, before a wake starts one again.
+                    self._check_engine_soon()
             exit_info = ExitInfo(exit_code=event.exit_code, oom_killed=oom)
-            actor.post(ev.ContainerExited(cid, exit_info))
+            actor.post(ev.ContainerExited(cid, exit_info, engine_down=down))
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
         elif kind == "health_status" and event.health in _VERDICTS:
@@ -1045,11 +1084,18 @@ class Supervisor:
             for c in containers:
                 exit_info = None
                 if c.status in ("exited", "dead"):
-                    with contextlib.suppress(errors.ContainerNotFound):
+                    try:
                         exit_info = (await self.runtime.inspect(c.id)).exit
+                    except errors.DockerUnavailable:
+                        raise
+                    except errors.RoostError as exc:  # gone, or refused: decide without it
+                        log.debug("reconcile: cannot inspect %s: %s", c.id[:12], exc)
                 observed.append(Observed(c.id, c.labels, c.status, exit_info))
             plan = plan_reconcile(
-                {n: a.record for n, a in self.actors.items()}, observed, instance=self.instance
+                {n: a.record for n, a in self.actors.items()},
+                observed,
+                instance=self.instance,
+                after_outage=after_outage,
             )
             # A start in flight owns its agent (e.g. a reconcile after an event gap):
             # the container it created but has not reported yet is no orphan, and
@@ -1060,8 +1106,19 @@ class Supervisor:
                 if owner.get(cid) in in_flight:
                     continue
                 log.info("removing orphan container %s", cid[:12])
-                with contextlib.suppress(errors.ContainerNotFound):
+                try:
                     await self.runtime.remove(cid, force=True)
+                except errors.ContainerNotFound:
+                    pass  # gone already: what we wanted
+                except errors.DockerUnavailable as exc:
+                    self.engine_failed(exc)
+                    if after_outage:
+                        raise
+                    return
+                except errors.RoostError as exc:
+                    # One container the engine will not remove (seen after a daemon
+                    # restart) must not stop the reconcile; the next one tries again.
+                    log.warning("cannot remove orphan container %s: %s", cid[:12], exc)
             waits = []
             for name, event in plan.events:
                 if name in in_flight and isinstance(event, ev.Resumed | ev.ContainerObserved):

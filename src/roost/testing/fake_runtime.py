@@ -46,6 +46,11 @@ Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
 - Images have no HEALTHCHECK of their own: ``inspect`` reports ``health``
   unknown until a test calls ``report_health``, which also emits Docker's
   ``health_status`` event.
+- An engine that is stopping (``begin_stopping``, as dockerd after SIGTERM) no
+  longer accepts connections, which ``ping`` always opens anew, so ``ping``
+  raises ``DockerUnavailable``; calls on connections already open still answer
+  and events still flow, but ``start`` fails (500: dockerd refuses new sandboxes
+  then). ``go_down`` ends it.
 """
 
 from __future__ import annotations
@@ -119,9 +124,9 @@ class FakeRuntime:
     Test hooks: ``images`` (present images), ``pullable`` (what ``ensure_image``
     can fetch), ``endpoints[image]`` (the host port its containers publish),
     ``log_lines[container_id]``, ``stop_exit_code``, ``crash(...)``,
-    ``report_health(...)``, ``emit_gap()``, ``go_down()`` / ``come_back()`` (an engine
-    outage), and ``calls`` — every operation as ``(method, container id or image)`` in
-    call order.
+    ``report_health(...)``, ``emit_gap()``, ``begin_stopping()``, ``go_down()`` /
+    ``come_back()`` (an engine outage), and ``calls`` — every operation as
+    ``(method, container id or image)`` in call order.
     """
 
     def __init__(
@@ -155,6 +160,8 @@ class FakeRuntime:
         self._addresses = itertools.count()
         #: the engine is unreachable: every call raises DockerUnavailable.
         self.down = False
+        #: the engine is shutting down: new connections (``ping``) are refused.
+        self.stopping = False
 
     # -- test hooks --------------------------------------------------------------
 
@@ -184,18 +191,31 @@ class FakeRuntime:
         for subscriber in self._subscribers:
             subscriber.queue.put_nowait(RuntimeEvent(kind="gap", time=self._clock()))
 
-    def go_down(self, *, kill_containers: bool = False, exit_code: int = 143) -> None:
+    def begin_stopping(self) -> None:
+        """The engine begins to stop (see the module docstring): ``ping`` raises, other
+        calls answer, ``start`` fails with 500; the containers are still running."""
+        self.stopping = True
+
+    def go_down(
+        self, *, kill_containers: bool = False, exit_code: int = 143, unseen: bool = False
+    ) -> None:
         """The engine stops: with ``kill_containers`` (a daemon stop without
         live-restore) its running containers exit first, reported as ``die`` like
-        the real daemon does before it closes; then the event stream is ``lost``
+        the real daemon does before it closes (``unseen``: not reported, as when
+        they end after its event stream broke); then the event stream is ``lost``
         and every call raises ``DockerUnavailable`` until ``come_back``."""
+        if unseen:
+            for subscriber in self._subscribers:
+                subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
         if kill_containers:
             for container in list(self._containers.values()):
                 if container.running:
-                    self._exit(container, exit_code)
+                    self._exit(container, exit_code, report=not unseen)
         self.down = True
-        for subscriber in self._subscribers:
-            subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
+        self.stopping = False
+        if not unseen:
+            for subscriber in self._subscribers:
+                subscriber.queue.put_nowait(RuntimeEvent(kind="lost", time=self._clock()))
 
     def come_back(self) -> None:
         """The engine answers again: the event stream reconnects (``gap``)."""
@@ -215,6 +235,10 @@ class FakeRuntime:
 
     async def ping(self) -> str:
         self._record("ping", "")
+        if self.stopping:
+            raise errors.DockerUnavailable(
+                "Cannot connect to the Docker daemon (the fake engine is stopping)"
+            )
         return _API_VERSION
 
     async def image_exists(self, image: str) -> bool:
@@ -285,6 +309,12 @@ class FakeRuntime:
         container = self._get(container_id)
         if container.status == "running":
             return  # Docker answers 304
+        if self.stopping:
+            raise errors.ContainerError(
+                f"cannot start container {container_id}: failed to update the store "
+                "state of sandbox (the fake engine is stopping)",
+                status=500,
+            )
         if container.status == "paused":
             raise errors.ContainerError(
                 f"cannot start container {container_id}: "
@@ -602,14 +632,22 @@ class FakeRuntime:
     def _meta(self, name: str) -> _FakeImage:
         return self._image_meta.get(name) or _FakeImage(id=f"sha256:{_sha(name)}")
 
-    def _exit(self, container: _FakeContainer, exit_code: int, *, oom_killed: bool = False) -> None:
+    def _exit(
+        self,
+        container: _FakeContainer,
+        exit_code: int,
+        *,
+        oom_killed: bool = False,
+        report: bool = True,
+    ) -> None:
         container.status = "exited"
         container.exit_code = exit_code
         container.oom_killed = oom_killed
         container.finished_at = self._timestamp()
         container.host_port = None
         container.exited.set()
-        self._emit("die", container, exitCode=str(exit_code))
+        if report:
+            self._emit("die", container, exitCode=str(exit_code))
 
     def _claim_host_port(self, container: _FakeContainer) -> None:
         """Refuse a host port another running container publishes, as Docker does."""
