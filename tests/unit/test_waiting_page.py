@@ -18,7 +18,7 @@ from aiohttp import web
 
 from roost.adapters.http_agent_client import HttpAgentClient
 from roost.core.states import AgentState
-from roost.gateway.waiting import accepts_html
+from roost.edge.waiting import accepts_html
 from roost.ports.runtime import ContainerState
 from roost.testing import EngineHarness
 from roost.testing.fake_runtime import FakeRuntime
@@ -186,7 +186,7 @@ async def test_page_says_failed_and_how_to_reset_when_the_agent_failed(
 
 
 async def test_agent_name_is_escaped_when_shown_in_the_page() -> None:
-    from roost.gateway.waiting import waiting_page
+    from roost.edge.waiting import waiting_page
 
     page = waiting_page("<script>", "starting", "a & b").decode()
     assert "<script>" not in page

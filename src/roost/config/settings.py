@@ -144,7 +144,7 @@ class ServerConfig(BaseModel):
 
     listen: Listen = Field(
         default=DEFAULT_LISTEN,
-        description="host:port for the gateway, admin API and dashboard ('[::1]:7075' for IPv6).",
+        description="host:port for the proxy, admin API and dashboard ('[::1]:7075' for IPv6).",
     )
     state_dir: Text = Field(
         default=".roost",

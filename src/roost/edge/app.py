@@ -14,7 +14,7 @@ Role: every HTTP and WebSocket request passes here first, in this order:
 2. **body limit** — a declared ``Content-Length`` over ``server.max_body_size``
    is 413 before anything is read; a streamed body is counted as it is read and
    cut at the limit with the same 413;
-3. ``/agents/{name}/...`` goes to the reverse proxy (:mod:`roost.gateway.proxying`),
+3. ``/agents/{name}/...`` goes to the reverse proxy (:mod:`roost.edge.proxy`),
    everything else to the admin API (:mod:`roost.api.app`).
 
 Invariants:
@@ -37,8 +37,8 @@ from fastapi import FastAPI
 from roost import errors
 from roost.api.app import PUBLIC_PATHS, create_api
 from roost.api.errors import refuse
+from roost.edge.proxy import PREFIX, AgentProxy
 from roost.engine import Engine
-from roost.gateway.proxying import PREFIX, AgentProxy
 
 __all__ = ["EVENTS_PATH", "TOKEN_COOKIE", "Edge", "create_app", "limited"]
 

@@ -1,6 +1,6 @@
 """``FakeRuntime``: an in-memory ``ContainerRuntime`` that behaves like Docker.
 
-Role: lets the reactor, gateway and API be tested without a Docker Engine. It
+Role: lets the reactor, the edge (proxy) and the API be tested without a Docker Engine. It
 passes the same contract suite (tests/contract) as ``DockerRuntime``, so what
 holds against the fake holds against Docker.
 

@@ -10,7 +10,7 @@ A request for an agent that is not running wakes it (``Agents.wake``) and is
 held until the agent answers its health check, for at most the agent's
 ``hold_timeout`` (the facade announces ``agent.waking`` once per wake). With the
 agent's ``waiting_page`` on, a browser's page request is held only briefly and
-then answered with the waiting page (``roost.gateway.waiting``), which reloads
+then answered with the waiting page (``roost.edge.waiting``), which reloads
 itself until the agent is up.
 
 Invariants:
@@ -54,13 +54,13 @@ from typing import Any, Protocol
 from roost import errors
 from roost.api.errors import refuse
 from roost.core.states import AgentState
+from roost.edge import waiting
 from roost.engine import Engine
-from roost.gateway import waiting
 from roost.ports.agent_http import AgentStream, AgentWebSocket, RequestBody
 
 __all__ = ["PREFIX", "AgentProxy", "ProxyObserver"]
 
-log = logging.getLogger("roost.gateway.proxy")
+log = logging.getLogger("roost.edge.proxy")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

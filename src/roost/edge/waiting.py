@@ -1,6 +1,6 @@
 """The waiting page: what a browser sees while the agent it asked for wakes.
 
-Role: for an agent with ``waiting_page = true``, the proxy (``roost.gateway.proxying``)
+Role: for an agent with ``waiting_page = true``, the proxy (``roost.edge.proxy``)
 answers a browser's request (``GET``/``HEAD`` accepting ``text/html``) for an agent
 that is not awake with a small page that shows the agent's state and reloads
 itself every ``REFRESH_SECONDS``, instead of holding the request for the whole
