@@ -1,8 +1,8 @@
 """Registering agents at run time: ``POST /api/agents`` and ``DELETE /api/agents/{name}``.
 
-Role: the HTTP face of swarm spawning. A registered agent is a
+Role: the HTTP face of spawning agents at run time. A registered agent is a
 ``config.SpawnedAgent`` built by ``reactor.spawning`` from ``[defaults]``,
-``[swarm]`` and the request; ``Engine.register_agent`` persists it, so it
+``[swarm]`` and the request; ``Agents.register`` persists it, so it
 behaves like a configured agent (idles, wakes, restarts, survives a Roost
 restart) until ``DELETE`` stops and removes its container and forgets it.
 
