@@ -1565,9 +1565,7 @@ NODE_ROWS = [
     ),
     row("stopped-unchanged", stopped(), ev.NodeLost(CUR, "n2"), unchanged=True),
     row("another-container-is-stale", running(), ev.NodeLost(OLD, "n2"), unchanged=True),
-    row(
-        "restarting-unchanged", restarting(container_id=None), ev.NodeLost(CUR), unchanged=True
-    ),
+    row("restarting-unchanged", restarting(container_id=None), ev.NodeLost(CUR), unchanged=True),
     row("failed-unchanged", failed(container_id=CUR), ev.NodeLost(CUR), unchanged=True),
 ]
 

@@ -26,8 +26,13 @@ from collections.abc import AsyncIterator, Mapping
 
 from roost import errors
 from roost.ports.backend import Capabilities, Endpoint, SleepMode
-from roost.ports.runtime import ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState
-from roost.ports.runtime import RuntimeEvent
+from roost.ports.runtime import (
+    ContainerInfo,
+    ContainerRuntime,
+    ContainerSpec,
+    ContainerState,
+    RuntimeEvent,
+)
 
 __all__ = ["ENGINE_CAPABILITIES", "EngineBackend"]
 

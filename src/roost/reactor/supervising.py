@@ -1038,9 +1038,7 @@ class Supervisor:
             actor.post(ev.HealthcheckReported(cid, healthy=event.health is SessionHealth.HEALTHY))
         elif kind == "node_lost":
             # The node under it went down (a swarm): not the agent's crash.
-            log.warning(
-                "agent %s: node %s went down under %s", name, event.node or "?", cid[:12]
-            )
+            log.warning("agent %s: node %s went down under %s", name, event.node or "?", cid[:12])
             actor.post(ev.NodeLost(cid, event.node))
 
     def _spawn_reconcile(self) -> None:
