@@ -40,6 +40,10 @@ Invariants:
   attempts without a reply (no answer, 5xx, expired lease, lost WebSocket) is
   ``dead`` too (0: no limit).
 - Time comes from the injected clock: retries run on ``FakeClock`` in tests.
+- A push in flight when the agent leaves ``running``/``idle`` for a new start (a
+  restart, a crash, its swarm node lost) is abandoned and sent again to the new
+  container: a node that went down answers nothing, not even a reset, so the
+  attempt would otherwise wait out ``delivery_timeout``.
 - Every status change is published as ``message.status`` on the event hub, with
   ``message_id``, ``agent``, ``status`` and ``attempts`` (not ``id``: an event's
   JSON already uses ``id`` for the event's own id, which SSE resumes from).
@@ -74,6 +78,9 @@ __all__ = ["DEFAULT_RETRY", "EVENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "Dispatche
 log = logging.getLogger("roost.delivery")
 
 S = AgentState
+#: Awake states, and the states an awake agent enters when its container goes away.
+_AWAKE = frozenset({S.RUNNING, S.IDLE})
+_LEFT = frozenset({S.STARTING, S.CRASHED})
 M = MessageStatus
 
 MESSAGE_ID_HEADER = "Roost-Message-Id"
@@ -237,6 +244,10 @@ class Dispatcher:
         if not record.awake and name in self.agents and self.agents.spec(name).delivery == "pull":
             self.pulls.withdraw(name)  # asleep: the lane wakes it and offers again
         for change in changes:
+            if change.from_state in _AWAKE and change.to_state in _LEFT:
+                lane = self._lanes.get(name)
+                if lane is not None:
+                    lane.agent_left(change.reason)
             if change.to_state is S.FAILED:
                 lane = self._lanes.get(name)
                 if lane is not None:
@@ -309,6 +320,8 @@ class _Lane:
         self._interrupt = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
+        #: pushes on the wire (abandoned when the agent leaves its container).
+        self._posts: set[asyncio.Task[Any]] = set()
         self._in_flight: set[str] = set()
         #: held while an attempt waits for the agent (asyncio.Lock is FIFO).
         self._starting = asyncio.Lock()
@@ -328,6 +341,29 @@ class _Lane:
         self._generation += 1
         self._interrupt.set()
         self.wake(rewind=True)
+
+    def agent_left(self, reason: str) -> None:
+        """The agent's container is being replaced: pushes still waiting for its
+        answer will not get one (see the module docstring); they end now."""
+        for post in self._posts:
+            post.cancel(f"the agent left its container ({reason})")
+
+    async def _posting(self, post: Awaitable[Any]) -> Any:
+        """Await a push, which ``agent_left`` may abandon: then ConnectionError."""
+        task = asyncio.ensure_future(post)
+        self._posts.add(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                raise ConnectionError(
+                    "the agent left its container while the message was in flight"
+                ) from None
+            task.cancel()
+            raise
+        finally:
+            self._posts.discard(task)
 
     def cancel(self) -> None:
         for task in (self._task, *self._deliveries):
@@ -540,11 +576,13 @@ class _Lane:
         headers = _headers(message)
         try:
             async with d.agents.busy(self.name):
-                response = await d.agent_client.post_json(
-                    url + spec.message_path,
-                    message.body,
-                    headers=headers,
-                    timeout=d.delivery_timeout,
+                response = await self._posting(
+                    d.agent_client.post_json(
+                        url + spec.message_path,
+                        message.body,
+                        headers=headers,
+                        timeout=d.delivery_timeout,
+                    )
                 )
         except (ConnectionError, TimeoutError, OSError) as exc:
             error = f"no answer from the agent: {exc or type(exc).__name__}"
