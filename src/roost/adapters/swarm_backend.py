@@ -314,6 +314,7 @@ class SwarmBackend:
             except errors.ContainerNotFound:
                 return
             if not any(_state(t) in _LIVE_STATES for t in tasks):
+                self._operated.set()  # observers: poll now, the exit is there to see
                 return
             await asyncio.sleep(TASK_POLL_INTERVAL * 5)
         log.warning(
