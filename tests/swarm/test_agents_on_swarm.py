@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import signal
 import sys
@@ -437,3 +438,23 @@ async def test_agent_moves_to_a_healthy_node_uncounted_when_its_node_goes_down(
             ("mover", lost.node_id, reason)
         ]
         print(f"node loss → answering again on another node: {elapsed:.1f} s")
+
+
+async def test_doctor_finds_the_manager_when_the_swarm_backend_is_configured(
+    roost_swarm: RoostSwarm,
+) -> None:
+    config = roost_swarm.toml(listen_port=free_port(), agents={"a": MIMIC})
+    roost = Path(sys.executable).parent / "roost"
+    process = await asyncio.create_subprocess_exec(
+        str(roost),
+        "--config",
+        str(config),
+        "doctor",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    checks = {c["name"]: c for c in json.loads(stdout)["checks"]}
+    assert checks["swarm"]["status"] == "ok", (checks, stderr)
+    assert checks["images"]["status"] == "skip"

@@ -255,8 +255,7 @@ class SwarmBackend:
     async def wake(self, unit_id: str, *, paused: bool = False, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         self._endpoints.pop(unit_id, None)
-        service = await self._service(unit_id)
-        tasks = await self._tasks([unit_id])
+        service, tasks = await self._service_with_tasks(unit_id)
         force = _force_update(service)
         current = _current(tasks, force)
         wanted = _replicas(service)
@@ -264,7 +263,9 @@ class SwarmBackend:
             if current is not None and _state(current) in _LIVE_STATES:
                 # Still stopping after a sleep: scaling up now would race it.
                 await self._until_ended(unit_id, str(current["ID"]), deadline)
-            force = await self._scale(unit_id, 1, bump=True)
+            # (A task's end does not change the service's version; an update that
+            # another one overtook is retried on a fresh read.)
+            force = await self._scale(unit_id, 1, bump=True, service=service)
         # else: it wants a replica and has (or is getting) a task: wait for that one.
         self._operated.set()
         bumped_at = time.monotonic()
@@ -335,8 +336,7 @@ class SwarmBackend:
         self._operated.set()
 
     async def status(self, unit_id: str) -> ContainerState:
-        service = await self._service(unit_id)
-        tasks = await self._tasks([unit_id])
+        service, tasks = await self._service_with_tasks(unit_id)
         return await self._state_of(service, tasks)
 
     async def endpoint(self, unit_id: str) -> Endpoint | None:
@@ -398,8 +398,7 @@ class SwarmBackend:
                     yield chunk
 
     async def list(self, labels: Mapping[str, str]) -> builtins.list[ContainerInfo]:
-        services = await self._services(labels)
-        tasks = await self._tasks([str(s["ID"]) for s in services]) if services else []
+        services, tasks = await self._services_and_tasks(labels)
         by_service = _by_service(tasks)
         found = []
         for service in services:
@@ -478,9 +477,7 @@ class SwarmBackend:
             self._watchers.discard(watcher)
 
     async def _poll(self, labels: Mapping[str, str]) -> _Poll:
-        services = await self._services(labels)
-        ids = [str(s["ID"]) for s in services]
-        tasks = await self._tasks(ids) if ids else []
+        services, tasks = await self._services_and_tasks(labels)
         nodes = await self._get("nodes", "list the swarm's nodes")
         node_states = {}
         for node in nodes:
@@ -544,12 +541,36 @@ class SwarmBackend:
         )
         return service
 
+    async def _service_with_tasks(
+        self, unit_id: str
+    ) -> tuple[dict[str, Any], builtins.list[dict[str, Any]]]:
+        """The service and its tasks, read at once (two requests in flight)."""
+        service, tasks = await asyncio.gather(self._service(unit_id), self._tasks([unit_id]))
+        return service, tasks
+
     async def _services(self, labels: Mapping[str, str]) -> builtins.list[dict[str, Any]]:
         filters = json.dumps({"label": [f"{k}={v}" for k, v in sorted(labels.items())]})
         found: builtins.list[dict[str, Any]] = await self._get(
             "services", "list services", params={"filters": filters}
         )
         return found
+
+    async def _services_and_tasks(
+        self, labels: Mapping[str, str]
+    ) -> tuple[builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
+        """The services carrying ``labels`` and their tasks. A service removed
+        between the two calls makes the manager refuse the task filter (404): then
+        both are read again."""
+        for _ in range(_UPDATE_ATTEMPTS - 1):
+            services = await self._services(labels)
+            if not services:
+                return [], []
+            try:
+                return services, await self._tasks([str(s["ID"]) for s in services])
+            except errors.ContainerNotFound:
+                continue
+        services = await self._services(labels)
+        return services, (await self._tasks([str(s["ID"]) for s in services]) if services else [])
 
     async def _tasks(self, service_ids: Sequence[str]) -> builtins.list[dict[str, Any]]:
         filters = json.dumps({"service": list(service_ids)})
@@ -559,12 +580,20 @@ class SwarmBackend:
         return found
 
     async def _scale(
-        self, unit_id: str, replicas: int, *, bump: bool = False, grace: float | None = None
+        self,
+        unit_id: str,
+        replicas: int,
+        *,
+        bump: bool = False,
+        grace: float | None = None,
+        service: dict[str, Any] | None = None,
     ) -> int:
         """Set the service's replicas (and bump ForceUpdate); its ForceUpdate after.
-        An update refused because another came first is retried on a fresh read."""
+        ``service``: as just read (else it is read here). An update refused because
+        another came first is retried on a fresh read."""
         for attempt in range(_UPDATE_ATTEMPTS):
-            service = await self._service(unit_id)
+            if service is None or attempt > 0:
+                service = await self._service(unit_id)
             spec = service["Spec"]
             spec.setdefault("Mode", {}).setdefault("Replicated", {})["Replicas"] = replicas
             template = spec.setdefault("TaskTemplate", {})

@@ -56,7 +56,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from roost import aio, errors
@@ -348,9 +348,9 @@ class _Lane:
         for post in self._posts:
             post.cancel(f"the agent left its container ({reason})")
 
-    async def _posting(self, post: Awaitable[Any]) -> Any:
+    async def _posting(self, post: Coroutine[Any, Any, Any]) -> Any:
         """Await a push, which ``agent_left`` may abandon: then ConnectionError."""
-        task = asyncio.ensure_future(post)
+        task = asyncio.create_task(post, name=f"roost.push[{self.name}]")
         self._posts.add(task)
         try:
             return await asyncio.shield(task)
