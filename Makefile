@@ -20,7 +20,7 @@ browser-test:
 # daemons as root. swarm-test: a three-node Docker Swarm (scripts/swarm-fixture);
 # faults: a private dockerd the tests stop and restart (scripts/private-dockerd).
 swarm-test:
-	SKIP_LINT=1 scripts/test -m swarm tests/swarm $(ARGS)
+	SKIP_LINT=1 scripts/test -m swarm tests/swarm tests/contract/test_backend_contract.py $(ARGS)
 
 faults:
 	SKIP_LINT=1 scripts/test -m faults tests/faults $(ARGS)

@@ -78,7 +78,7 @@ async def main(quick: bool) -> None:
                     )
 
                 agent = f"a{i}"
-                await engine.register_agent(common.agent_spec(settings, agent))
+                await engine.agents.register(common.agent_spec(settings, agent))
                 t0 = time.time()
                 record = await engine.supervisor.ensure_running(agent, timeout=60)
                 ready = time.time()
@@ -88,7 +88,7 @@ async def main(quick: bool) -> None:
                 start = runtime.first("start", after=t0, arg=record.container_id)
                 assert create is not None
                 assert start is not None
-                await engine.delete_agent(agent)
+                await engine.agents.delete(agent)
                 if i:
                     roost_runs.append(
                         _phases(t0, create.called, create.returned, start.returned, ready)

@@ -133,7 +133,7 @@ async def main(quick: bool) -> None:
             Engine(settings, runtime=runtime) as engine,
         ):
             sup = engine.supervisor
-            await engine.register_agent(common.agent_spec(settings, AGENT))
+            await engine.agents.register(common.agent_spec(settings, AGENT))
             record = await sup.ensure_running(AGENT, timeout=60)
             for i in range(rounds + 1):  # round 0 is the warm-up
                 cid, url = record.container_id, record.url

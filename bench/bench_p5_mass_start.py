@@ -78,7 +78,7 @@ async def roost_run(count: int, slots: int) -> Run:
                 engine.supervisor.start_slots = asyncio.Semaphore(slots)
                 names = [f"a{i}" for i in range(count)]
                 for name in names:
-                    await engine.register_agent(common.agent_spec(settings, name))
+                    await engine.agents.register(common.agent_spec(settings, name))
                 t0 = time.time()
 
                 async def one(name: str) -> float:

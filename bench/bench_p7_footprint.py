@@ -1,7 +1,7 @@
 """P7: Roost's resident memory and idle CPU with many registered and running agents.
 
 The engine runs in a child process (this file with ``--child``) so its memory is
-its own: it registers ``TOTAL`` agents (``engine.register_agent``), starts
+its own: it registers ``TOTAL`` agents (``engine.agents.register``), starts
 ``RUNNING`` of them, reports, then idles until SIGTERM. Idle means no API
 traffic; the liveness probe of every running agent (``liveness_interval`` 10 s,
 the default) still runs, so it is part of the idle CPU. ``idle_timeout`` and
@@ -74,7 +74,7 @@ async def child(state_dir: Path, instance: str, total: int, running: int) -> Non
         await report("ENGINE_UP")
         names = [f"a{i}" for i in range(total)]
         for name in names:
-            await engine.register_agent(common.agent_spec(settings, name))
+            await engine.agents.register(common.agent_spec(settings, name))
         await report("REGISTERED")
         t0 = time.monotonic()
         await asyncio.gather(

@@ -18,6 +18,7 @@ from roost.core.records import AgentRecord, StateChange
 from roost.core.states import AgentState
 from roost.engine import Engine
 from roost.ports.agent_http import AgentResponse, Headers, ProbeResult
+from roost.ports.backend import AgentBackend
 from roost.reactor.supervising import AgentActor, Supervisor
 from roost.testing.fake_agent_client import FakeAgentClient
 from roost.testing.fake_clock import FakeClock
@@ -226,8 +227,10 @@ async def open_rig(
     clock: FakeClock | None = None,
     instance: str = "unit",
     stop_on_exit: bool = True,
+    backend: Callable[[FakeRuntime], AgentBackend] | None = None,
 ) -> AsyncIterator[Rig]:
-    """Start an Engine on fakes (state under ``tmp_path``); stop it on exit."""
+    """Start an Engine on fakes (state under ``tmp_path``); stop it on exit.
+    ``backend``: the agent backend to run on the fake runtime (default: the engine's)."""
     clock = clock or FakeClock()
     runtime = runtime or FakeRuntime(images=[IMAGE], clock=clock.now)
     client = SwitchableAgentClient(runtime)
@@ -240,7 +243,13 @@ async def open_rig(
         docker=docker or {},
     )
     engine = Engine(
-        settings, runtime=runtime, agent_client=client, notifier=notifier, clock=clock, lock=True
+        settings,
+        runtime=runtime,
+        agent_client=client,
+        notifier=notifier,
+        clock=clock,
+        lock=True,
+        backend=None if backend is None else backend(runtime),
     )
     await engine.start()
     try:

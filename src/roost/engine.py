@@ -8,7 +8,9 @@ Start-up order (each step must succeed before the next):
    instance id there (``reactor.owning``: a second live Roost with the same
    instance on the engine is refused, naming it), and make sure the agents'
    network exists (``roost-agents`` by default: created if missing,
-   inter-container traffic off; its gateway is where the agent listener binds);
+   inter-container traffic off; its gateway is where the agent listener binds;
+   with ``[docker] backend = "swarm"`` the swarm manager must answer instead, and
+   the agent listener binds where ``server.agent_listen`` says);
    then run the front ends' openers (``add_opener``: ``roost.serving`` binds the
    agent listener there), before any agent is touched;
 4. load agents: configured ones are inserted or their spec refreshed, ones
@@ -42,6 +44,7 @@ from typing import Any
 from roost import errors
 from roost.adapters import docker_runtime
 from roost.adapters.docker_runtime import DockerRuntime
+from roost.adapters.engine_backend import EngineBackend
 from roost.adapters.http_agent_client import HttpAgentClient
 from roost.adapters.sqlite_database import Database
 from roost.adapters.sqlite_inbox import SqliteInbox
@@ -55,6 +58,7 @@ from roost.config import ResolvedAgent, Settings, SpawnedAgent, load_settings
 from roost.core import labels
 from roost.core.records import AgentRecord, StateChange
 from roost.ports.agent_http import AgentClient
+from roost.ports.backend import AgentBackend
 from roost.ports.clock import Clock
 from roost.ports.inbox import Inbox
 from roost.ports.jobs import Job, JobStore
@@ -111,6 +115,7 @@ class Engine:
         job_store: JobStore | None = None,
         inbox: Inbox | None = None,
         tokens: TokenStore | None = None,
+        backend: AgentBackend | None = None,
         lock: bool = True,
     ) -> None:
         self.settings = settings
@@ -123,6 +128,9 @@ class Engine:
         self.runtime: ContainerRuntime = runtime or DockerRuntime(
             settings.docker.host or None, connection_limit=settings.docker.connection_limit
         )
+        #: what runs the agents (``[docker] backend``): the engine's containers (over
+        #: ``runtime``), or a swarm's services; jobs always use ``runtime``.
+        self.backend: AgentBackend = backend or _backend_for(settings, self.runtime)
         #: the state file's one owner; None while no repository on it is built here
         #: (tests may inject every repository: store=, job_store=, inbox=).
         self.database: Database | None = None
@@ -148,12 +156,18 @@ class Engine:
         )
         #: the network agents join (None: Docker's default bridge) and its gateway,
         #: known once started (the agent listener binds there by default).
-        self.agents_network = settings.agents_network
+        self.agents_network = (
+            settings.agents_network
+            if self.backend.kind == "engine"
+            # Swarm services join no bridge of the manager's: docker.network, if set,
+            # names an attachable overlay network they join.
+            else settings.docker.network or None
+        )
         self.agents_gateway: str | None = None
         self.supervisor = Supervisor(
             store=self.store,
             health=self.health,
-            runtime=self.runtime,
+            backend=self.backend,
             # The supervisor's notices (agent.failed) reach the event stream and the
             # webhook alike, with the same payload.
             notifier=_Announcer(self),
@@ -177,6 +191,7 @@ class Engine:
             announce=self.announce,
             instance=self.instance,
             credentials=self.credentials,
+            backend=self.backend,
         )
         if job_store is None:
             job_store = SqliteJobStore(self._database(), secret_env=settings.jobs.secret_env)
@@ -248,7 +263,10 @@ class Engine:
             self.docker_api_version = await self.runtime.ping()
             await owning.claim_instance(self.runtime, self.instance, self.settings.state_path())
             self._claimed = True
-            await self._prepare_agents_network()
+            if self.backend.kind == "engine":
+                await self._prepare_agents_network()
+            else:
+                await self.backend.ping()  # the swarm manager answers (jobs use the engine)
             for opener in self._openers:
                 await opener()
             await self._load_agents()
@@ -337,7 +355,13 @@ class Engine:
         if self._claimed:
             await owning.release_instance(self.runtime, self.instance)
             self._claimed = False
-        closers = (self.agent_client.close, self.runtime.close, self.inbox.close, self.store.close)
+        closers = (
+            self.agent_client.close,
+            self.backend.close,
+            self.runtime.close,
+            self.inbox.close,
+            self.store.close,
+        )
         # (The token store needs no closing: its writes are awaited by their callers.)
         database = () if self.database is None else (self.database.close,)
         for closer in (*closers, *database):
@@ -469,6 +493,20 @@ class Engine:
                 except errors.RoostError as exc:
                     log.error("agent %s: cannot prepare its network/volume: %s", name, exc)
             self.supervisor.add_actor(leftover.record, spec, agent_id=agent_id)
+
+
+def _backend_for(settings: Settings, runtime: ContainerRuntime) -> AgentBackend:
+    """The agent backend ``[docker] backend`` names, built on first need."""
+    if settings.docker.backend == "swarm":
+        # Imported here: an engine-backed Roost never loads the Swarm adapter.
+        from roost.adapters.swarm_backend import SwarmBackend
+
+        return SwarmBackend(
+            settings.docker.host or None,
+            node_hosts=settings.docker.node_hosts,
+            connection_limit=settings.docker.connection_limit,
+        )
+    return EngineBackend(runtime)
 
 
 def _spec_json(spec: ResolvedAgent) -> dict[str, Any]:

@@ -13,6 +13,14 @@ its own event loop). ``swarm_scope`` gives a test a unique name prefix and the
 label set to put on everything it creates; its teardown removes every service
 and network carrying that label and waits until their tasks are gone.
 
+``roost_swarm`` is what a test needs to run Roost on the swarm: a fresh
+``roost.instance`` and settings with ``[docker] backend = "swarm"`` on the
+manager (``node_hosts`` naming every node's socket, so exit details and OOM
+flags are read there) and the agent listener on the host's address on the
+hub, where every node reaches it. Its teardown removes every service carrying
+that instance. ``isolated(swarm, node)`` cuts a worker off the swarm (node
+loss, ``scripts/swarm-fixture isolate``) and rejoins it on exit.
+
 Invariants:
 - Tests pin by swarm node id or the ``roost-fixture.node`` label, never by
   hostname: every node shares the host's hostname.
@@ -25,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -32,13 +41,15 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiodocker
 import pytest
 from aiodocker.exceptions import DockerError
 
-from tests.conftest import ROOT, wait_until
+from roost.config import Settings
+from tests.conftest import ROOT, make_settings, wait_until
 
 SWARM_FIXTURE = ROOT / "scripts" / "swarm-fixture"
 SCOPE_LABEL = "roost-test.scope"
@@ -68,6 +79,8 @@ class Swarm:
 
     manager_socket: str
     nodes: tuple[SwarmNode, ...]
+    #: the host's address on the hub: where every node reaches the host.
+    host_address: str = "198.19.0.1"
 
     @property
     def manager_url(self) -> str:
@@ -110,7 +123,11 @@ def parse_swarm(document: dict[str, Any]) -> Swarm:
         )
         for node in document["nodes"]
     )
-    return Swarm(manager_socket=document["manager_socket"], nodes=nodes)
+    return Swarm(
+        manager_socket=document["manager_socket"],
+        nodes=nodes,
+        host_address=document.get("host_address", "198.19.0.1"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -187,3 +204,95 @@ async def remove_network(manager: aiodocker.Docker, network_id: str, name: str) 
                     f"were removed: {exc.message}"
                 ) from exc
         await asyncio.sleep(0.2)
+
+
+# -- Roost on the swarm ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoostSwarm:
+    """A Roost instance's place on the fixture swarm (see the module docstring)."""
+
+    swarm: Swarm
+    instance: str
+    tmp_path: Path
+
+    @property
+    def node_hosts(self) -> dict[str, str]:
+        return {node.node_id: node.docker_url for node in self.swarm.nodes}
+
+    def settings(
+        self,
+        *,
+        agents: dict[str, dict[str, Any]],
+        defaults: dict[str, Any] | None = None,
+        **sections: dict[str, Any],
+    ) -> Settings:
+        docker = {
+            "backend": "swarm",
+            "host": self.swarm.manager_url,
+            "node_hosts": self.node_hosts,
+            **sections.pop("docker", {}),
+        }
+        server = {"agent_listen": f"{self.swarm.host_address}:0", **sections.pop("server", {})}
+        return make_settings(
+            self.tmp_path,
+            self.instance,
+            agents=agents,
+            defaults={"liveness_interval": 10, **(defaults or {})},
+            docker=docker,
+            server=server,
+            **sections,
+        )
+
+    def toml(self, *, listen_port: int, agents: dict[str, dict[str, Any]]) -> Path:
+        """The same as a roost.toml, for ``roost up`` in a process of its own."""
+        lines = [
+            "[server]",
+            f'listen = "127.0.0.1:{listen_port}"',
+            f'state_dir = "{self.tmp_path / "state"}"',
+            f'agent_listen = "{self.swarm.host_address}:0"',
+            'log_level = "info"',
+            "[docker]",
+            f'instance = "{self.instance}"',
+            'backend = "swarm"',
+            f'host = "{self.swarm.manager_url}"',
+            "node_hosts = { "
+            + ", ".join(f'"{node}" = "{url}"' for node, url in self.node_hosts.items())
+            + " }",
+            "[defaults]",
+            'memory = "128m"',
+            "startup_timeout = 60",
+            "stop_timeout = 2",
+            "idle_timeout = 0",
+        ]
+        for name, table in agents.items():
+            lines.append(f"[agents.{name}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+        config = self.tmp_path / "roost.toml"
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return config
+
+
+@pytest.fixture
+async def roost_swarm(
+    swarm: Swarm, manager: aiodocker.Docker, tmp_path: Path
+) -> AsyncIterator[RoostSwarm]:
+    """A fresh Roost instance on the swarm; its services are removed afterwards."""
+    placed = RoostSwarm(swarm, f"ts-{secrets.token_hex(4)}", tmp_path)
+    yield placed
+    services = await manager.services.list(filters={"label": [f"roost.instance={placed.instance}"]})
+    for service in services:
+        with contextlib.suppress(DockerError):
+            await manager.services.delete(service["ID"])
+
+
+@contextlib.asynccontextmanager
+async def isolated(swarm: Swarm, node: SwarmNode) -> AsyncIterator[None]:
+    """Cut ``node`` off the others (the manager marks it down ~11-13 s later); link
+    it again on exit and wait until it is ready."""
+    await asyncio.to_thread(run_swarm_fixture, "isolate", node.name)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(run_swarm_fixture, "rejoin", node.name)

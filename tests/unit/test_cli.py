@@ -304,6 +304,26 @@ def test_doctor_fails_naming_the_fix_when_agent_image_absent(tmp_path: Path) -> 
 
 
 @pytest.mark.docker
+def test_doctor_fails_naming_the_fix_when_the_swarm_backend_has_no_manager(
+    tmp_path: Path,
+) -> None:
+    # The shared engine is no swarm manager: backend = "swarm" cannot work there.
+    config = write_config(
+        tmp_path,
+        f'[server]\nlisten = "127.0.0.1:{free_port()}"\nstate_dir = "state"\n'
+        '[docker]\nbackend = "swarm"\n[agents.a]\nimage = "anywhere:1"\n',
+    )
+    result = invoke(["--config", str(config), "doctor", "--json"])
+    assert result.exit_code == 1, result.output
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["docker"]["status"] == "ok"
+    assert checks["swarm"]["status"] == "fail"
+    assert "is not a swarm manager" in checks["swarm"]["detail"]
+    assert "docker.host" in checks["swarm"]["fix"]
+    assert checks["images"]["status"] == "skip"
+
+
+@pytest.mark.docker
 def test_doctor_passes_when_nothing_is_missing(tmp_path: Path) -> None:
     config = write_config(
         tmp_path, f'[server]\nlisten = "127.0.0.1:{free_port()}"\nstate_dir = "state"\n'

@@ -690,6 +690,7 @@ CONTAINER_CHANGES: dict[str, Any] = {
     "cpus": 1.0,
     "pids_limit": 200,
     "no_new_privileges": False,
+    "placement": ["node.labels.gpu==true"],
 }
 
 POLICY_CHANGES: dict[str, Any] = {
@@ -724,7 +725,9 @@ POLICY_CHANGES: dict[str, Any] = {
 
 
 def spec_with(**changes: Any) -> ResolvedAgent:
-    return parse_settings({"agents": {"a": {**BASE_AGENT, **changes}}}).agent("a")
+    # (on the swarm backend: the only one where placement is allowed; same hash rules)
+    document = {"docker": {"backend": "swarm"}, "agents": {"a": {**BASE_AGENT, **changes}}}
+    return parse_settings(document).agent("a")
 
 
 def test_change_lists_cover_every_field_when_compared_to_the_schema() -> None:
@@ -756,11 +759,64 @@ def test_spec_is_the_policy_the_core_obeys_when_resolved() -> None:
 
     spec = spec_with(**POLICY_CHANGES)
     policy: Policy = spec  # structurally: the spec is its own policy, nothing is copied
-    names = [name for name in dir(Policy) if not name.startswith("_")]
+    # can_pause is the backend's, not a setting: settings answer True.
+    names = [name for name in dir(Policy) if not name.startswith("_") and name != "can_pause"]
     assert names
+    assert policy.can_pause is True
     for name in names:
         assert getattr(policy, name) == POLICY_CHANGES[name], name
         assert getattr(policy, name) != getattr(LifecycleSettings(), name), name
+
+
+def test_config_hash_leaves_placement_out_when_an_agent_has_none() -> None:
+    # Agents from before placement existed keep their hash (no container recreated).
+    assert "placement" not in spec_with().container_fields()
+    assert spec_with(placement=["node.role!=manager"]).container_fields()["placement"] == [
+        "node.role!=manager"
+    ]
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    ["node.labels.gpu==true", "node.role != manager", "node.id==abc123", "engine.labels.a.b==x"],
+)
+def test_placement_is_accepted_when_swarm_runs_the_agents(tmp_path: Path, constraint: str) -> None:
+    path = write(
+        tmp_path,
+        f'[docker]\nbackend = "swarm"\n[agents.a]\nimage = "x"\nplacement = ["{constraint}"]\n',
+    )
+    settings = load_settings(path, environ={})
+    assert settings.agent("a").placement == (constraint,)
+    assert settings.docker.backend == "swarm"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[agents.a]\nimage = "x"\nplacement = ["node.labels.gpu==true"]\n',
+            "agents.a.placement: only the swarm backend places agents",
+        ),
+        (
+            '[defaults]\nplacement = ["node.role==worker"]\n',
+            "defaults.placement: only the swarm backend places agents",
+        ),
+        (
+            '[docker]\nbackend = "swarm"\n[agents.a]\nimage = "x"\nplacement = ["gpu==true"]\n',
+            "agents.a.placement: invalid placement constraint 'gpu==true'",
+        ),
+        ('[docker]\nbackend = "kubernetes"\n', "docker.backend: must be one of 'engine', 'swarm'"),
+        (
+            '[docker]\nnode_hosts = { n1 = "10.0.0.1" }\n',
+            "docker.node_hosts: node 'n1': must be a Docker address",
+        ),
+    ],
+)
+def test_backend_settings_are_refused_naming_the_key_when_invalid(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    error = load_error(tmp_path, text)
+    assert f"roost.toml: {message}" in str(error)
 
 
 def test_settings_validate_directly_when_built_in_code() -> None:

@@ -265,3 +265,28 @@ async def test_an_outcome_the_disk_refuses_is_stored_later_and_nothing_overtakes
     assert (await fake.status(first)).status is M.DELIVERED
     assert [mid for mid, _ in fake.agent.deliveries] == [first.id, second.id]
     await fake.until(lambda: not fake.engine.health.holds("store"), "store recovered")
+
+
+async def test_push_in_flight_is_sent_again_when_the_agent_leaves_its_container(
+    tmp_path: Path,
+) -> None:
+    # A node that went down answers nothing (not even a reset): the push waiting on
+    # it is abandoned when the agent starts elsewhere, and sent to the new container.
+    runtime, agent, clock = _parts()
+    async with _engine(tmp_path, runtime, agent, clock, max_restarts=3) as engine:
+        agent.hold = asyncio.Event()  # the first container never answers
+        message, _ = await engine.dispatcher.submit("echo", {"hello": 1})
+        await advance_until(clock, lambda: agent.in_flight == 1, what="first push in flight")
+        first = engine.agents.get("echo").container_id
+        agent.hold = None  # the next container answers
+
+        await engine.agents.act("echo", "restart")
+
+        async def delivered() -> bool:
+            stored = await engine.inbox.get("echo", message.id)
+            return stored is not None and stored.status is M.DELIVERED
+
+        await advance_until(clock, delivered, what="delivered to the new container")
+        assert engine.agents.get("echo").container_id != first
+        assert [mid for mid, _ in agent.deliveries] == [message.id, message.id]
+        assert agent.in_flight == 0

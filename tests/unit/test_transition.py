@@ -17,6 +17,8 @@ import pytest
 from roost.config import LifecycleSettings as Policy
 from roost.core import commands as cmd
 from roost.core import events as ev
+from roost.core.policy import Policy as CorePolicy
+from roost.core.policy import without_pause
 from roost.core.records import AgentRecord, ExitInfo
 from roost.core.states import AgentState
 from roost.core.transition import HEALTHCHECK_FAILED, Decision, next_deadline, transition
@@ -42,6 +44,9 @@ POLICY = Policy(
     liveness_failures=3,
 )
 PAUSING = POLICY.model_copy(update=dict(idle_action="pause"))
+#: The same policies on a backend without pause (Docker Swarm).
+NO_PAUSE = without_pause(POLICY)
+PAUSING_NO_PAUSE = without_pause(PAUSING)
 NO_BACKOFF = POLICY.model_copy(update=dict(restart_backoff=0.0))
 #: The library this replaces: one restart after an unexpected exit, then failed.
 LIBRARY = POLICY.model_copy(update=dict(max_restarts=1, restart_backoff=0.0))
@@ -109,7 +114,7 @@ class Row:
     commands: tuple[cmd.Command, ...] = ()
     #: expected fields of the record after the decision.
     fields: Mapping[str, object] = dataclasses.field(default_factory=dict)
-    policy: Policy = POLICY
+    policy: CorePolicy = POLICY
     rejected: bool = False
     #: the record must come back exactly as it went in.
     unchanged: bool = False
@@ -1479,7 +1484,157 @@ def test_engine_outage_follows_table_when_in_each_state(r: Row) -> None:
     check(r)
 
 
+# -- node loss and backends without pause -------------------------------------------------
+
+MOVED = "node 198.19.0.12 went down; starting again on another node"
+
+NODE_ROWS = [
+    row(
+        "running-moves-uncounted",
+        running(restart_count=2),
+        ev.NodeLost(CUR, "198.19.0.12"),
+        ((S.STARTING, MOVED),),
+        (
+            cmd.StartContainer(replace=CUR),
+            cmd.Notify("agent.moved", {"agent": "echo", "node": "198.19.0.12", "reason": MOVED}),
+        ),
+        fields={
+            "restart_count": 2,
+            "container_id": None,
+            "url": None,
+            "running_since": None,
+            "last_error": "node 198.19.0.12 went down",
+        },
+    ),
+    row(
+        "running-at-the-limit-still-moves",
+        running(restart_count=3),
+        ev.NodeLost(CUR, "198.19.0.12"),
+        ((S.STARTING, MOVED),),
+        (
+            cmd.StartContainer(replace=CUR),
+            cmd.Notify("agent.moved", {"agent": "echo", "node": "198.19.0.12", "reason": MOVED}),
+        ),
+        fields={"restart_count": 3},
+    ),
+    row(
+        "idle-moves",
+        idle(),
+        ev.NodeLost(CUR, "198.19.0.12"),
+        ((S.STARTING, MOVED),),
+        (
+            cmd.StartContainer(replace=CUR),
+            cmd.Notify("agent.moved", {"agent": "echo", "node": "198.19.0.12", "reason": MOVED}),
+        ),
+    ),
+    row(
+        "starting-cancels-and-moves",
+        starting(container_id=CUR, restart_count=1),
+        ev.NodeLost(CUR, "198.19.0.12"),
+        (),  # starting already: the start begins again, elsewhere
+        (
+            cmd.CancelStart(),
+            cmd.StartContainer(replace=CUR),
+            cmd.Notify("agent.moved", {"agent": "echo", "node": "198.19.0.12", "reason": MOVED}),
+        ),
+        fields={"restart_count": 1, "container_id": None},
+    ),
+    row(
+        "nameless-node-is-its-node",
+        running(),
+        ev.NodeLost(CUR),
+        ((S.STARTING, "its node went down; starting again on another node"),),
+        (
+            cmd.StartContainer(replace=CUR),
+            cmd.Notify(
+                "agent.moved",
+                {
+                    "agent": "echo",
+                    "node": "",
+                    "reason": "its node went down; starting again on another node",
+                },
+            ),
+        ),
+    ),
+    row(
+        "paused-is-stopped",
+        paused(),
+        ev.NodeLost(CUR, "n2"),
+        ((S.STOPPED, "node n2 went down while paused"),),
+        (cmd.RemoveContainer(CUR),),
+        fields={"container_id": None},
+    ),
+    row(
+        "stopping-by-request-stays-stopped",
+        running(expected_exit=True),
+        ev.NodeLost(CUR, "n2"),
+        unchanged=True,
+    ),
+    row("stopped-unchanged", stopped(), ev.NodeLost(CUR, "n2"), unchanged=True),
+    row("another-container-is-stale", running(), ev.NodeLost(OLD, "n2"), unchanged=True),
+    row("restarting-unchanged", restarting(container_id=None), ev.NodeLost(CUR), unchanged=True),
+    row("failed-unchanged", failed(container_id=CUR), ev.NodeLost(CUR), unchanged=True),
+]
+
+
+@pytest.mark.parametrize("r", NODE_ROWS)
+def test_node_lost_follows_table_when_in_each_state(r: Row) -> None:
+    check(r)
+
+
+NO_PAUSE_ROWS = [
+    row(
+        "pause-request-refused",
+        running(),
+        ev.PauseRequested(),
+        rejected=True,
+        policy=NO_PAUSE,
+        unchanged=True,
+    ),
+    row(
+        "idle-action-pause-stops-instead",
+        idle(last_activity_at=NOW - 1800.0),
+        ev.Tick(),
+        ((S.STOPPED, "idle timeout"),),
+        (cmd.StopContainer(CUR, 10.0),),
+        fields={"expected_exit": True, "url": None},
+        policy=PAUSING_NO_PAUSE,
+    ),
+    row(
+        "pause-after-step-skipped",
+        idle(last_activity_at=NOW - 400.0),
+        ev.Tick(),
+        unchanged=True,
+        policy=without_pause(POLICY.model_copy(update=dict(pause_after=300.0))),
+    ),
+    row(
+        "pause-after-idle-timeout-stops",
+        idle(last_activity_at=NOW - 1800.0),
+        ev.Tick(),
+        ((S.STOPPED, "idle timeout"),),
+        (cmd.StopContainer(CUR, 10.0),),
+        policy=without_pause(PAUSING.model_copy(update=dict(pause_after=300.0))),
+    ),
+    row(
+        "observed-paused-record-is-stopped",
+        paused(),
+        ev.ContainerObserved(CUR, "running"),
+        ((S.STOPPED, "paused, but the backend has no pause"),),
+        (cmd.StopContainer(CUR, 10.0),),
+        fields={"expected_exit": True},
+        policy=NO_PAUSE,
+    ),
+]
+
+
+@pytest.mark.parametrize("r", NO_PAUSE_ROWS)
+def test_backend_without_pause_stops_instead_when_the_idle_ladder_would_pause(r: Row) -> None:
+    check(r)
+
+
 ALL_ROWS = [
+    *NODE_ROWS,
+    *NO_PAUSE_ROWS,
     *ENGINE_ROWS,
     *EXIT_DETAILS_ROWS,
     *START_ROWS,
@@ -1534,6 +1689,21 @@ DEADLINE_ROWS = [
     pytest.param(paused(last_activity_at=NOW), POLICY, 1800.0, id="paused-then-stopped"),
     pytest.param(paused(last_activity_at=NOW), PAUSING, None, id="paused-stays-paused"),
     pytest.param(
+        idle(last_activity_at=NOW),
+        without_pause(POLICY.model_copy(update=dict(pause_after=300.0))),
+        1800.0,
+        id="no-pause-skips-pause-after",
+    ),
+    pytest.param(
+        running(last_activity_at=NOW),
+        without_pause(POLICY.model_copy(update=dict(idle_mark_after=100.0, pause_after=40.0))),
+        100.0,
+        id="no-pause-mark-not-capped-by-pause-after",
+    ),
+    pytest.param(
+        paused(last_activity_at=NOW), PAUSING_NO_PAUSE, 1800.0, id="no-pause-paused-is-stopped"
+    ),
+    pytest.param(
         running(last_activity_at=None, state_since=NOW),
         POLICY,
         30.0,
@@ -1556,7 +1726,7 @@ DEADLINE_ROWS = [
 
 @pytest.mark.parametrize(("before", "policy", "offset"), DEADLINE_ROWS)
 def test_next_deadline_follows_table_when_in_each_state(
-    before: AgentRecord, policy: Policy, offset: float | None
+    before: AgentRecord, policy: CorePolicy, offset: float | None
 ) -> None:
     deadline = next_deadline(before, policy)
     if offset is None:

@@ -17,7 +17,10 @@ relies on:
 - ``Decision.changes`` chain from the input state to the output state;
 - events about a container that does not back the agent change nothing;
 - ``next_deadline`` never precedes the time its timer counts from, and a
-  ``Tick`` changes the state exactly when that deadline has come.
+  ``Tick`` changes the state exactly when that deadline has come;
+- on a backend without pause (``without_pause``) no command ever pauses;
+- a node lost under the agent (``NodeLost``) is no crash: it never uses up a
+  restart, never fails the agent, and only it sends ``agent.moved``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from roost.config import LifecycleSettings as Policy
 from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core.backoff import restart_delay
+from roost.core.policy import Policy as CorePolicy
+from roost.core.policy import without_pause
 from roost.core.records import AgentRecord, ExitInfo
 from roost.core.states import AgentState
 from roost.core.transition import Decision, next_deadline, transition
@@ -97,6 +102,7 @@ _CONTAINER_EVENTS = (
     ev.LivenessProbed,
     ev.HealthcheckReported,
     ev.StartFailed,
+    ev.NodeLost,
 )
 
 
@@ -120,7 +126,7 @@ def _exit_of(event: ev.Event, before: AgentRecord) -> str | None:
 class LifecycleMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.policy = Policy()
+        self.policy: CorePolicy = Policy()
         self.now = START
         self.record = AgentRecord(name="echo", state_since=START)
         self.ids = itertools.count(1)
@@ -133,9 +139,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         #: (restart_count, delay) of the last backoff in the current crash loop.
         self.last_backoff: tuple[int, float] | None = None
 
-    @initialize(policy=policies)
-    def choose_policy(self, policy: Policy) -> None:
-        self.policy = policy
+    @initialize(policy=policies, can_pause=st.booleans())
+    def choose_policy(self, policy: Policy, can_pause: bool) -> None:
+        self.policy = policy if can_pause else without_pause(policy)
 
     # -- rules ---------------------------------------------------------------------
 
@@ -238,6 +244,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         budget = min(restarts, self.policy.max_restarts)  # the count it had before the exit
         self.step(ev.ExitBlamedOnEngine(self.pick(which), budget))
 
+    @rule(which=targets, node=st.sampled_from(["", "198.19.0.12"]))
+    def node_lost(self, which: str, node: str) -> None:
+        self.step(ev.NodeLost(self.pick(which), node))
+
     @rule()
     def resumed(self) -> None:
         self.step(ev.Resumed())
@@ -308,8 +318,28 @@ class LifecycleMachine(RuleBasedStateMachine):
                 case cmd.StartContainer(replace=str() as cid):
                     self.exit_owed.add(cid)
 
+        # No pause where the backend has none.
+        if not self.policy.can_pause:
+            assert not any(isinstance(c, cmd.PauseContainer) for c in decision.commands)
+            assert S.PAUSED not in entered
+
+        # A lost node is not the agent's crash: nothing counted, nothing failed.
+        moved = [c for c in decision.commands if isinstance(c, cmd.Notify)]
+        moved = [c for c in moved if c.kind == "agent.moved"]
+        if isinstance(event, ev.NodeLost):
+            assert after.restart_count == before.restart_count
+            assert S.CRASHED not in entered
+            assert S.FAILED not in entered
+            if moved:
+                [notice] = moved
+                assert notice.payload["agent"] == before.name
+                assert any(isinstance(c, cmd.StartContainer) for c in decision.commands)
+        else:
+            assert moved == []
+
         # failed: only with the restart budget spent (or nothing to retry), one notice.
         notices = [c for c in decision.commands if isinstance(c, cmd.Notify)]
+        notices = [c for c in notices if c.kind != "agent.moved"]
         if S.FAILED in entered:
             terminal = isinstance(event, ev.StartFailed) and event.terminal
             assert terminal or after.restart_count == self.policy.max_restarts

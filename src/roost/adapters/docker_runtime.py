@@ -79,7 +79,14 @@ from roost.core.backoff import Backoff
 from roost.core.records import ExitInfo, SessionHealth
 from roost.ports.runtime import ContainerInfo, ContainerSpec, ContainerState, RuntimeEvent
 
-__all__ = ["API_ERROR_HOOKS", "DockerRuntime", "check_reachable", "docker_address"]
+__all__ = [
+    "API_ERROR_HOOKS",
+    "DockerRuntime",
+    "check_reachable",
+    "connect",
+    "docker_address",
+    "translated",
+]
 
 log = logging.getLogger(__name__)
 
@@ -148,20 +155,7 @@ class DockerRuntime:
 
     def _client(self) -> aiodocker.Docker:
         if self._docker is None:
-            timeout = aiohttp.ClientTimeout(sock_connect=_SOCKET_CONNECT_TIMEOUT)
-            if self._host.startswith("unix://"):
-                self._connector = aiohttp.UnixConnector(
-                    path=self._host.removeprefix("unix://"), limit=self._connection_limit
-                )
-                url = "unix://localhost"  # aiodocker's placeholder host for sockets
-            elif self._host.startswith(("tcp://", "http://")):
-                self._connector = aiohttp.TCPConnector(limit=self._connection_limit)
-                url = "http://" + self._host.split("://", 1)[1]
-            else:
-                # ssh://, npipe://, https:// with TLS: aiodocker's own connector.
-                self._connector = None
-                url = self._host
-            self._docker = aiodocker.Docker(url=url, connector=self._connector, timeout=timeout)
+            self._docker, self._connector = connect(self._host, self._connection_limit)
         return self._docker
 
     def _fresh_client(self) -> aiodocker.Docker:
@@ -655,6 +649,27 @@ def _report_reader_end(
         queue.put_nowait(failure)
 
 
+def connect(
+    host: str, connection_limit: int
+) -> tuple[aiodocker.Docker, aiohttp.BaseConnector | None]:
+    """An aiodocker client for the Docker address ``host`` with a pool of
+    ``connection_limit`` connections, and its connector (the caller closes both).
+    Shared with the other Docker adapters (``swarm_backend``)."""
+    timeout = aiohttp.ClientTimeout(sock_connect=_SOCKET_CONNECT_TIMEOUT)
+    connector: aiohttp.BaseConnector | None
+    if host.startswith("unix://"):
+        connector = aiohttp.UnixConnector(path=host.removeprefix("unix://"), limit=connection_limit)
+        url = "unix://localhost"  # aiodocker's placeholder host for sockets
+    elif host.startswith(("tcp://", "http://")):
+        connector = aiohttp.TCPConnector(limit=connection_limit)
+        url = "http://" + host.split("://", 1)[1]
+    else:
+        # ssh://, npipe://, https:// with TLS: aiodocker's own connector.
+        connector = None
+        url = host
+    return aiodocker.Docker(url=url, connector=connector, timeout=timeout), connector
+
+
 # -- translation helpers ---------------------------------------------------------
 
 
@@ -670,6 +685,10 @@ def _translated(action: str, target: object) -> Iterator[None]:
         elif isinstance(translated, errors.ContainerError):  # (a 404 answers "not there")
             _report_api_error(str(translated.status or "client_error"))
         raise translated from exc
+
+
+#: The translation, for the other Docker adapters (``swarm_backend``): one mapping.
+translated = _translated
 
 
 def _report_api_error(status: str) -> None:

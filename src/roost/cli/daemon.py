@@ -100,6 +100,12 @@ async def _docker_checks(settings: Settings | None) -> list[Check]:
         if settings is None:
             checks.append(Check("images", "skip", "not checked: the configuration is invalid"))
             return checks
+        if settings.docker.backend == "swarm":
+            checks.append(await _swarm_check(settings))
+            checks.append(
+                Check("images", "skip", "not checked: each swarm node pulls what its tasks need")
+            )
+            return checks
         agents = settings.resolved_agents()
         if not agents:
             checks.append(Check("images", "ok", "no agents configured"))
@@ -123,6 +129,24 @@ async def _docker_checks(settings: Settings | None) -> list[Check]:
     finally:
         await runtime.close()
     return checks
+
+
+async def _swarm_check(settings: Settings) -> Check:
+    from roost.adapters.swarm_backend import SwarmBackend
+
+    backend = SwarmBackend(settings.docker.host or None)
+    try:
+        await backend.ping()  # (also checks that the engine is a swarm manager)
+    except errors.RoostError as exc:
+        return Check(
+            "swarm",
+            "fail",
+            str(exc),
+            "point docker.host at a swarm manager, or set docker.backend = 'engine'",
+        )
+    finally:
+        await backend.close()
+    return Check("swarm", "ok", "docker.host is a swarm manager (docker.backend = 'swarm')")
 
 
 def _check_daemon(url: str | None) -> Check:

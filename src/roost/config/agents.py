@@ -52,6 +52,7 @@ from roost.config.fields import (
     IpAddressOrEmpty,
     MemorySize,
     OptionalUrlPath,
+    Placement,
     Port,
     PositiveSeconds,
     Seconds,
@@ -148,6 +149,11 @@ class ContainerSettings(BaseModel):
     private_cgroupns: Flag = Field(
         default=True, description="A cgroup namespace of its own (false: the host's)."
     )
+    placement: Placement = Field(
+        default=(),
+        description="docker.backend = 'swarm' only: placement constraints of the agent's "
+        "service, e.g. ['node.labels.gpu==true', 'node.role!=manager']; []: any node.",
+    )
 
 
 class LifecycleSettings(BaseModel):
@@ -191,6 +197,13 @@ class LifecycleSettings(BaseModel):
         description="delivery = 'websocket': a started container must connect to its "
         "WebSocket within this, or the start failed (backoff, max_restarts, alert).",
     )
+
+    @property
+    def can_pause(self) -> bool:
+        """Not a setting: whether the backend can pause (``roost.core.policy.Policy``).
+        A file cannot change what a backend offers, so settings answer True; the
+        supervisor gives the core ``without_pause(spec)`` where the backend cannot."""
+        return True
 
 
 class DeliverySettings(BaseModel):
@@ -307,6 +320,10 @@ class ResolvedAgent(AgentSettings):
         """The values that shape the container: exactly ``CONTAINER_KEYS``."""
         fields = self.model_dump(mode="json", include=set(CONTAINER_KEYS))
         fields["env"] = dict(sorted(self.env.items()))
+        if not fields["placement"]:
+            # Added later: an agent without placement keeps the hash it had before,
+            # so its container is not recreated for a key it does not use.
+            del fields["placement"]
         return fields
 
     def shown(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ __all__ = [
     "AgentListen",
     "AgentName",
     "AtLeastOne",
+    "Backend",
     "Command",
     "Count",
     "Cpus",
@@ -52,7 +53,9 @@ __all__ = [
     "Listen",
     "LogLevel",
     "MemorySize",
+    "NodeHosts",
     "OptionalUrlPath",
+    "Placement",
     "Port",
     "PositiveSeconds",
     "PositiveSize",
@@ -81,6 +84,12 @@ _ENV_NAME = re.compile(r"^[^=\x00]+$")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _DOCKER_OBJECT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _CAPABILITY = re.compile(r"^[^,\s]+$")
+#: A Swarm placement constraint: an attribute Swarm knows, ``==`` or ``!=``, a value.
+_CONSTRAINT = re.compile(
+    r"^(node\.(id|hostname|role|platform\.os|platform\.arch)"
+    r"|(node|engine)\.labels\.[A-Za-z0-9_.\-]+)\s*(==|!=)\s*\S+$"
+)
+_BACKENDS = ("engine", "swarm")
 
 Check = Callable[[object], Any]
 
@@ -218,6 +227,46 @@ def _event_patterns(value: object) -> tuple[str, ...] | None:
     for pattern in patterns:
         routing.check_pattern(pattern)
     return patterns
+
+
+def _placement(value: object) -> tuple[str, ...]:
+    constraints = _strings(value)
+    for constraint in constraints:
+        if not _CONSTRAINT.match(constraint.strip()):
+            raise ValueError(
+                f"invalid placement constraint {constraint!r}: use e.g. "
+                "'node.labels.gpu==true', 'node.role!=manager' or 'node.id==ID' "
+                "(node.id, node.hostname, node.role, node.platform.os|arch, "
+                "node.labels.NAME, engine.labels.NAME; == or !=)"
+            )
+    return tuple(c.strip() for c in constraints)
+
+
+def _backend(value: object) -> str:
+    if value not in _BACKENDS:
+        raise ValueError(f"must be one of {', '.join(map(repr, _BACKENDS))}; got {value!r}")
+    return str(value)
+
+
+def _node_hosts(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            'must be a table of NODE = "docker address", e.g. '
+            '{ "10.0.0.2" = "tcp://10.0.0.2:2376" }'
+        )
+    hosts: dict[str, str] = {}
+    for node, address in value.items():
+        if not isinstance(node, str) or not node:
+            raise ValueError(f"invalid node {node!r}: a node id or address")
+        if not isinstance(address, str) or not re.match(
+            r"^(unix|tcp|http|https|ssh)://\S+$", address
+        ):
+            raise ValueError(
+                f"node {node!r}: must be a Docker address such as 'tcp://10.0.0.2:2376' "
+                f"or 'unix:///path/docker.sock', got {address!r}"
+            )
+        hosts[node] = address
+    return hosts
 
 
 def _text(value: object) -> str:
@@ -421,3 +470,8 @@ IpAddressOrEmpty = Annotated[str, BeforeValidator(_ip_address_or_empty)]
 DockerName = Annotated[str, BeforeValidator(_docker_object_name)]
 AbsolutePath = Annotated[str, BeforeValidator(_absolute_path)]
 AgentName = Annotated[str, BeforeValidator(validate_agent_name)]
+#: Swarm placement constraints (``docker.backend = "swarm"`` only).
+Placement = Annotated[tuple[str, ...], BeforeValidator(_placement)]
+Backend = Annotated[Literal["engine", "swarm"], BeforeValidator(_backend)]
+#: The Docker API address of each Swarm node, keyed by node id or address.
+NodeHosts = Annotated[dict[str, str], BeforeValidator(_node_hosts)]

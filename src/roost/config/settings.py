@@ -53,6 +53,7 @@ from roost.config.fields import (
     AgentListen,
     AgentName,
     AtLeastOne,
+    Backend,
     Count,
     DockerName,
     EnvNames,
@@ -61,6 +62,7 @@ from roost.config.fields import (
     IpAddress,
     Listen,
     LogLevel,
+    NodeHosts,
     PositiveSeconds,
     PositiveSize,
     RequiredImage,
@@ -265,6 +267,18 @@ class DockerConfig(BaseModel):
     connection_limit: AtLeastOne = Field(
         default=32, description="Most simultaneous connections to the Docker API."
     )
+    backend: Backend = Field(
+        default="engine",
+        description="What runs the agents: 'engine' (containers on the one Docker Engine at "
+        "host) or 'swarm' (one service per agent on the Docker Swarm whose manager is at "
+        "host; jobs stay containers on that engine).",
+    )
+    node_hosts: NodeHosts = Field(
+        default_factory=dict,
+        description="backend = 'swarm': the Docker API of each node, keyed by node id or "
+        "address (Status.Addr), where Roost reads an exit's OOM flag and error; a node "
+        "not listed reports them as unknown.",
+    )
     # The original proposal's names (camelCase in the file); Settings merges them
     # into [defaults].
     agent_idle_timeout: OptSeconds = Field(
@@ -424,6 +438,15 @@ class Settings(BaseModel):
         self._resolved = {
             name: resolve_agent(name, self.defaults, table) for name, table in self.agents.items()
         }
+        if self.docker.backend != "swarm":
+            placed = [f"agents.{name}" for name, t in self.agents.items() if t.placement]
+            if self.defaults.placement:
+                placed.insert(0, "defaults")
+            if placed:
+                raise ValueError(
+                    f"{placed[0]}.placement: only the swarm backend places agents "
+                    "(set docker.backend = 'swarm', or remove placement)"
+                )
         return self
 
     @property

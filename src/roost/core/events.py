@@ -24,6 +24,7 @@ __all__ = [
     "ExitDetails",
     "HealthcheckReported",
     "LivenessProbed",
+    "NodeLost",
     "PauseRequested",
     "ResetRequested",
     "RestartRequested",
@@ -151,6 +152,16 @@ class ExitBlamedOnEngine:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class NodeLost:
+    """The node the container runs on went down (a Swarm node marked ``down``): the
+    container is out of reach, through no fault of the agent. ``node`` names the
+    node (its address or id) for the reason shown."""
+
+    container_id: str
+    node: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Resumed:
     """Reconcile: Roost restarted while this agent was starting and had no container yet."""
 
@@ -200,6 +211,7 @@ Event = (
     | ContainerObserved
     | EngineRecovered
     | ExitBlamedOnEngine
+    | NodeLost
     | Resumed
     | LivenessProbed
     | HealthcheckReported

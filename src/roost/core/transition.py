@@ -17,6 +17,12 @@ Invariants (property-tested in tests/unit/test_transition_properties.py):
   blamed on the engine going down right after it) restarts without using up
   ``max_restarts``.
 - No restart is ever scheduled for an agent that was stopped or paused by request.
+- Where the backend cannot pause (``policy.can_pause`` False) no command ever
+  pauses: the idle ladder stops instead (``idle_action = "pause"`` and
+  ``pause_after`` read as a stop at ``idle_timeout``) and a pause request is refused.
+- A node lost under the agent's container (Swarm: its node went down) is not the
+  agent's crash: the agent starts again at once, elsewhere, without using up
+  ``max_restarts``, and an ``agent.moved`` notice says why.
 - Events about a container that no longer backs the agent change nothing.
 - Every state change is listed in ``Decision.changes`` with its reason.
 """
@@ -140,6 +146,8 @@ def _stop(b: _Builder, p: Policy, reason: str, *, keep_failed: bool) -> None:
 def _on_pause(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     assert isinstance(e, ev.PauseRequested)
     r = b.record
+    if not p.can_pause:
+        return f"agent {r.name!r} cannot be paused: its backend has no pause (stop it instead)"
     if r.state is S.PAUSED:
         return None
     if r.state not in ACTIVE_STATES or r.container_id is None:
@@ -370,8 +378,13 @@ def _on_observed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
             b.go(S.STARTING, "adopted paused container; resuming", url=None)
             b.do(cmd.StartContainer())
     elif r.state is S.PAUSED:
-        if status != "paused":
+        if status != "paused" and p.can_pause:
             b.do(cmd.PauseContainer(e.container_id))
+        elif status != "paused":
+            # Paused on a backend that had pause; this one has none: stop it.
+            b.set(expected_exit=True)
+            b.do(cmd.StopContainer(e.container_id, p.stop_timeout))
+            b.go(S.STOPPED, "paused, but the backend has no pause", url=None, running_since=None)
     elif r.state in (S.STOPPED, S.CRASHED, S.RESTARTING, S.FAILED, S.CREATED):
         b.set(expected_exit=True)
         b.do(cmd.StopContainer(e.container_id, p.stop_timeout))
@@ -431,6 +444,40 @@ def _restart_after_outage(b: _Builder, container_id: str | None, reason: str) ->
         liveness_failures=0,
     )
     b.do(cmd.StartContainer(replace=container_id))
+
+
+def _on_node_lost(b: _Builder, e: ev.Event, p: Policy) -> str | None:
+    """The node under the agent's container went down: not the agent's crash. A live
+    agent starts again at once (the backend places it on a healthy node), with its
+    restart count untouched; its messages wait for it as for any start."""
+    assert isinstance(e, ev.NodeLost)
+    r = b.record
+    if r.container_id != e.container_id:
+        return None  # stale: a container that no longer backs this agent
+    where = f"node {e.node}" if e.node else "its node"
+    if r.state in _LIVE and not r.expected_exit:
+        if r.state is S.STARTING:
+            b.do(cmd.CancelStart())
+        reason = f"{where} went down; starting again on another node"
+        b.go(
+            S.STARTING,
+            reason,
+            container_id=None,
+            url=None,
+            restart_at=None,
+            running_since=None,
+            expected_exit=False,
+            liveness_failures=0,
+            last_error=f"{where} went down",
+        )
+        b.do(
+            cmd.StartContainer(replace=e.container_id),
+            cmd.Notify("agent.moved", {"agent": r.name, "node": e.node, "reason": reason}),
+        )
+    elif r.state is S.PAUSED:
+        b.do(cmd.RemoveContainer(e.container_id))
+        b.go(S.STOPPED, f"{where} went down while paused", container_id=None, url=None)
+    return None
 
 
 def _on_resumed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
@@ -511,7 +558,7 @@ def _on_tick(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     # a Tick at its deadline that changes nothing would spin the timer loop.
     base = r.last_activity_at if r.last_activity_at is not None else r.state_since
     if b.now >= base + p.idle_timeout:
-        if p.idle_action == "stop":
+        if _idle_action(p) == "stop":
             b.set(expected_exit=True)
             b.do(cmd.StopContainer(r.container_id, p.stop_timeout))
             b.go(S.STOPPED, "idle timeout", url=None, running_since=None)
@@ -521,7 +568,7 @@ def _on_tick(b: _Builder, e: ev.Event, p: Policy) -> str | None:
         return None
     if r.state is S.PAUSED:
         return None
-    if p.pause_after > 0 and b.now >= base + p.pause_after:
+    if _pause_after(p) > 0 and b.now >= base + _pause_after(p):
         b.do(cmd.PauseContainer(r.container_id))
         b.go(S.PAUSED, "idle: pause_after", url=None)
         return None
@@ -531,8 +578,18 @@ def _on_tick(b: _Builder, e: ev.Event, p: Policy) -> str | None:
 
 
 def _idle_mark(p: Policy) -> float:
-    first_step = p.pause_after if p.pause_after > 0 else p.idle_timeout
+    first_step = _pause_after(p) if _pause_after(p) > 0 else p.idle_timeout
     return min(p.idle_mark_after, first_step)
+
+
+def _idle_action(p: Policy) -> str:
+    """What ``idle_timeout`` does: ``idle_action``, or a stop where pause does not exist."""
+    return p.idle_action if p.can_pause else "stop"
+
+
+def _pause_after(p: Policy) -> float:
+    """The pause step's delay; 0 (no pause step) where pause does not exist."""
+    return p.pause_after if p.can_pause else 0.0
 
 
 def next_deadline(record: AgentRecord, policy: Policy) -> float | None:
@@ -547,12 +604,12 @@ def next_deadline(record: AgentRecord, policy: Policy) -> float | None:
     base = r.last_activity_at if r.last_activity_at is not None else r.state_since
     steps: list[float] = []
     if r.state is S.PAUSED:
-        if policy.idle_action == "stop":
+        if _idle_action(policy) == "stop":
             steps.append(policy.idle_timeout)
     else:
         steps.append(policy.idle_timeout)
-        if policy.pause_after > 0:
-            steps.append(policy.pause_after)
+        if _pause_after(policy) > 0:
+            steps.append(_pause_after(policy))
         if r.state is S.RUNNING:
             steps.append(_idle_mark(policy))
     if not steps:
@@ -639,6 +696,7 @@ _HANDLERS = {
     ev.ContainerObserved: _on_observed,
     ev.EngineRecovered: _on_engine_recovered,
     ev.ExitBlamedOnEngine: _on_exit_blamed,
+    ev.NodeLost: _on_node_lost,
     ev.Resumed: _on_resumed,
     ev.LivenessProbed: _on_liveness,
     ev.HealthcheckReported: _on_healthcheck,

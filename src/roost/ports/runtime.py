@@ -128,6 +128,9 @@ class RuntimeEvent:
     health: SessionHealth | None = None
     #: seconds since the epoch (Docker's timeNano / 1e9).
     time: float = 0.0
+    #: for ``node_lost`` (an agent backend whose units span nodes, ``ports.backend``):
+    #: the node that went down, by its address or id.
+    node: str = ""
 
 
 class ContainerRuntime(Protocol):

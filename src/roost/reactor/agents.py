@@ -40,9 +40,11 @@ from roost.aio import TaskSet
 from roost.config import ResolvedAgent, SpawnedAgent
 from roost.core import events as ev
 from roost.core import labels
+from roost.core.policy import Policy
 from roost.core.records import AgentRecord, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
 from roost.core.transition import transition
+from roost.ports.backend import AgentBackend
 from roost.ports.clock import Clock
 from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
@@ -121,12 +123,16 @@ class Agents:
         announce: Announce,
         instance: str,
         credentials: Credentials | None = None,
+        backend: AgentBackend | None = None,
     ) -> None:
         self._supervisor = supervisor
         self._credentials = credentials
         self._deletion_listeners: list[Callable[[str], None]] = []
         self._store = store
+        #: the engine's runtime: spawned agents' networks and volumes live there.
         self._runtime = runtime
+        #: what runs the agents (the supervisor's backend): logs, status, removal.
+        self._backend = backend if backend is not None else supervisor.backend
         self._clock = clock
         self._announce = announce
         self._instance = instance
@@ -134,7 +140,7 @@ class Agents:
         self._announced: set[str] = set()
         self._notices = TaskSet(log)
         #: agent → (record, spec, actions) of the last ``allowed_actions`` answer.
-        self._allowed: dict[str, tuple[AgentRecord, ResolvedAgent, tuple[Action, ...]]] = {}
+        self._allowed: dict[str, tuple[AgentRecord, Policy, tuple[Action, ...]]] = {}
         supervisor.add_listener(self._on_change)
 
     async def close(self) -> None:
@@ -177,7 +183,8 @@ class Agents:
         ``transition`` (pure; nothing is done). ``start`` and ``wake`` are the same
         request, so they are allowed together."""
         actor = self._supervisor.actor(name)
-        record, policy = actor.record, self.spec(name)
+        # (the actor's policy: the spec as the backend allows it, e.g. no pause on a swarm)
+        record, policy = actor.record, actor.policy
         cached = self._allowed.get(name)
         # Records and specs are frozen: the same two objects give the same answer
         # (the time only stamps what a request would change, never whether it may).
@@ -226,7 +233,7 @@ class Agents:
                 "its last crash's output is in logs --previous"
             )
         try:
-            chunks = self._runtime.logs(
+            chunks = self._backend.logs(
                 record.container_id, tail=tail, since=since, timestamps=timestamps
             )
             return "".join([chunk async for chunk in chunks])
@@ -271,7 +278,7 @@ class Agents:
             if not first:
                 yield f"--- container {cid[:12]} started ---\n"
             try:
-                async for chunk in self._runtime.logs(
+                async for chunk in self._backend.logs(
                     cid,
                     follow=True,
                     tail=tail if first else None,
@@ -353,7 +360,7 @@ class Agents:
         cid = actor.record.container_id
         if cid is not None:
             try:
-                state = await self._runtime.inspect(cid)
+                state = await self._backend.status(cid)
             except errors.ContainerNotFound:
                 await actor.submit(ev.ContainerVanished(cid))
             else:
@@ -488,11 +495,11 @@ class Agents:
                 listener(name)
             except Exception:
                 log.exception("agent %s: a deletion listener failed", name)
-        found = await self._runtime.list({**labels.ownership(self._instance), labels.AGENT: name})
+        found = await self._backend.list({**labels.ownership(self._instance), labels.AGENT: name})
         ids = {c.id for c in found} | ({recorded} if recorded is not None else set())
         for container_id in sorted(ids):
-            await self._runtime.stop(container_id, grace=grace)
-            await self._runtime.remove(container_id, force=True)
+            await self._backend.sleep(container_id, mode="stop", grace=grace)
+            await self._backend.remove(container_id)
 
     # -- waking notices --------------------------------------------------------------
 

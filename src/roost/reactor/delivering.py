@@ -44,6 +44,10 @@ Invariants:
   one overtakes it (a Roost stopped meanwhile delivers it again). Failed and
   successful writes are reported to ``Health`` (``store``).
 - Time comes from the injected clock: retries run on ``FakeClock`` in tests.
+- A push in flight when the agent leaves ``running``/``idle`` for a new start (a
+  restart, a crash, its swarm node lost) is abandoned and sent again to the new
+  container: a node that went down answers nothing, not even a reset, so the
+  attempt would otherwise wait out ``delivery_timeout``.
 - Every status change is published as ``message.status`` on the event hub, with
   ``message_id``, ``agent``, ``status`` and ``attempts`` (not ``id``: an event's
   JSON already uses ``id`` for the event's own id, which SSE resumes from).
@@ -57,7 +61,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from roost import aio, errors
@@ -80,6 +84,9 @@ __all__ = ["DEFAULT_RETRY", "EVENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "Dispatche
 log = logging.getLogger("roost.delivery")
 
 S = AgentState
+#: Awake states, and the states an awake agent enters when its container goes away.
+_AWAKE = frozenset({S.RUNNING, S.IDLE})
+_LEFT = frozenset({S.STARTING, S.CRASHED})
 M = MessageStatus
 
 MESSAGE_ID_HEADER = "Roost-Message-Id"
@@ -248,6 +255,10 @@ class Dispatcher:
         if not record.awake and name in self.agents and self.agents.spec(name).delivery == "pull":
             self.pulls.withdraw(name)  # asleep: the lane wakes it and offers again
         for change in changes:
+            if change.from_state in _AWAKE and change.to_state in _LEFT:
+                lane = self._lanes.get(name)
+                if lane is not None:
+                    lane.agent_left(change.reason)
             if change.to_state is S.FAILED:
                 lane = self._lanes.get(name)
                 if lane is not None:
@@ -332,6 +343,8 @@ class _Lane:
         self._interrupt = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
+        #: pushes on the wire (abandoned when the agent leaves its container).
+        self._posts: set[asyncio.Task[Any]] = set()
         self._in_flight: set[str] = set()
         #: held while an attempt waits for the agent (asyncio.Lock is FIFO).
         self._starting = asyncio.Lock()
@@ -351,6 +364,29 @@ class _Lane:
         self._generation += 1
         self._interrupt.set()
         self.wake(rewind=True)
+
+    def agent_left(self, reason: str) -> None:
+        """The agent's container is being replaced: pushes still waiting for its
+        answer will not get one (see the module docstring); they end now."""
+        for post in self._posts:
+            post.cancel(f"the agent left its container ({reason})")
+
+    async def _posting(self, post: Coroutine[Any, Any, Any]) -> Any:
+        """Await a push, which ``agent_left`` may abandon: then ConnectionError."""
+        task = asyncio.create_task(post, name=f"roost.push[{self.name}]")
+        self._posts.add(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                raise ConnectionError(
+                    "the agent left its container while the message was in flight"
+                ) from None
+            task.cancel()
+            raise
+        finally:
+            self._posts.discard(task)
 
     def cancel(self) -> None:
         for task in (self._task, *self._deliveries):
@@ -566,12 +602,14 @@ class _Lane:
         headers = _headers(message)
         try:
             async with d.agents.busy(self.name):
-                response = await d.agent_client.request(
-                    "POST",
-                    url + spec.message_path,
-                    body=json.dumps(message.body).encode(),
-                    headers=headers,
-                    timeout=d.delivery_timeout,
+                response = await self._posting(
+                    d.agent_client.request(
+                        "POST",
+                        url + spec.message_path,
+                        body=json.dumps(message.body).encode(),
+                        headers=headers,
+                        timeout=d.delivery_timeout,
+                    )
                 )
         except (ConnectionError, TimeoutError, OSError) as exc:
             error = f"no answer from the agent: {exc or type(exc).__name__}"

@@ -5,6 +5,12 @@ at a time: ``transition`` → persist (compare-and-set) → carry out commands.
 Intent is written before anything is done, so a Roost killed at any line
 restarts from a record that says what it was doing; the reconciler finishes it.
 
+Every agent runs on the agent backend (``ports.backend``: a container on one
+Docker Engine, a service on a Docker Swarm); the supervisor asks it, never the
+container runtime, and chooses from its capabilities (the idle ladder stops
+instead of pausing where the backend has no pause; an agent whose node went down
+starts again elsewhere, uncounted).
+
 Long Docker work never blocks the actor loop:
 - the start procedure (ensure image → create → start → HTTP readiness) runs as
   the actor's *start task*; it reports back with events and is cancelled
@@ -50,14 +56,16 @@ from roost.core import commands as cmd
 from roost.core import events as ev
 from roost.core import labels
 from roost.core.backoff import Backoff
+from roost.core.policy import Policy, without_pause
 from roost.core.reconciling import Observed, plan_reconcile
 from roost.core.records import AgentRecord, ExitInfo, SessionHealth, StateChange
 from roost.core.states import ACTIVE_STATES, AgentState
 from roost.core.transition import Decision, next_deadline, transition
 from roost.ports.agent_http import AgentClient, ProbeResult
+from roost.ports.backend import AgentBackend
 from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
-from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
+from roost.ports.runtime import ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
 from roost.reactor.channels import Channels
 from roost.reactor.credentials import TOKEN_ENV, Credentials
@@ -146,6 +154,8 @@ class AgentActor:
         self.start_failures = 0
         #: why the agent cannot move on right now (its state cannot be written), or None.
         self.degraded: str | None = None
+        #: (spec, its policy on a backend without pause), made once per spec.
+        self._policy_of: tuple[ResolvedAgent, Policy] | None = None
         self.closed = False
 
     # -- lifecycle of the actor itself --------------------------------------------
@@ -158,9 +168,15 @@ class AgentActor:
         return self.record.name
 
     @property
-    def policy(self) -> ResolvedAgent:
-        """The lifecycle numbers ``transition`` obeys: the spec itself."""
-        return self.spec
+    def policy(self) -> Policy:
+        """The lifecycle numbers ``transition`` obeys: the spec itself, seen through
+        what the backend can do (``without_pause`` where it cannot pause)."""
+        spec = self.spec
+        if self.sup.backend.capabilities.can_pause:
+            return spec
+        if self._policy_of is None or self._policy_of[0] is not spec:
+            self._policy_of = (spec, without_pause(spec))
+        return self._policy_of[1]
 
     async def close(self) -> None:
         """Stop the actor's tasks. Docker operations in flight are awaited."""
@@ -236,7 +252,7 @@ class AgentActor:
             if envelope.attempt is not None and envelope.attempt != self._attempt:
                 # A superseded start created a container after all: nobody owns it.
                 if isinstance(envelope.event, ev.ContainerCreated):
-                    self._op(self.sup.runtime.remove(envelope.event.container_id), "remove")
+                    self._op(self.sup.backend.remove(envelope.event.container_id), "remove")
                 if envelope.reply is not None and not envelope.reply.done():
                     envelope.reply.set_result(Decision(self.record, rejected="superseded"))
                 continue
@@ -330,10 +346,10 @@ class AgentActor:
         r = self.record
         if not always and (r.container_id != event.container_id or r.expected_exit):
             return event
-        rt = self.sup.runtime
+        be = self.sup.backend
         state_res, tail_res = await asyncio.gather(
-            rt.inspect(event.container_id),
-            rt.logs_tail(event.container_id, lines=LOG_TAIL_LINES),
+            be.status(event.container_id),
+            be.logs_tail(event.container_id, lines=LOG_TAIL_LINES),
             return_exceptions=True,
         )
         if isinstance(state_res, errors.DockerUnavailable):
@@ -357,7 +373,7 @@ class AgentActor:
     # -- commands -------------------------------------------------------------------
 
     def _execute(self, command: cmd.Command) -> None:
-        rt = self.sup.runtime
+        be = self.sup.backend
         match command:
             case cmd.StartContainer(replace=replace):
                 if self._start_task is not None:
@@ -378,7 +394,7 @@ class AgentActor:
             case cmd.StopContainer(container_id=cid, timeout=grace, remove=remove):
                 self._op(self._stop(cid, grace, remove), "stop", container_id=cid, holds_port=True)
             case cmd.RemoveContainer(container_id=cid, diagnose=diagnose):
-                work = self._diagnose_and_remove(cid) if diagnose else rt.remove(cid, force=True)
+                work = self._diagnose_and_remove(cid) if diagnose else be.remove(cid)
                 # A container removed for a crash has exited: its ports are free already.
                 self._op(work, "remove", container_id=cid, holds_port=not diagnose)
             case cmd.Notify(kind=kind, payload=payload):
@@ -420,24 +436,21 @@ class AgentActor:
         """Read a crashed container's exit details and log tail, report them, remove it."""
         event = await self._enrich_exit(ev.ContainerExited(cid, ExitInfo()), always=True)
         self.post(ev.ExitDetails(cid, event.exit))
-        await self.sup.runtime.remove(cid, force=True)
+        await self.sup.backend.remove(cid)
 
     async def _pause(self, cid: str) -> None:
         try:
-            await self.sup.runtime.pause(cid)
+            await self.sup.backend.sleep(cid, mode="pause")
         except errors.ContainerNotFound:
             self.post(ev.ContainerVanished(cid))
 
     async def _stop(self, cid: str, grace: float, remove: bool) -> None:
-        rt = self.sup.runtime
-        with contextlib.suppress(errors.ContainerNotFound):
-            state = await rt.inspect(cid)
-            if state.paused:
-                # A frozen process cannot handle SIGTERM: thaw it first.
-                await rt.unpause(cid)
-        await rt.stop(cid, grace=grace)
+        be = self.sup.backend
+        # (The backend thaws a paused container first: a frozen process cannot
+        # handle SIGTERM.)
+        await be.sleep(cid, mode="stop", grace=grace)
         if remove:
-            await rt.remove(cid, force=True)
+            await be.remove(cid)
 
     async def _quiesce(self, container_id: str | None) -> None:
         """Wait for Docker operations in flight on ``container_id`` (the container a
@@ -506,13 +519,13 @@ class AgentActor:
     async def _start_procedure(
         self, replace: str | None, attempt: int, *, paused_before: bool = False
     ) -> None:
-        rt = self.sup.runtime
+        be = self.sup.backend
         cid: str | None = None
         try:
             if replace is not None:
                 # The old container is detached already: its removal runs beside us.
                 self._op(
-                    rt.remove(replace, force=True),
+                    be.remove(replace),
                     "remove",
                     container_id=replace,
                     holds_port=True,
@@ -525,7 +538,7 @@ class AgentActor:
                 # Waking what we paused ourselves: unpause (~15 ms) and probe the URL
                 # it had, without the two inspects of the careful path below.
                 try:
-                    await rt.unpause(cid)
+                    await be.wake(cid, paused=True)
                 except errors.RoostError:
                     pass  # not paused after all (or gone): take the careful path
                 else:
@@ -535,22 +548,22 @@ class AgentActor:
             existing = None
             if cid is not None:
                 try:
-                    existing = await rt.inspect(cid)
+                    existing = await be.status(cid)
                 except errors.ContainerNotFound:
                     existing = None
                 if existing is not None and existing.labels.get(labels.CONFIG_HASH) != want_hash:
                     log.info("agent %s: spec changed; recreating its container", self.name)
-                    await rt.remove(cid, force=True)
+                    await be.remove(cid)
                     existing = None
                 if existing is not None and not self._wired(existing.env):
                     log.info(
                         "agent %s: its container's ROOST_URL or token is stale; recreating it",
                         self.name,
                     )
-                    await rt.remove(cid, force=True)
+                    await be.remove(cid)
                     existing = None
                 if existing is not None and existing.status in ("dead", "removing"):
-                    await rt.remove(cid, force=True)
+                    await be.remove(cid)
                     existing = None
             if existing is None:
                 if self.spec.host_port and self._port_holders:
@@ -558,22 +571,22 @@ class AgentActor:
                     # for stops: wait for such stops and removals in flight (the old
                     # container of a restart, a liveness or HEALTHCHECK kill).
                     await asyncio.gather(*self._port_holders, return_exceptions=True)
-                await rt.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
+                await be.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
                 credentials = self.sup.credentials
                 # A new container, a new token (durable before the container holds it);
                 # the replaced container's token stops working now.
                 token = await credentials.issue(self.name) if credentials is not None else None
                 async with self.sup.start_slots:
-                    cid = await rt.create(self.container_spec(token))
+                    cid = await be.ensure(self.container_spec(token), placement=self.spec.placement)
                     await self.submit(ev.ContainerCreated(cid, want_hash), attempt=attempt)
                     if self.record.container_id != cid:
                         return  # overtaken; the actor removes the container
-                    await rt.start(cid)
+                    await be.wake(cid, timeout=self.policy.startup_timeout)
             elif existing.paused:
-                await rt.unpause(existing.id)
+                await be.wake(existing.id, paused=True)
             elif not existing.running:
                 async with self.sup.start_slots:
-                    await rt.start(existing.id)
+                    await be.wake(existing.id, timeout=self.policy.startup_timeout)
             assert cid is not None
             url = await self._wait_ready(cid)
         except asyncio.CancelledError:
@@ -621,19 +634,18 @@ class AgentActor:
         HTTP at millisecond granularity until it answers 200. Pull mode: the container
         runs (the agent needs no HTTP server). WebSocket mode: it runs and the agent
         has connected within ``connect_timeout``."""
-        rt = self.sup.runtime
+        be = self.sup.backend
         clock = self.sup.clock
         deadline = clock.monotonic() + self.policy.startup_timeout
         if known_url is not None:
             url = known_url
         else:
-            state = await rt.inspect(cid)
-            if state.host_port is None:
+            endpoint = await be.endpoint(cid)
+            if endpoint is None:
                 raise errors.ContainerError(
                     f"agent {self.name!r}: container {cid[:12]} publishes no port {self.spec.port}"
                 )
-            host = state.host_ip if state.host_ip not in (None, "", "0.0.0.0") else "127.0.0.1"
-            url = f"http://{host}:{state.host_port}"
+            url = endpoint.url
         if self.spec.delivery == "pull":
             return url
         if self.spec.delivery == "websocket":
@@ -650,7 +662,7 @@ class AgentActor:
             polls += 1
             if polls % 100 == 0:
                 # Rarely, check that it is still alive (the die event also tells us).
-                state = await rt.inspect(cid)
+                state = await be.status(cid)
                 if not state.running:
                     raise errors.ContainerError(
                         f"agent {self.name!r}: container exited during startup"
@@ -658,7 +670,7 @@ class AgentActor:
             if clock.monotonic() >= deadline:
                 tail = ""
                 with contextlib.suppress(errors.RoostError):
-                    tail = await rt.logs_tail(cid, lines=LOG_TAIL_LINES)
+                    tail = await be.logs_tail(cid, lines=LOG_TAIL_LINES)
                 raise errors.StartupTimeout(
                     f"agent {self.name!r} did not answer GET {self.spec.health_path} with 200 "
                     f"within {self.policy.startup_timeout:g}s (last: {last or 'no answer'})"
@@ -676,7 +688,7 @@ class AgentActor:
             return
         tail = ""
         with contextlib.suppress(errors.RoostError):
-            tail = await self.sup.runtime.logs_tail(cid, lines=LOG_TAIL_LINES)
+            tail = await self.sup.backend.logs_tail(cid, lines=LOG_TAIL_LINES)
         raise errors.StartupTimeout(
             f"agent {self.name!r} did not connect to GET /api/agents/{self.name}/ws within "
             f"{timeout:g}s (connect_timeout)" + (f"; log tail:\n{tail}" if tail else ""),
@@ -765,7 +777,7 @@ class Supervisor:
         self,
         *,
         store: Store,
-        runtime: ContainerRuntime,
+        backend: AgentBackend,
         notifier: Notifier,
         clock: Clock,
         agent_client: AgentClient,
@@ -783,7 +795,8 @@ class Supervisor:
         #: Docker tops out near 7 starts/s on 2 cores and more concurrency only
         #: queues inside dockerd; a pool of 3-4 keeps throughput and cuts latency.
         self.start_slots = asyncio.Semaphore(max_concurrent_starts)
-        self.runtime = runtime
+        #: what runs the agents (one engine's containers, or a swarm's services).
+        self.backend = backend
         self.notifier = notifier
         self.clock = clock
         self.agent_client = agent_client
@@ -952,7 +965,7 @@ class Supervisor:
     def start_watching(self) -> None:
         # Subscribe now, before the reconcile lists containers: DockerRuntime asks
         # for events since this call, so nothing between the two is lost.
-        events = self.runtime.events(labels.ownership(self.instance))
+        events = self.backend.observe(labels.ownership(self.instance))
         self._watch_task = asyncio.create_task(self._watch(events), name="roost.events")
 
     async def _watch(self, events: AsyncIterator[RuntimeEvent]) -> None:
@@ -994,7 +1007,7 @@ class Supervisor:
     async def engine_unreachable(self) -> bool:
         """Ping the engine now; True (and marked down) when it does not answer."""
         try:
-            await self.runtime.ping()
+            await self.backend.ping()
         except errors.DockerUnavailable as exc:
             self.engine_failed(exc)
             return True
@@ -1007,7 +1020,7 @@ class Supervisor:
         failures = 0
         while not self.closed:
             try:
-                await self.runtime.ping()
+                await self.backend.ping()
                 break
             except errors.RoostError:
                 await self.clock.sleep(ENGINE_PING.delay(failures) or 0.0)
@@ -1062,6 +1075,10 @@ class Supervisor:
         elif kind == "health_status" and event.health in _VERDICTS:
             # The verdict of the image's own HEALTHCHECK (no image has one: no event).
             actor.post(ev.HealthcheckReported(cid, healthy=event.health is SessionHealth.HEALTHY))
+        elif kind == "node_lost":
+            # The node under it went down (a swarm): not the agent's crash.
+            log.warning("agent %s: node %s went down under %s", name, event.node or "?", cid[:12])
+            actor.post(ev.NodeLost(cid, event.node))
 
     def _spawn_reconcile(self) -> None:
         self._tasks.spawn(self.reconcile(), "roost.reconcile (after an event-stream gap)")
@@ -1074,7 +1091,7 @@ class Supervisor:
         async with self._reconcile_lock:
             self.reconciles += 1
             try:
-                containers = await self.runtime.list(labels.ownership(self.instance))
+                containers = await self.backend.list(labels.ownership(self.instance))
             except errors.DockerUnavailable as exc:
                 self.engine_failed(exc)
                 if after_outage:
@@ -1085,7 +1102,7 @@ class Supervisor:
                 exit_info = None
                 if c.status in ("exited", "dead"):
                     try:
-                        exit_info = (await self.runtime.inspect(c.id)).exit
+                        exit_info = (await self.backend.status(c.id)).exit
                     except errors.DockerUnavailable:
                         raise
                     except errors.RoostError as exc:  # gone, or refused: decide without it
@@ -1107,7 +1124,7 @@ class Supervisor:
                     continue
                 log.info("removing orphan container %s", cid[:12])
                 try:
-                    await self.runtime.remove(cid, force=True)
+                    await self.backend.remove(cid)
                 except errors.ContainerNotFound:
                     pass  # gone already: what we wanted
                 except errors.DockerUnavailable as exc:
@@ -1163,14 +1180,14 @@ class Supervisor:
         if remove and not leave_running:
             ids = {a.record.container_id for a in self.actors.values() if a.record.container_id}
             try:
-                found = await self.runtime.list(labels.ownership(self.instance))
+                found = await self.backend.list(labels.ownership(self.instance))
             except errors.RoostError as exc:
                 log.warning("cannot list containers to remove at shutdown: %s", exc)
                 found = []
             # Job containers carry the instance label too: the job runner owns those.
             ids |= {c.id for c in found if labels.AGENT in c.labels}
             await asyncio.gather(
-                *(self.runtime.remove(cid, force=True) for cid in sorted(ids)),
+                *(self.backend.remove(cid) for cid in sorted(ids)),
                 return_exceptions=True,
             )
 
