@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -49,8 +48,7 @@ from roost.config.problems import config_error
 from roost.core.records import AgentRecord, ExitInfo, SessionHealth
 from roost.core.states import ACTIVE_STATES, AgentState
 from roost.engine import Engine
-from roost.library.embedded import EmbeddedEngine, agent_name_for
-from roost.library.loop_thread import LoopThread
+from roost.library.embedded import EmbeddedEngine, SyncTwin, agent_name_for
 
 __all__ = ["AsyncContainerManager", "ContainerManager"]
 
@@ -104,17 +102,6 @@ class AsyncContainerManager(EmbeddedEngine):
             state_dir=state_dir,
             instance=instance,
         )
-
-    async def __aenter__(self) -> AsyncContainerManager:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop_all()
 
     # -- the replaced code's verbs ---------------------------------------------------
 
@@ -283,39 +270,18 @@ class AsyncContainerManager(EmbeddedEngine):
         )
 
 
-class ContainerManager:
+class ContainerManager(SyncTwin[AsyncContainerManager]):
     """``AsyncContainerManager`` as plain calls, run on a private event-loop thread
     (started on first use, stopped by ``stop_all``/``close``/leaving ``with``).
     Takes the same options. Usable from scripts, threads and code that already
     runs inside an event loop."""
 
     def __init__(self, **options: Any) -> None:
-        self._core = self._new_core(**options)
-        self._loop = LoopThread(f"roost-{self._core.instance}")
+        super().__init__(self._new_core(**options))
 
     def _new_core(self, **options: Any) -> AsyncContainerManager:
         """The async core; tests override this to run it on a ``FakeRuntime``."""
         return AsyncContainerManager(**options)
-
-    def __enter__(self) -> ContainerManager:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop_all()
-
-    @property
-    def instance(self) -> str:
-        return self._core.instance
-
-    @property
-    def core(self) -> AsyncContainerManager:
-        """The async twin this wraps (its engine runs on the private loop thread)."""
-        return self._core
 
     def start_agent(self, agent_type: str, *, image: str, port: int | None = None) -> str:
         """See ``AsyncContainerManager.start_agent``."""

@@ -3,7 +3,9 @@
 Role: the core the async library classes share (``AsyncContainerManager``,
 ``AsyncDockerAgentRunner``): settings of their own, one engine started lazily in
 the running event loop and shut down again, and the naming rule that turns any
-string a caller uses into an agent name.
+string a caller uses into an agent name. ``SyncTwin`` is what the plain-call
+classes (``ContainerManager``, ``DockerAgentRunner``) share: their core on a
+private loop thread, ``with`` support, ``instance`` and ``core``.
 
 Invariants:
 - Construction checks Docker synchronously, with the engine's own rule for
@@ -32,13 +34,15 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
 
 from roost.adapters.docker_runtime import check_reachable
 from roost.config import Settings, parse_settings, validate_agent_name
 from roost.engine import Engine
+from roost.library.loop_thread import LoopThread
 
-__all__ = ["EmbeddedEngine", "agent_name_for", "derived_name"]
+__all__ = ["EmbeddedEngine", "SyncTwin", "agent_name_for", "derived_name"]
 
 #: Longest readable part of a derived agent name (63-character DNS label, minus "-" and 8 hex).
 _SLUG_LENGTH = 54
@@ -70,6 +74,21 @@ class EmbeddedEngine:
     ``defaults`` are ``[defaults]`` keys (any agent setting); ``sections`` are
     further top-level sections of the configuration (e.g. ``swarm``).
     """
+
+    async def stop_all(self) -> object:
+        """Stop and remove everything this object made (each class says what)."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop_all()
 
     def __init__(
         self,
@@ -156,3 +175,39 @@ class EmbeddedEngine:
             temporary, self._temporary_dir = self._temporary_dir, None
             if temporary is not None:
                 await asyncio.to_thread(shutil.rmtree, temporary, ignore_errors=True)
+
+
+CoreT = TypeVar("CoreT", bound=EmbeddedEngine)
+
+
+class SyncTwin(Generic[CoreT]):
+    """An async core's plain-call face: the core runs on a private event-loop thread
+    (started on first use, stopped by ``stop_all``; leaving ``with`` calls it)."""
+
+    def __init__(self, core: CoreT) -> None:
+        self._core = core
+        self._loop = LoopThread(f"roost-{core.instance}")
+
+    def stop_all(self) -> object:
+        """Stop the core's work and the loop thread (each class says what)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+    @property
+    def instance(self) -> str:
+        return self._core.instance
+
+    @property
+    def core(self) -> CoreT:
+        """The async twin this wraps (its engine runs on the private loop thread)."""
+        return self._core

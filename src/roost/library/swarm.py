@@ -37,7 +37,6 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 from roost import errors
@@ -45,8 +44,7 @@ from roost.config import SpawnedAgent
 from roost.core import labels
 from roost.core.states import ACTIVE_STATES
 from roost.engine import Engine
-from roost.library.embedded import EmbeddedEngine, derived_name
-from roost.library.loop_thread import LoopThread
+from roost.library.embedded import EmbeddedEngine, SyncTwin, derived_name
 from roost.reactor import spawning
 
 __all__ = ["AgentContainer", "AsyncDockerAgentRunner", "DockerAgentRunner"]
@@ -131,17 +129,6 @@ class AsyncDockerAgentRunner(EmbeddedEngine):
             },
             instance_prefix="swarm",
         )
-
-    async def __aenter__(self) -> AsyncDockerAgentRunner:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop_all()
 
     @property
     def coordinator_url(self) -> str:
@@ -352,7 +339,7 @@ class AsyncDockerAgentRunner(EmbeddedEngine):
         return None
 
 
-class DockerAgentRunner:
+class DockerAgentRunner(SyncTwin[AsyncDockerAgentRunner]):
     """``AsyncDockerAgentRunner`` as plain calls, run on a private event-loop thread
     (started on first use, stopped by ``stop_all``/``close``/leaving ``with``).
     Takes the same arguments."""
@@ -364,8 +351,7 @@ class DockerAgentRunner:
         extra_env: Mapping[str, str] | None = None,
         **options: Any,
     ) -> None:
-        self._core = self._new_core(image, coordinator_url, extra_env, **options)
-        self._loop = LoopThread(f"roost-{self._core.instance}")
+        super().__init__(self._new_core(image, coordinator_url, extra_env, **options))
 
     def _new_core(
         self,
@@ -376,26 +362,6 @@ class DockerAgentRunner:
     ) -> AsyncDockerAgentRunner:
         """The async core; tests override this to run it on a ``FakeRuntime``."""
         return AsyncDockerAgentRunner(image, coordinator_url, extra_env, **options)
-
-    def __enter__(self) -> DockerAgentRunner:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop_all()
-
-    @property
-    def instance(self) -> str:
-        return self._core.instance
-
-    @property
-    def core(self) -> AsyncDockerAgentRunner:
-        """The async twin this wraps (its engine runs on the private loop thread)."""
-        return self._core
 
     def spawn(
         self,
