@@ -74,6 +74,21 @@ class _Builder:
     def set(self, **fields: object) -> None:
         self.record = self.record.replace(**fields)
 
+    def detach(self, state: AgentState, reason: str, **fields: object) -> None:
+        """Go to ``state`` with no container: nothing of the old one (its id, URL,
+        pending restart, run, expected exit, failed probes) carries over."""
+        self.go(
+            state,
+            reason,
+            container_id=None,
+            url=None,
+            restart_at=None,
+            running_since=None,
+            expected_exit=False,
+            liveness_failures=0,
+            **fields,
+        )
+
     def do(self, *commands: cmd.Command) -> None:
         self.commands.extend(commands)
 
@@ -165,17 +180,7 @@ def _on_restart(b: _Builder, e: ev.Event, p: Policy) -> str | None:
     if r.state is S.STARTING:
         b.do(cmd.CancelStart())
     # Detach the old container first: its exit is then stale, never a crash.
-    b.go(
-        S.STARTING,
-        e.reason,
-        container_id=None,
-        url=None,
-        restart_at=None,
-        running_since=None,
-        expected_exit=False,
-        liveness_failures=0,
-        last_activity_at=b.now,
-    )
+    b.detach(S.STARTING, e.reason, last_activity_at=b.now)
     b.do(cmd.StartContainer(replace=r.container_id))
     return None
 
@@ -418,31 +423,14 @@ def _on_exit_blamed(b: _Builder, e: ev.Event, p: Policy) -> str | None:
 
 def _wait_for_engine(b: _Builder, reason: str) -> None:
     """Wait in ``restarting`` (no deadline) until ``EngineRecovered``."""
-    b.go(
-        S.RESTARTING,
-        f"engine unavailable: {reason}",
-        container_id=None,
-        url=None,
-        restart_at=None,
-        running_since=None,
-        expected_exit=False,
-        liveness_failures=0,
-        last_error=f"engine unavailable: {reason}",
+    b.detach(
+        S.RESTARTING, f"engine unavailable: {reason}", last_error=f"engine unavailable: {reason}"
     )
 
 
 def _restart_after_outage(b: _Builder, container_id: str | None, reason: str) -> None:
     """Start again at once, without counting a restart: the engine ended it."""
-    b.go(
-        S.STARTING,
-        reason,
-        container_id=None,
-        url=None,
-        restart_at=None,
-        running_since=None,
-        expected_exit=False,
-        liveness_failures=0,
-    )
+    b.detach(S.STARTING, reason)
     b.do(cmd.StartContainer(replace=container_id))
 
 
@@ -459,17 +447,7 @@ def _on_node_lost(b: _Builder, e: ev.Event, p: Policy) -> str | None:
         if r.state is S.STARTING:
             b.do(cmd.CancelStart())
         reason = f"{where} went down; starting again on another node"
-        b.go(
-            S.STARTING,
-            reason,
-            container_id=None,
-            url=None,
-            restart_at=None,
-            running_since=None,
-            expected_exit=False,
-            liveness_failures=0,
-            last_error=f"{where} went down",
-        )
+        b.detach(S.STARTING, reason, last_error=f"{where} went down")
         b.do(
             cmd.StartContainer(replace=e.container_id),
             cmd.Notify("agent.moved", {"agent": r.name, "node": e.node, "reason": reason}),
