@@ -164,6 +164,75 @@ async def test_malformed_json_answers_400_naming_the_position_when_posted(
     assert [m["id"] for m in await api.stored()] == [m["id"] for m in before]
 
 
+async def test_agent_receives_the_posted_bytes_when_sent_or_routed(api: Harness) -> None:
+    # Spacing, key order, a repeated key, raw and escaped non-ASCII: what the client
+    # sent is what is stored and what the agent gets, byte for byte.
+    raw = '{ "z" : [1 ,2],\n "a": "\\u00e9t\u00e9 ✓", "a": null }'.encode()
+    headers = {"Content-Type": "application/json"}
+    sent = await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true"}, content=raw, headers=headers
+    )
+    assert sent.status_code == 200, sent.text
+    assert sent.json()["reply"]["echo"] == {"z": [1, 2], "a": None}
+    routed = await api.client.post("/api/route/echo.note", content=raw, headers=headers)
+    assert routed.status_code == 202, routed.text
+    await wait_until(lambda: len(api.agent.bodies) == 2, timeout=10, what="routed delivery")
+    assert api.agent.bodies == [raw, raw]
+    stored = await api.engine.inbox.get("echo", sent.json()["id"])
+    assert stored is not None
+    assert stored.body == raw
+    shown = (await api.client.get(f"/api/agents/echo/messages/{stored.id}")).json()
+    assert shown["body"] == {"z": [1, 2], "a": None}
+
+
+@pytest.mark.parametrize(
+    ("answer", "kept", "shown"),
+    [
+        ('{"a" :  [1, 2]}', b'{"a" :  [1, 2]}', {"a": [1, 2]}),  # JSON: its own bytes
+        ("plain words", b'"plain words"', "plain words"),  # text: a JSON string
+        ("[NaN]", b'"[NaN]"', "[NaN]"),  # not JSON (no NaN in JSON): text
+        ("", b"null", None),  # nothing: null
+    ],
+)
+async def test_reply_is_kept_as_json_text_when_the_agent_answers(
+    api: Harness, answer: str, kept: bytes, shown: Any
+) -> None:
+    response = await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true"}, json={"answer": answer}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["reply"] == shown
+    stored = await api.engine.inbox.get("echo", response.json()["id"])
+    assert stored is not None
+    assert stored.reply == kept
+    listed = await api.stored()
+    assert listed[-1]["reply"] == shown
+
+
+@pytest.mark.parametrize(
+    ("raw", "accepted"),
+    [
+        (b"[" * 128 + b"]" * 128, True),
+        (b"[" * 129 + b"]" * 129, False),
+        # more brackets than the limit, but in strings or side by side: not deep
+        (json.dumps(["[{" * 100, [[]] * 100]).encode(), True),
+        (json.dumps({"a": json.loads("[" * 128 + "]" * 128)}).encode(), False),
+    ],
+)
+async def test_nesting_deeper_than_the_limit_answers_400_when_posted(
+    api: Harness, raw: bytes, accepted: bool
+) -> None:
+    response = await api.client.post(
+        "/api/agents/echo/messages", content=raw, headers={"Content-Type": "application/json"}
+    )
+    if accepted:
+        assert response.status_code == 202, response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert "nested more than 128 levels deep" in response.json()["error"]
+        assert await api.stored() == []
+
+
 async def test_body_over_limit_answers_413_when_declared_or_streamed(api: Harness) -> None:
     await api.client.post("/api/agents/echo/messages", json={"kept": True})
     before = await api.stored()

@@ -255,6 +255,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             """,
         ),
     ),
+    # Step 6 (version 6): an agent's messages in seq order without a sort. Listing
+    # them (GET /api/agents/{name}/messages, without a status) searched
+    # messages_by_status for the agent and sorted every one of its rows in a temporary
+    # B-tree: each page cost time in proportion to all the agent had ever received.
+    Migration(
+        "messages listed by agent in seq order",
+        ("CREATE INDEX messages_by_agent ON messages (agent, seq)",),
+    ),
 )
 
 #: The schema version this code writes and understands.

@@ -1,6 +1,6 @@
 """Message routes: ``/api/agents/{name}/messages`` over :class:`roost.reactor.delivering.Dispatcher`.
 
-Role: HTTP front end of the durable inbox. ``POST`` stores a JSON value for an
+Role: HTTP front end of the durable inbox. ``POST`` stores a JSON text for an
 agent and answers once it is committed (202 ``{"id", "agent", "status"}``), or
 with ``?wait=true`` once the agent replied (200 with the reply; 202 with the id
 when ``wait_timeout`` or ``?timeout=`` passes first). ``GET .../{id}`` shows one
@@ -12,6 +12,9 @@ Invariants:
   400 naming line and column, JSON nested deeper than ``MAX_JSON_DEPTH`` 400, a
   full queue (``queue_limit`` undelivered messages)
   429 with ``Retry-After``.
+- The body is checked here once (``json_body``: UTF-8, JSON without NaN or
+  Infinity, nested at most ``MAX_JSON_DEPTH`` deep) and from then on is bytes: the
+  inbox stores exactly what the client sent and the agent receives exactly that.
 - ``Idempotency-Key``: the same key for the same agent names one message; a
   repeated POST answers 200 with the stored message's id and status.
 - Error bodies follow the API's one shape (``roost.api.errors``).
@@ -29,12 +32,14 @@ from roost import errors
 from roost.api import schemas
 from roost.api.errors import error_response, error_responses
 from roost.engine import Engine
-from roost.ports.inbox import Message, MessageStatus, QueueFull
+from roost.ports.inbox import Message, MessageStatus, QueueFull, json_value
 
 __all__ = [
     "IDEMPOTENCY_KEY_HEADER",
     "MAX_IDEMPOTENCY_KEY",
     "QUEUE_FULL_RETRY_AFTER",
+    "check_depth",
+    "json_body",
     "messages_router",
     "parse_json_body",
 ]
@@ -93,6 +98,18 @@ def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
             stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
+def json_body(raw: bytes) -> bytes:
+    """``raw`` itself, once it is known to be a JSON text Roost stores: UTF-8, valid
+    JSON without NaN or Infinity, nested at most ``MAX_JSON_DEPTH`` deep. Refusal 400
+    naming what is wrong otherwise. The parsed value only proves it and is dropped."""
+    value = parse_json_body(raw)
+    # Each level of nesting opens a bracket: with no more brackets than the limit
+    # (counted in C, strings' own brackets too) it cannot nest deeper.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        check_depth(value)
+    return raw
+
+
 def _accepted(message: Message) -> dict[str, Any]:
     return {"id": message.id, "agent": message.agent, "status": message.status.value}
 
@@ -101,7 +118,7 @@ def _final(message: Message) -> dict[str, Any]:
     body = _accepted(message)
     body["attempts"] = message.attempts
     if message.status is MessageStatus.DELIVERED:
-        body["reply"] = message.reply
+        body["reply"] = json_value(message.reply)
     else:
         body["error"] = message.error or None
     return body
@@ -167,8 +184,7 @@ def messages_router(engine: Engine) -> APIRouter:
             raise errors.Refusal(
                 400, f"{IDEMPOTENCY_KEY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
             )
-        body = parse_json_body(await request.body())
-        check_depth(body)
+        body = json_body(await request.body())
         try:
             # A StoreError (507 or 503) reaches Roost's health in the error handler.
             message, created = await dispatcher.submit(name, body, idempotency_key=key)

@@ -6,7 +6,8 @@ queued messages (on ``submit``, or at start-up for what a previous Roost left).
 How one attempt reaches the agent depends on its ``delivery`` mode; everything
 else (order, wake, retries, ``max_attempts``, dead on failure) is the same:
 
-- ``push``: a POST to ``message_path`` (the reply is the answer's body);
+- ``push``: a POST of the stored body, byte for byte, to ``message_path`` (the
+  reply is the answer's body, kept as the agent's bytes when they are JSON);
 - ``pull``: the message is offered on the agent's queue (``roost.reactor.pulling``)
   and the attempt is the lease an agent's ``queue/next`` takes, answered by its
   ``complete`` or lost when the lease expires (then offered again at once);
@@ -75,7 +76,13 @@ from roost.reactor.channels import Channels
 from roost.reactor.health import WRITE_RETRY, Health
 from roost.reactor.pulling import Lease, Pulls
 
-__all__ = ["DEFAULT_RETRY", "EVENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "Dispatcher"]
+__all__ = [
+    "DEFAULT_RETRY",
+    "EVENT_TYPE_HEADER",
+    "MESSAGE_ID_HEADER",
+    "Dispatcher",
+    "reply_json",
+]
 
 log = logging.getLogger("roost.delivery")
 
@@ -171,12 +178,13 @@ class Dispatcher:
     async def submit(
         self,
         name: str,
-        body: Any,
+        body: bytes,
         *,
         idempotency_key: str | None = None,
         event_type: str | None = None,
     ) -> tuple[Message, bool]:
         """Store a message durably for agent ``name`` and start its delivery.
+        ``body`` is the JSON text as checked at the edge (``roost.api.messages.json_body``).
 
         NotFound for an unknown agent, QueueFull over its ``queue_limit``."""
         if self.closed:
@@ -205,7 +213,7 @@ class Dispatcher:
     async def route(
         self,
         event_type: str,
-        body: Any,
+        body: bytes,
         *,
         fan_out: bool = False,
         idempotency_key: str | None = None,
@@ -436,7 +444,8 @@ class _Lane:
                 "agent %s failed: %d undelivered messages are now dead", self.name, len(ids)
             )
         for message_id in ids:
-            dead = Message(message_id, self.name, 0, None, M.DEAD, error=reason)
+            # Waiters read its id and status (and then the stored message): no body.
+            dead = Message(message_id, self.name, 0, b"null", M.DEAD, error=reason)
             self.d._settled(dead)
 
     # -- one message ----------------------------------------------------------------------
@@ -569,7 +578,7 @@ class _Lane:
                 response = await d.agent_client.request(
                     "POST",
                     url + spec.message_path,
-                    body=json.dumps(message.body).encode(),
+                    body=message.body,
                     headers=headers,
                     timeout=d.delivery_timeout,
                 )
@@ -577,10 +586,9 @@ class _Lane:
             error = f"no answer from the agent: {exc or type(exc).__name__}"
             return _Attempt(Outcome.no_answer(error), marking)
         status = response.status
-        reply = _decoded_reply(response.body)
         if 200 <= status < 300:
-            return _Attempt(Outcome.reply(reply), marking)
-        error = f"HTTP {status}: {_excerpt(reply)}"
+            return _Attempt(Outcome.reply(reply_json(response.body)), marking)
+        error = f"HTTP {status}: {_excerpt(_decoded_reply(response.body))}"
         outcome = Outcome("server_error", error) if status >= 500 else Outcome.error(error)
         return _Attempt(outcome, marking)
 
@@ -660,11 +668,34 @@ def _headers(message: Message) -> tuple[tuple[bytes, bytes], ...]:
     return headers
 
 
+def reply_json(raw: bytes) -> bytes:
+    """An agent's answer as the JSON text kept for its reply: its own bytes when they
+    are JSON (UTF-8, without NaN or Infinity); else JSON in another Unicode encoding
+    re-encoded, else its text as a JSON string; nothing at all is null."""
+    if not raw:
+        return b"null"
+    try:
+        json.loads(raw.decode("utf-8"), parse_constant=_not_json)  # the proof only
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        pass
+    else:
+        return raw
+    try:
+        value = json.loads(raw, parse_constant=_not_json)  # UTF-16 or UTF-32 JSON
+    except (ValueError, RecursionError):
+        value = raw.decode(errors="replace")
+    return json.dumps(value).encode()
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _decoded_reply(raw: bytes) -> Any:
     """The agent's answer: JSON when it parses, else its text (None when empty)."""
     try:
         return json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw.decode(errors="replace")
 
 
