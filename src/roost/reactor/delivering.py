@@ -562,9 +562,10 @@ class _Lane:
             return await self._offer(spec, record, message, attempt)
         if spec.delivery == "websocket":
             return await self._send_frame(spec, message, attempt)
-        if record.url is None:
+        url = self.d.agents.address(record)  # its own address, else its published port
+        if url is None:
             return None
-        return await self._push(spec, record.url, message, attempt)
+        return await self._push(spec, url, message, attempt)
 
     async def _push(
         self, spec: ResolvedAgent, url: str, message: Message, attempt: int

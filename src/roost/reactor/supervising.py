@@ -59,6 +59,7 @@ from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerRuntime, ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
+from roost.reactor.addressing import Addresses, container_url
 from roost.reactor.channels import Channels
 from roost.reactor.credentials import TOKEN_ENV, Credentials
 from roost.reactor.health import WRITE_RETRY, Health
@@ -624,6 +625,7 @@ class AgentActor:
         rt = self.sup.runtime
         clock = self.sup.clock
         deadline = clock.monotonic() + self.policy.startup_timeout
+        direct: str | None = None  # the container's own address (roost.reactor.addressing)
         if known_url is not None:
             url = known_url
         else:
@@ -634,16 +636,23 @@ class AgentActor:
                 )
             host = state.host_ip if state.host_ip not in (None, "", "0.0.0.0") else "127.0.0.1"
             url = f"http://{host}:{state.host_port}"
+            direct = container_url(state.ip_address, self.spec.port)
         if self.spec.delivery == "pull":
             return url
         if self.spec.delivery == "websocket":
             await self._wait_connected(cid)
             return url
-        health = url + self.spec.health_path
         last = ""
         polls = 0
         while True:
-            result = await self.sup.agent_client.probe(health, timeout=READINESS_PROBE_TIMEOUT)
+            result = await self.sup.addresses.probe_ready(
+                self.name,
+                cid,
+                url,
+                direct,
+                self.spec.health_path,
+                timeout=READINESS_PROBE_TIMEOUT,
+            )
             if result.ok:
                 return url
             last = result.detail
@@ -800,6 +809,8 @@ class Supervisor:
         self.network = network
         self.pull_timeout = pull_timeout
         self.actors: dict[str, AgentActor] = {}
+        #: containers' own addresses where they answer (Roost's own requests go there).
+        self.addresses = Addresses(agent_client)
         self._listeners: list[StateListener] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._reconcile_lock = asyncio.Lock()
@@ -836,6 +847,7 @@ class Supervisor:
 
     async def remove_actor(self, name: str) -> None:
         actor = self.actors.pop(name, None)
+        self.addresses.forget(name)
         if actor is not None:
             await actor.close()
 
@@ -1160,6 +1172,7 @@ class Supervisor:
             return_exceptions=True,
         )
         await asyncio.gather(*(a.close() for a in self.actors.values()), return_exceptions=True)
+        await self.addresses.close()
         if remove and not leave_running:
             ids = {a.record.container_id for a in self.actors.values() if a.record.container_id}
             try:
