@@ -407,6 +407,16 @@ class _Lane:
                 slots = asyncio.Semaphore(spec.max_concurrent_messages)
             generation = self._generation
             for message in batch:
+                if spec.max_concurrent_messages == 1 and not self._deliveries:
+                    # One at a time: delivered by this task itself, each after the
+                    # previous outcome has been committed. No task per message and no
+                    # slot handed back: two turns of the event loop fewer per message,
+                    # which is what the next one waits for when the loop is busy.
+                    if generation != self._generation or self._rewind:
+                        break
+                    self._cursor = message.seq
+                    await self._deliver(spec, message, generation)
+                    continue
                 # In seq order: a message starts only when a slot is free, so with one
                 # slot it starts after the previous outcome has been committed.
                 await slots.acquire()
