@@ -142,6 +142,8 @@ class AgentActor:
         self._state_before = record.state
         #: (container id, URL) last seen healthy: a paused container keeps its port.
         self._known_url: tuple[str, str] | None = None
+        #: the container Roost paused while it was healthy (see _resumes_healthy).
+        self._paused_healthy: str | None = None
         self._last_touch_posted = 0.0
         #: start failures handled (in the record); fail-fast waiters compare it.
         self.start_failures = 0
@@ -252,7 +254,8 @@ class AgentActor:
                 envelope.reply.set_result(decision)
 
     async def _handle(self, event: ev.Event) -> Decision:
-        self._state_before = self.record.state
+        before = self.record
+        self._state_before = before.state
         now = self.sup.clock.now()
         decision = transition(self.record, event, now=now, policy=self.policy)
         if isinstance(event, ev.ContainerExited) and _gives_up(decision):
@@ -282,6 +285,8 @@ class AgentActor:
             )
         if self.record.url is not None and self.record.container_id is not None:
             self._known_url = (self.record.container_id, self.record.url)
+        if self.record.state is S.PAUSED and before.state is not S.PAUSED:
+            self._paused_healthy = _healthy_container(before)
         for command in decision.commands:
             self._execute(command)
         if self.record.state is not S.STARTING and self._start_task is not None:
@@ -530,7 +535,10 @@ class AgentActor:
                 except errors.RoostError:
                     pass  # not paused after all (or gone): take the careful path
                 else:
-                    url = await self._wait_ready(cid, known_url=known[1])
+                    if self._resumes_healthy(cid):
+                        url = known[1]
+                    else:
+                        url = await self._wait_ready(cid, known_url=known[1])
                     self.post(ev.BecameHealthy(cid, url))
                     return
             existing = None
@@ -616,6 +624,16 @@ class AgentActor:
                 engine_down=engine_down,
             )
         )
+
+    def _resumes_healthy(self, cid: str) -> bool:
+        """Whether a container just unpaused is known healthy without a probe: Roost
+        froze it itself while it was healthy (running, its last liveness probe
+        passed) and it ran no instruction since, so it is exactly as healthy as it
+        was: the knowledge every message to a running agent relies on between two
+        liveness probes. A cold start has no such knowledge and polls readiness.
+        Push mode only: a WebSocket agent must still be connected (its wait stays),
+        and a pull agent needs nothing."""
+        return self.spec.delivery == "push" and self._paused_healthy == cid
 
     async def _wait_ready(self, cid: str, *, known_url: str | None = None) -> str:
         """Wait until the agent is ready; its URL. Push mode: poll the health path over
@@ -1186,6 +1204,14 @@ class Supervisor:
                 *(self.runtime.remove(cid, force=True) for cid in sorted(ids)),
                 return_exceptions=True,
             )
+
+
+def _healthy_container(record: AgentRecord) -> str | None:
+    """The record's container if it was running healthy (no liveness probe failed
+    since the last that passed), else None."""
+    if record.state in (S.RUNNING, S.IDLE) and record.liveness_failures == 0:
+        return record.container_id
+    return None
 
 
 def _clip_tail(text: str) -> str:
