@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from roost import serving
+from roost.api.messages import MessageDoor
 from roost.core.backoff import Backoff
+from roost.edge.app import Edge
 from roost.engine import Engine
 from roost.testing import EngineHarness
 from roost.testing.fake_runtime import FakeRuntime
@@ -32,6 +34,7 @@ class Harness:
         self.engine = harness.engine
         self.agent = agent
         self.client = harness.client
+        self.app = harness.app
 
     async def stored(self, name: str = "echo") -> list[dict[str, Any]]:
         response = await self.client.get(f"/api/agents/{name}/messages", params={"limit": 1000})
@@ -231,6 +234,82 @@ async def test_nesting_deeper_than_the_limit_answers_400_when_posted(
         assert response.status_code == 400, response.text
         assert "nested more than 128 levels deep" in response.json()["error"]
         assert await api.stored() == []
+
+
+def _comparable(response: httpx.Response) -> tuple[int, Any, dict[str, str]]:
+    """Status, JSON body and the headers that matter, with message ids blanked."""
+    text = response.text
+    body = response.json()
+    if isinstance(body, dict) and isinstance(body.get("id"), str):
+        text = text.replace(body["id"], "ID")
+    headers = {
+        key: response.headers[key].replace(body.get("id", "ID"), "ID")
+        for key in ("content-type", "location", "retry-after")
+        if key in response.headers
+    }
+    return response.status_code, json.loads(text), headers
+
+
+async def test_message_door_answers_as_the_documented_route_when_posted(api: Harness) -> None:
+    # The same requests through the edge (plain POSTs take the door, the rest go to
+    # FastAPI) and through FastAPI alone: the same answers.
+    assert api.app is not None
+    without_door = Edge(api.app.api, api.app.proxy, token=None, max_body=MAX_BODY)
+    transport = httpx.ASGITransport(app=without_door)
+    deep = b"[" * 129 + b"]" * 129
+    cases: list[tuple[str, dict[str, Any], bool]] = [
+        ("/api/agents/echo/messages", {"json": {"a": 1}}, False),
+        ("/api/agents/echo/messages?wait=true", {"json": {"a": 2}}, False),
+        ("/api/agents/echo/messages?wait=false", {"json": [1, 2]}, False),
+        ("/api/agents/echo/messages?wait=true&timeout=5", {"json": "x"}, False),
+        ("/api/agents/echo/messages?wait=true", {"json": {"status": 422}}, False),
+        ("/api/agents/nobody/messages", {"json": {"a": 1}}, False),
+        ("/api/agents/echo/messages", {"content": b'{"a": '}, False),
+        ("/api/agents/echo/messages", {"content": deep}, False),
+        ("/api/agents/echo/messages", {"content": b"\xff"}, False),
+        ("/api/agents/echo/messages", {"content": b"x" * (MAX_BODY + 1)}, False),
+        (
+            "/api/agents/echo/messages",
+            {"json": 1, "headers": {"Idempotency-Key": "k" * 256}},
+            False,
+        ),
+        ("/api/agents/echo/messages?wait=yes", {"json": {"a": 3}}, False),  # FastAPI's bool
+        ("/api/agents/echo/messages?timeout=-1", {"json": {"a": 4}}, False),  # 422
+        ("/api/agents/echo/messages?other=1", {"json": {"a": 5}}, False),  # ignored
+        ("/api/agents/echo/messages", {"json": {"a": 6}}, True),  # into a full queue
+    ]
+    door = api.app.api_door
+    assert isinstance(door, MessageDoor)
+    fallback = door._api
+    passed_on: list[str] = []
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        passed_on.append(scope["path"] + "?" + scope["query_string"].decode())
+        await fallback(scope, receive, send)
+
+    door._api = counted
+    async with httpx.AsyncClient(transport=transport, base_url="http://roost") as plain:
+        for path, request, full in cases:
+            api.agent.down = full
+            if full:
+                for i in range(QUEUE_LIMIT):
+                    await api.client.post("/api/agents/echo/messages", json={"fill": i})
+            answers = [
+                _comparable(await client.post(path, **request)) for client in (api.client, plain)
+            ]
+            assert answers[0] == answers[1], (path, request)
+            api.agent.down = False
+            await wait_until(
+                lambda: api.engine.inbox.pending_count("echo") == 0, timeout=10, what="drained"
+            )
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [429, 429]
+    # the door served the plain ones itself; FastAPI saw only the other three
+    assert sorted(p for p in passed_on if "/messages" in p) == [
+        "/api/agents/echo/messages?other=1",
+        "/api/agents/echo/messages?timeout=-1",
+        "/api/agents/echo/messages?wait=yes",
+    ]
 
 
 async def test_body_over_limit_answers_413_when_declared_or_streamed(api: Harness) -> None:

@@ -226,12 +226,18 @@ class Dispatcher:
             for name in self.route_targets(event_type, fan_out=fan_out)
         ]
 
-    async def wait_final(self, name: str, message_id: str, timeout: float) -> Message | None:
-        """The message once delivered, failed or dead; None if still pending at ``timeout``."""
+    async def wait_final(
+        self, name: str, message_id: str, timeout: float, *, current: Message | None = None
+    ) -> Message | None:
+        """The message once delivered, failed or dead; None if still pending at ``timeout``.
+
+        ``current``: the message as ``submit`` just stored it, when nothing awaited in
+        between (so it cannot have been delivered yet): then it is not read again."""
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(message_id, []).append(future)
         try:
-            current = await self.inbox.get(name, message_id)
+            if current is None or current.id != message_id:
+                current = await self.inbox.get(name, message_id)
             if current is None:
                 raise errors.NotFound(f"agent {name!r} has no message {message_id!r}")
             if current.status in TERMINAL:
