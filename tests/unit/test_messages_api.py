@@ -15,6 +15,7 @@ import pytest
 from roost import serving
 from roost.api.messages import MessageDoor
 from roost.core.backoff import Backoff
+from roost.core.states import AgentState
 from roost.edge.app import Edge
 from roost.engine import Engine
 from roost.testing import EngineHarness
@@ -310,6 +311,51 @@ async def test_message_door_answers_as_the_documented_route_when_posted(api: Har
         "/api/agents/echo/messages?timeout=-1",
         "/api/agents/echo/messages?wait=yes",
     ]
+
+
+async def _paused(api: Harness) -> str:
+    agents = api.engine.agents
+    await agents.wake("echo", reason="test", timeout=5)
+    await agents.act("echo", "pause")
+    record = agents.get("echo")
+    assert record.state is AgentState.PAUSED
+    assert record.container_id is not None
+    return record.container_id
+
+
+async def test_a_message_for_a_paused_agent_wakes_it_while_being_stored(
+    api: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _paused(api)
+    inbox = api.engine.dispatcher.inbox
+    enqueue = inbox.enqueue
+    stored = asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await stored.wait()  # the message is still being stored meanwhile
+        return await enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(inbox, "enqueue", held)
+    posting = asyncio.ensure_future(
+        api.client.post("/api/agents/echo/messages", params={"wait": "true"}, json={"n": 1})
+    )
+    await wait_until(lambda: api.engine.agents.get("echo").awake, timeout=10, what="awake")
+    assert not posting.done()
+    assert await api.stored() == []
+    stored.set()
+    answer = await posting
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["reply"]["echo"] == {"n": 1}
+
+
+async def test_a_message_the_full_queue_refuses_does_not_wake_the_agent(api: Harness) -> None:
+    await _paused(api)
+    for i in range(QUEUE_LIMIT):  # stored behind the lane's back: it stays asleep
+        await api.engine.inbox.enqueue("echo", json.dumps(i).encode(), limit=QUEUE_LIMIT)
+    refused = await api.client.post("/api/agents/echo/messages", json={"one": "too many"})
+    assert refused.status_code == 429, refused.text
+    assert not len(api.engine.dispatcher._early_wakes)  # no wake was begun
+    assert api.engine.agents.get("echo").state is AgentState.PAUSED
 
 
 async def test_body_over_limit_answers_413_when_declared_or_streamed(api: Harness) -> None:

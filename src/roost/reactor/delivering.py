@@ -30,7 +30,10 @@ Invariants:
   the agent always gets the message's id in ``Roost-Message-Id``.
 - Before each attempt the agent is woken (``Agents.wake``, which also announces
   ``agent.waking`` once per wake); while it is starting or restarting the
-  message waits. 2xx → ``delivered`` (the reply is
+  message waits. A message for a sleeping agent begins that wake while it is
+  being stored (the lane's wake then joins it); one the queue refuses wakes
+  nothing, one refused for another reason (a full disk) or a repeat of a stored
+  one (``Idempotency-Key``) may have woken it for nothing. 2xx → ``delivered`` (the reply is
   kept); other non-5xx answers → ``failed``; 5xx, no answer, or no connection
   → retried after ``retry`` (a ``Backoff``; the pause is cut short when the agent fails), the
   same message first, so later messages never overtake it. After
@@ -136,11 +139,15 @@ class Dispatcher:
         self.max_server_errors = max_server_errors
         self.health = health
         self._lanes: dict[str, _Lane] = {}
+        #: agents an early wake is under way for (one at a time each).
+        self._waking: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
         #: reset handling: owned, awaited on stop.
         self._tasks = aio.TaskSet(log)
         #: pull agents' nudges: fire and forget, but owned (cancelled on stop).
         self._nudges = aio.TaskSet(log)
+        #: wakes begun while a message for a sleeping agent is being stored (see submit).
+        self._early_wakes = aio.TaskSet(log)
         #: WebSocket agents' connections.
         self.channels = channels if channels is not None else Channels(clock=clock)
         #: pull agents' offers and leases.
@@ -169,6 +176,7 @@ class Dispatcher:
         await asyncio.gather(*(lane.join() for lane in lanes), return_exceptions=True)
         await self._tasks.join()
         await self._nudges.close()
+        await self._early_wakes.close()
         for futures in self._waiters.values():
             for future in futures:
                 future.cancel()
@@ -190,6 +198,7 @@ class Dispatcher:
         if self.closed:
             raise errors.StateError("Roost is shutting down; the message was not stored")
         spec = self.agents.spec(name)  # NotFound first: nothing stored for an unknown agent
+        self._wake_early(name, spec)
         message, created = await self.inbox.enqueue(
             name,
             body,
@@ -201,6 +210,29 @@ class Dispatcher:
             self._status(message)
             self._lane(name).wake()
         return message, created
+
+    def _wake_early(self, name: str, spec: ResolvedAgent) -> None:
+        """A message for a sleeping agent: begin the wake now, while the message is
+        being stored, rather than when its lane has read it back (the commit and the
+        lane's turn overlap the unpause or start). The lane's own wake joins this one;
+        its failures are the lane's to handle, so this one only logs them. A message
+        the queue will refuse wakes nothing (see the module docstring)."""
+        record = self.agents.get(name)
+        if record.awake or record.state is S.FAILED or name in self._waking:
+            return
+        if spec.queue_limit and self.inbox.pending_count(name) >= spec.queue_limit:
+            return
+        self._waking.add(name)
+
+        async def wake() -> None:
+            try:
+                await self.agents.wake(name, reason="message delivery", timeout=spec.hold_timeout)
+            except (errors.RoostError, TimeoutError) as exc:
+                log.debug("agent %s: early wake for a message: %s", name, exc)
+            finally:
+                self._waking.discard(name)
+
+        self._early_wakes.spawn(wake(), f"roost.wake[{name}]")
 
     def route_targets(self, event_type: str, *, fan_out: bool = False) -> list[str]:
         """The agents an event of this type goes to (configuration order); NotFound
