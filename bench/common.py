@@ -295,7 +295,12 @@ def free_port() -> int:
 def write_roost_config(
     directory: Path, instance: str, port: int, body: str, *, server: str = ""
 ) -> Path:
-    """``directory/roost.toml`` listening on ``port`` with ``body`` (defaults, agents)."""
+    """``directory/roost.toml`` listening on ``port`` with ``body`` (defaults, agents).
+
+    The agent listener takes a free port (``agent_listen = ":0"``) unless ``server``
+    sets it: on a shared machine another Roost may hold the default 7076."""
+    if "agent_listen" not in server:
+        server = f'agent_listen = ":0"\n{server}'
     config = directory / "roost.toml"
     config.write_text(
         f"""
@@ -327,6 +332,29 @@ async def start_roost(config: Path, log: Path) -> asyncio.subprocess.Process:
             stderr=output,
             env={**os.environ, "ROOST_TOKEN": ""},
         )
+
+
+async def wait_roost(
+    http: aiohttp.ClientSession,
+    base: str,
+    process: asyncio.subprocess.Process,
+    log: Path,
+    *,
+    timeout: float = 30.0,
+) -> None:
+    """Poll ``base/healthz`` until it answers 200; a daemon that exits first is an
+    error carrying its log tail (instead of a health timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.returncode is not None:
+            tail = log.read_text(errors="replace")[-3000:]  # noqa: ASYNC240 (a failing run)
+            raise RuntimeError(f"roost up exited with {process.returncode}:\n{tail}")
+        try:
+            await poll_health(http, base + "/healthz", timeout=RAW_PROBE_TIMEOUT)
+            return
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def median(values: Sequence[float]) -> float:

@@ -42,12 +42,15 @@ __all__ = [
 
 class ScriptedAgent(FakeAgentClient):
     """Answers deliveries like an agent told what to do by the message body:
-    ``{"status": N}`` answers N; ``{"fail_first": N}`` answers 503 N times first.
-    While ``down`` every delivery finds no connection."""
+    ``{"status": N}`` answers N; ``{"fail_first": N}`` answers 503 N times first;
+    ``{"answer": "TEXT"}`` answers 200 with TEXT's UTF-8 bytes as the body. While
+    ``down`` every delivery finds no connection. ``bodies``: every body received,
+    as bytes."""
 
     def __init__(self, runtime: FakeRuntime) -> None:
         super().__init__(runtime)
         self.deliveries: list[tuple[str, Any]] = []
+        self.bodies: list[bytes] = []
         self.down = False
         self.in_flight = 0
         self.most_in_flight = 0
@@ -68,6 +71,7 @@ class ScriptedAgent(FakeAgentClient):
         message_id = dict(headers)[b"roost-message-id"].decode()
         decoded: Any = json.loads(body or b"null")
         self.deliveries.append((message_id, decoded))
+        self.bodies.append(body or b"")
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -76,6 +80,8 @@ class ScriptedAgent(FakeAgentClient):
             fields = decoded if isinstance(decoded, dict) else {}
             if "status" in fields:
                 return AgentResponse(fields["status"], b'{"error": "scripted"}')
+            if "answer" in fields:
+                return AgentResponse(200, str(fields["answer"]).encode())
             if self._failures.get(message_id, 0) < fields.get("fail_first", 0):
                 self._failures[message_id] = self._failures.get(message_id, 0) + 1
                 return AgentResponse(503, b'"busy"')

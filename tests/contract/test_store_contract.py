@@ -437,6 +437,9 @@ async def test_write_commits_whole_when_its_caller_is_cancelled_during_a_stateme
             await gate
         else:
             await database.write("untrace", lambda db: db.set_trace_callback(None))
+        # Nobody awaits the cancelled write: wait until what was queued has committed
+        # (the gate's own commit returns before the transaction after it ends).
+        await database.flush()
 
         stored = await store.get_agent("echo")
         assert stored is not None

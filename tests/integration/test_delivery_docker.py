@@ -137,3 +137,31 @@ async def test_lease_keeps_real_agent_awake_past_idle_timeout_then_it_stops_when
             timeout=15,
             what="stopped after the lease was released",
         )
+
+
+async def test_messages_go_to_the_containers_own_address_when_the_host_reaches_it(
+    tmp_path: Path, instance: str, docker_images: dict[str, str]
+) -> None:
+    # Roost runs on the engine's host here: the container's address on its bridge
+    # network answers, so deliveries skip the published port's proxy.
+    settings = make_settings(tmp_path, instance, agents={"echo": {"image": docker_images["mimic"]}})
+    async with running_api(settings) as (engine, client):
+        first = await send(client, {"n": 1}, wait="true")
+        assert first.json()["status"] == "delivered", first.text
+        agents = engine.agents
+        await wait_until(
+            lambda: agents.address(agents.get("echo")) != agents.get("echo").url,
+            what="the container's own address answered",
+        )
+        record = agents.get("echo")
+        assert record.container_id is not None
+        state = await engine.runtime.inspect(record.container_id)
+        own = f"http://{state.ip_address}:8000"
+        assert agents.address(record) == own
+        assert (await client.get("/api/agents/echo")).json()["url"] == record.url  # unchanged
+        await agents.act("echo", "pause")
+        second = await send(client, {"n": 2}, wait="true")  # wakes it from paused
+        assert second.json()["status"] == "delivered", second.text
+        assert agents.address(agents.get("echo")) == own
+        seen = await seen_by(own)
+        assert seen["ids"] == [first.json()["id"], second.json()["id"]]

@@ -97,7 +97,7 @@ async def test_store_and_inbox_writes_commit_in_one_transaction_when_queued_toge
         tasks = await queue_all(
             database,
             store.insert_agent(AgentRecord(name="echo"), {"image": "x"}),
-            inbox.enqueue("echo", {"hi": 1}),
+            inbox.enqueue("echo", b'{"hi": 1}'),
         )
     inserted, (message, created) = await asyncio.gather(*tasks)
 
@@ -124,7 +124,7 @@ async def test_every_write_fails_and_nothing_is_stored_when_one_write_of_the_bat
             database,
             store.insert_agent(AgentRecord(name="echo"), {}),
             database.execute("break things", "INSERT INTO no_such_table VALUES (1)"),
-            inbox.enqueue("echo", {"hi": 1}),
+            inbox.enqueue("echo", b'{"hi": 1}'),
         )
     inserted, broken, enqueued = await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -143,7 +143,7 @@ async def test_every_write_fails_and_nothing_is_stored_when_one_write_of_the_bat
     assert inbox.pending_count("echo") == 0
     # Nothing was left open: the same writes go through now.
     await store.insert_agent(AgentRecord(name="echo"), {})
-    await inbox.enqueue("echo", {"hi": 2})
+    await inbox.enqueue("echo", b'{"hi": 2}')
     assert inbox.pending_count("echo") == 1
 
 

@@ -7,6 +7,7 @@ the tests advance fake time instead of sleeping."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from roost import errors
 from roost.core.records import AgentRecord
 from roost.core.states import AgentState
 from roost.engine import Engine
-from roost.ports.inbox import Message, MessageStatus
+from roost.ports.inbox import Message, MessageStatus, json_value
 from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings
@@ -46,7 +47,7 @@ class Harness:
         return waking.result()
 
     async def send(self, body: Any, name: str = "echo") -> Message:
-        message, _ = await self.engine.dispatcher.submit(name, body)
+        message, _ = await self.engine.dispatcher.submit(name, json.dumps(body).encode())
         return message
 
     async def status(self, message: Message) -> Message:
@@ -93,7 +94,7 @@ async def test_messages_are_delivered_in_order_when_agent_starts_asleep(fake: Ha
     last = await fake.wait_status(sent[-1], M.DELIVERED)
     assert [mid for mid, _ in fake.agent.deliveries] == [m.id for m in sent]
     assert [body["i"] for _, body in fake.agent.deliveries] == list(range(30))
-    assert last.reply == {"echo": {"i": 29}, "message_id": last.id}
+    assert json_value(last.reply) == {"echo": {"i": 29}, "message_id": last.id}
     assert last.attempts == 1
     assert fake.engine.agents.get("echo").state is S.RUNNING
     assert fake.agent.most_in_flight == 1
@@ -166,7 +167,10 @@ async def test_messages_in_flight_are_redelivered_when_engine_restarts(tmp_path:
     runtime, agent, clock = _parts()
     agent.hold = asyncio.Event()  # the first delivery never finishes in this engine
     async with _engine(tmp_path, runtime, agent, clock) as engine:
-        sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(3)]
+        sent = [
+            (await engine.dispatcher.submit("echo", json.dumps({"i": i}).encode()))[0]
+            for i in range(3)
+        ]
         await advance_until(clock, lambda: len(agent.deliveries) == 1, what="first delivery")
 
         async def marked() -> bool:
@@ -193,7 +197,10 @@ async def test_concurrent_delivery_starts_in_order_when_max_concurrent_messages_
     runtime, agent, clock = _parts()
     async with _engine(tmp_path, runtime, agent, clock, max_concurrent_messages=3) as engine:
         agent.hold = asyncio.Event()
-        sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(7)]
+        sent = [
+            (await engine.dispatcher.submit("echo", json.dumps({"i": i}).encode()))[0]
+            for i in range(7)
+        ]
         await advance_until(clock, lambda: agent.in_flight == 3, what="3 in flight")
         assert [mid for mid, _ in agent.deliveries] == [m.id for m in sent[:3]]
         agent.hold.set()
@@ -211,7 +218,10 @@ async def test_waking_is_announced_once_when_delivery_waits_for_the_agent(
 ) -> None:
     runtime, agent, clock = _parts()
     async with _engine(tmp_path, runtime, agent, clock, waking_notice_after=0) as engine:
-        sent = [(await engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(3)]
+        sent = [
+            (await engine.dispatcher.submit("echo", json.dumps({"i": i}).encode()))[0]
+            for i in range(3)
+        ]
 
         async def delivered() -> bool:
             return engine.inbox.pending_count("echo") == 0
@@ -235,7 +245,7 @@ async def test_wait_final_returns_the_reply_when_message_is_delivered(fake: Harn
     final = await fake.engine.dispatcher.wait_final("echo", message.id, 10)
     assert final is not None
     assert final.status is M.DELIVERED
-    assert final.reply == {"echo": {"hello": "world"}, "message_id": message.id}
+    assert json_value(final.reply) == {"echo": {"hello": "world"}, "message_id": message.id}
     fake.agent.down = True
     stuck = await fake.send({"never": True})
     assert await fake.engine.dispatcher.wait_final("echo", stuck.id, 0.05) is None

@@ -7,6 +7,7 @@ in the fault suite (tests/faults, ``make faults``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,7 +195,10 @@ async def test_messages_stay_queued_through_an_outage_and_are_delivered_in_order
         agent = ScriptedAgent(rig.runtime)
         rig.engine.dispatcher.agent_client = agent
         rig.runtime.go_down()
-        sent = [(await rig.engine.dispatcher.submit("echo", {"i": i}))[0] for i in range(5)]
+        sent = [
+            (await rig.engine.dispatcher.submit("echo", json.dumps({"i": i}).encode()))[0]
+            for i in range(5)
+        ]
         await rig.reaches("echo", S.RESTARTING)
         await rig.clock.advance(120)
         for message in sent:

@@ -13,7 +13,10 @@ import httpx
 import pytest
 
 from roost import serving
+from roost.api.messages import MessageDoor
 from roost.core.backoff import Backoff
+from roost.core.states import AgentState
+from roost.edge.app import Edge
 from roost.engine import Engine
 from roost.testing import EngineHarness
 from roost.testing.fake_runtime import FakeRuntime
@@ -32,6 +35,7 @@ class Harness:
         self.engine = harness.engine
         self.agent = agent
         self.client = harness.client
+        self.app = harness.app
 
     async def stored(self, name: str = "echo") -> list[dict[str, Any]]:
         response = await self.client.get(f"/api/agents/{name}/messages", params={"limit": 1000})
@@ -162,6 +166,196 @@ async def test_malformed_json_answers_400_naming_the_position_when_posted(
     assert where in body["error"]
     assert body["agent"] == "echo"
     assert [m["id"] for m in await api.stored()] == [m["id"] for m in before]
+
+
+async def test_agent_receives_the_posted_bytes_when_sent_or_routed(api: Harness) -> None:
+    # Spacing, key order, a repeated key, raw and escaped non-ASCII: what the client
+    # sent is what is stored and what the agent gets, byte for byte.
+    raw = '{ "z" : [1 ,2],\n "a": "\\u00e9t\u00e9 ✓", "a": null }'.encode()
+    headers = {"Content-Type": "application/json"}
+    sent = await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true"}, content=raw, headers=headers
+    )
+    assert sent.status_code == 200, sent.text
+    assert sent.json()["reply"]["echo"] == {"z": [1, 2], "a": None}
+    routed = await api.client.post("/api/route/echo.note", content=raw, headers=headers)
+    assert routed.status_code == 202, routed.text
+    await wait_until(lambda: len(api.agent.bodies) == 2, timeout=10, what="routed delivery")
+    assert api.agent.bodies == [raw, raw]
+    stored = await api.engine.inbox.get("echo", sent.json()["id"])
+    assert stored is not None
+    assert stored.body == raw
+    shown = (await api.client.get(f"/api/agents/echo/messages/{stored.id}")).json()
+    assert shown["body"] == {"z": [1, 2], "a": None}
+
+
+@pytest.mark.parametrize(
+    ("answer", "kept", "shown"),
+    [
+        ('{"a" :  [1, 2]}', b'{"a" :  [1, 2]}', {"a": [1, 2]}),  # JSON: its own bytes
+        ("plain words", b'"plain words"', "plain words"),  # text: a JSON string
+        ("[NaN]", b'"[NaN]"', "[NaN]"),  # not JSON (no NaN in JSON): text
+        ("", b"null", None),  # nothing: null
+    ],
+)
+async def test_reply_is_kept_as_json_text_when_the_agent_answers(
+    api: Harness, answer: str, kept: bytes, shown: Any
+) -> None:
+    response = await api.client.post(
+        "/api/agents/echo/messages", params={"wait": "true"}, json={"answer": answer}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["reply"] == shown
+    stored = await api.engine.inbox.get("echo", response.json()["id"])
+    assert stored is not None
+    assert stored.reply == kept
+    listed = await api.stored()
+    assert listed[-1]["reply"] == shown
+
+
+@pytest.mark.parametrize(
+    ("raw", "accepted"),
+    [
+        (b"[" * 128 + b"]" * 128, True),
+        (b"[" * 129 + b"]" * 129, False),
+        # more brackets than the limit, but in strings or side by side: not deep
+        (json.dumps(["[{" * 100, [[]] * 100]).encode(), True),
+        (json.dumps({"a": json.loads("[" * 128 + "]" * 128)}).encode(), False),
+    ],
+)
+async def test_nesting_deeper_than_the_limit_answers_400_when_posted(
+    api: Harness, raw: bytes, accepted: bool
+) -> None:
+    response = await api.client.post(
+        "/api/agents/echo/messages", content=raw, headers={"Content-Type": "application/json"}
+    )
+    if accepted:
+        assert response.status_code == 202, response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert "nested more than 128 levels deep" in response.json()["error"]
+        assert await api.stored() == []
+
+
+def _comparable(response: httpx.Response) -> tuple[int, Any, dict[str, str]]:
+    """Status, JSON body and the headers that matter, with message ids blanked."""
+    text = response.text
+    body = response.json()
+    if isinstance(body, dict) and isinstance(body.get("id"), str):
+        text = text.replace(body["id"], "ID")
+    headers = {
+        key: response.headers[key].replace(body.get("id", "ID"), "ID")
+        for key in ("content-type", "location", "retry-after")
+        if key in response.headers
+    }
+    return response.status_code, json.loads(text), headers
+
+
+async def test_message_door_answers_as_the_documented_route_when_posted(api: Harness) -> None:
+    # The same requests through the edge (plain POSTs take the door, the rest go to
+    # FastAPI) and through FastAPI alone: the same answers.
+    assert api.app is not None
+    without_door = Edge(api.app.api, api.app.proxy, token=None, max_body=MAX_BODY)
+    transport = httpx.ASGITransport(app=without_door)
+    deep = b"[" * 129 + b"]" * 129
+    cases: list[tuple[str, dict[str, Any], bool]] = [
+        ("/api/agents/echo/messages", {"json": {"a": 1}}, False),
+        ("/api/agents/echo/messages?wait=true", {"json": {"a": 2}}, False),
+        ("/api/agents/echo/messages?wait=false", {"json": [1, 2]}, False),
+        ("/api/agents/echo/messages?wait=true&timeout=5", {"json": "x"}, False),
+        ("/api/agents/echo/messages?wait=true", {"json": {"status": 422}}, False),
+        ("/api/agents/nobody/messages", {"json": {"a": 1}}, False),
+        ("/api/agents/echo/messages", {"content": b'{"a": '}, False),
+        ("/api/agents/echo/messages", {"content": deep}, False),
+        ("/api/agents/echo/messages", {"content": b"\xff"}, False),
+        ("/api/agents/echo/messages", {"content": b"x" * (MAX_BODY + 1)}, False),
+        (
+            "/api/agents/echo/messages",
+            {"json": 1, "headers": {"Idempotency-Key": "k" * 256}},
+            False,
+        ),
+        ("/api/agents/echo/messages?wait=yes", {"json": {"a": 3}}, False),  # FastAPI's bool
+        ("/api/agents/echo/messages?timeout=-1", {"json": {"a": 4}}, False),  # 422
+        ("/api/agents/echo/messages?other=1", {"json": {"a": 5}}, False),  # ignored
+        ("/api/agents/echo/messages", {"json": {"a": 6}}, True),  # into a full queue
+    ]
+    door = api.app.api_door
+    assert isinstance(door, MessageDoor)
+    fallback = door._api
+    passed_on: list[str] = []
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        passed_on.append(scope["path"] + "?" + scope["query_string"].decode())
+        await fallback(scope, receive, send)
+
+    door._api = counted
+    async with httpx.AsyncClient(transport=transport, base_url="http://roost") as plain:
+        for path, request, full in cases:
+            api.agent.down = full
+            if full:
+                for i in range(QUEUE_LIMIT):
+                    await api.client.post("/api/agents/echo/messages", json={"fill": i})
+            answers = [
+                _comparable(await client.post(path, **request)) for client in (api.client, plain)
+            ]
+            assert answers[0] == answers[1], (path, request)
+            api.agent.down = False
+            await wait_until(
+                lambda: api.engine.inbox.pending_count("echo") == 0, timeout=10, what="drained"
+            )
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [429, 429]
+    # the door served the plain ones itself; FastAPI saw only the other three
+    assert sorted(p for p in passed_on if "/messages" in p) == [
+        "/api/agents/echo/messages?other=1",
+        "/api/agents/echo/messages?timeout=-1",
+        "/api/agents/echo/messages?wait=yes",
+    ]
+
+
+async def _paused(api: Harness) -> str:
+    agents = api.engine.agents
+    await agents.wake("echo", reason="test", timeout=5)
+    await agents.act("echo", "pause")
+    record = agents.get("echo")
+    assert record.state is AgentState.PAUSED
+    assert record.container_id is not None
+    return record.container_id
+
+
+async def test_a_message_for_a_paused_agent_wakes_it_while_being_stored(
+    api: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _paused(api)
+    inbox = api.engine.dispatcher.inbox
+    enqueue = inbox.enqueue
+    stored = asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await stored.wait()  # the message is still being stored meanwhile
+        return await enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(inbox, "enqueue", held)
+    posting = asyncio.ensure_future(
+        api.client.post("/api/agents/echo/messages", params={"wait": "true"}, json={"n": 1})
+    )
+    await wait_until(lambda: api.engine.agents.get("echo").awake, timeout=10, what="awake")
+    assert not posting.done()
+    assert await api.stored() == []
+    stored.set()
+    answer = await posting
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["reply"]["echo"] == {"n": 1}
+
+
+async def test_a_message_the_full_queue_refuses_does_not_wake_the_agent(api: Harness) -> None:
+    await _paused(api)
+    for i in range(QUEUE_LIMIT):  # stored behind the lane's back: it stays asleep
+        await api.engine.inbox.enqueue("echo", json.dumps(i).encode(), limit=QUEUE_LIMIT)
+    refused = await api.client.post("/api/agents/echo/messages", json={"one": "too many"})
+    assert refused.status_code == 429, refused.text
+    assert not len(api.engine.dispatcher._early_wakes)  # no wake was begun
+    assert api.engine.agents.get("echo").state is AgentState.PAUSED
 
 
 async def test_body_over_limit_answers_413_when_declared_or_streamed(api: Harness) -> None:

@@ -126,6 +126,22 @@ async def test_next_leases_oldest_message_and_complete_stores_reply_when_polled(
         assert (await _status(roost, second))["error"] == "cannot do it"
 
 
+async def test_next_answers_the_body_as_posted_when_a_message_is_leased(
+    roost: EngineHarness,
+) -> None:
+    raw = '{"n" : 1,  "t": "\u00e9 ✓"}'.encode()
+    posted = await roost.client.post(
+        "/api/agents/worker/messages", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert posted.status_code == 202, posted.text
+    async with await _agent(roost) as agent:
+        taken = await _next(agent)
+        assert taken.status_code == 200, taken.text
+        assert raw in taken.content  # spliced in as sent, not re-encoded
+        assert taken.json()["body"] == {"n": 1, "t": "é ✓"}
+        assert taken.headers["content-type"] == "application/json"
+
+
 async def test_next_answers_204_when_nothing_arrives_within_wait(roost: EngineHarness) -> None:
     async with await _agent(roost) as agent:
         empty = await _next(agent, wait=0.05)
@@ -326,7 +342,7 @@ class _Inbox:
 
     def __init__(self, messages: list[Message]) -> None:
         self.messages = {m.id: m for m in messages}
-        self.delivered: dict[str, Any] = {}
+        self.delivered: dict[str, bytes] = {}
 
     def mark_delivering(self, message_id: str, *, attempts: int) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -336,7 +352,7 @@ class _Inbox:
     async def get(self, agent: str, message_id: str) -> Message | None:
         return self.messages.get(message_id)
 
-    async def mark_delivered(self, message: Message, reply: Any) -> None:
+    async def mark_delivered(self, message: Message, reply: bytes) -> None:
         self.delivered[message.id] = reply
 
 
@@ -353,7 +369,7 @@ def _pulls(messages: list[Message]) -> tuple[Pulls, _Inbox, list[Message]]:
 
 
 def _message(seq: int) -> Message:
-    return Message(f"m{seq}", "w", seq, {"n": seq}, MessageStatus.QUEUED)
+    return Message(f"m{seq}", "w", seq, b'{"n": %d}' % seq, MessageStatus.QUEUED)
 
 
 async def test_each_offer_wakes_one_waiting_poll_and_a_cancelled_one_passes_it_on() -> None:
@@ -375,9 +391,9 @@ async def test_each_offer_wakes_one_waiting_poll_and_a_cancelled_one_passes_it_o
 
 async def test_complete_between_leases_is_stored_once_and_the_lane_skips_it() -> None:
     pulls, inbox, settled = _pulls([_message(1)])
-    stored = await pulls.complete("w", "m1", Outcome.reply({"late": True}))
+    stored = await pulls.complete("w", "m1", Outcome.reply(b'{"late": true}'))
     assert stored.status is MessageStatus.DELIVERED
-    assert inbox.delivered == {"m1": {"late": True}}
+    assert inbox.delivered == {"m1": b'{"late": true}'}
     assert [m.id for m in settled] == ["m1"]
     # when the lane's turn comes it is told the message is settled, and offers nothing
     skipped = await pulls.offer(_message(1), attempt=2, lease_timeout=9)

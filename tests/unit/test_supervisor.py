@@ -337,6 +337,49 @@ async def test_idle_agent_is_paused_not_stopped_when_idle_action_is_pause(
         assert rig.calls("unpause") == [cid]
 
 
+async def test_agent_paused_while_healthy_is_running_at_unpause_without_a_probe(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path) as rig:
+        record = await rig.start("echo")
+        cid = record.container_id
+        await rig.sup.request("echo", ev.PauseRequested("test"))
+        await wait_until(lambda: rig.calls("pause") == [cid], timeout=ACT_TIMEOUT, interval=0.001)
+        probes = rig.client.probes
+        rig.client.refusing = True  # a probe now would fail: none must be needed
+        woken = await rig.start("echo")
+        assert woken.state is S.RUNNING
+        assert woken.container_id == cid
+        assert rig.calls("unpause") == [cid]
+        assert rig.client.probes == probes
+
+
+async def test_agent_paused_after_a_failed_probe_is_probed_again_at_unpause(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path, defaults={"liveness_failures": 3}) as rig:
+        record = await rig.start("echo")
+        cid = record.container_id
+        assert cid is not None
+        await rig.actor("echo").submit(ev.LivenessProbed(cid, False, "HTTP 503"))
+        assert rig.record("echo").liveness_failures == 1
+        await rig.sup.request("echo", ev.PauseRequested("test"))
+        await wait_until(lambda: rig.calls("pause") == [cid], timeout=ACT_TIMEOUT, interval=0.001)
+        rig.client.refusing = True
+        probes = rig.client.probes
+        waking = asyncio.ensure_future(rig.start("echo"))
+        await wait_until(
+            lambda: rig.client.probes > probes, timeout=ACT_TIMEOUT, what="a readiness probe"
+        )
+        assert rig.record("echo").state is S.STARTING  # not running while it fails
+        assert not waking.done()
+        rig.client.refusing = False
+        await rig.clock.advance(0.25)  # the readiness loop's next poll
+        woken = await waking
+        assert woken.state is S.RUNNING
+        assert woken.container_id == cid
+
+
 # -- liveness ----------------------------------------------------------------------------
 
 

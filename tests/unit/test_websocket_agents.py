@@ -197,6 +197,42 @@ async def test_frame_breaking_the_protocol_closes_the_connection(
         assert ws.close_code == 1008
 
 
+async def test_frame_carries_the_posted_bytes_and_the_reply_is_kept_when_answered(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    raw = '{ "q" :  [1,2], "t": "\u00e9 ✓" }'
+    async with EngineHarness.served(_settings(tmp_path)) as roost:
+        ws = await _start_connected(roost, session)
+        sending = asyncio.ensure_future(
+            roost.client.post(
+                "/api/agents/talker/messages",
+                params={"wait": "true"},
+                content=raw.encode(),
+                headers={"Content-Type": "application/json"},
+            )
+        )
+        received = await asyncio.wait_for(ws.receive(), 10)
+        assert raw in received.data  # spliced in as sent, not re-encoded
+        frame = json.loads(received.data)
+        assert frame["body"] == {"q": [1, 2], "t": "é ✓"}
+        reply = '{"type": "reply", "id": ' + json.dumps(frame["id"]) + ', "reply": ["é", 1]}'
+        await ws.send_str(reply)
+        answered = await asyncio.wait_for(sending, 10)
+        assert answered.json()["reply"] == ["é", 1]
+        await ws.close()
+
+
+async def test_frame_with_nan_closes_the_connection_as_not_json(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    async with EngineHarness.served(_settings(tmp_path)) as roost:
+        ws = await _start_connected(roost, session)
+        await ws.send_str('{"type": "reply", "id": "x", "reply": NaN}')
+        closed = await asyncio.wait_for(ws.receive(), 10)
+        assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == 1007
+
+
 async def test_websocket_is_refused_when_agent_is_not_in_websocket_mode(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

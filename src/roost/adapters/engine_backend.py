@@ -99,7 +99,7 @@ class EngineBackend:
             return None
         host = state.host_ip if state.host_ip not in (None, *_ANY_ADDRESS) else "127.0.0.1"
         assert host is not None
-        return Endpoint(host, state.host_port)
+        return Endpoint(host, state.host_port, state.ip_address or None)
 
     async def logs_tail(self, unit_id: str, *, lines: int = 50) -> str:
         return await self.runtime.logs_tail(unit_id, lines=lines)

@@ -9,14 +9,20 @@ use the public methods below and nothing else.
 Threads and connections (plain ``sqlite3``, no aiosqlite):
 - the writer thread owns the writer connection; only it runs BEGIN … COMMIT;
 - the reader thread owns a ``query_only`` connection for every read.
-Each connection is created, used and closed on its own thread.
+Each connection is created, used and closed on its own thread. A thread is handed
+work through a queue and hands each result back with one ``call_soon_threadsafe``
+(``_Thread``): no executor futures chained to loop futures, so a commit costs the
+event loop two turns (the result, the caller) rather than five, which is what a
+message waits for between deliveries when the loop is busy.
 
 Invariants:
 - Group commit: a write is queued on the event loop, in call order, and the one
-  writer task commits whatever has accumulated (while the previous commit ran)
-  in a single ``BEGIN IMMEDIATE … COMMIT`` on the writer thread, running
-  consecutive plain statements with the same SQL as one ``executemany``.
-  Writes are applied in the order they were queued, across repositories.
+  writer commits whatever has accumulated (while the previous commit ran) in a
+  single ``BEGIN IMMEDIATE … COMMIT`` on the writer thread, running consecutive
+  plain statements with the same SQL as one ``executemany``. At most one
+  transaction is in flight; the next starts when it ends (driven by callbacks on
+  the event loop, not by a task). Writes are applied in the order they were
+  queued, across repositories.
 - A caller's await returns only after *its* write has committed. If the
   transaction fails (any ``sqlite3.Error``, from a statement, BEGIN or COMMIT),
   it is rolled back: every write in it fails with a ``StoreError`` naming the
@@ -27,7 +33,7 @@ Invariants:
   rest of the batch commits.
 - Cancellation never half-applies a write: once queued, a write is committed
   whole or fails whole with its transaction; a cancelled caller only stops
-  waiting for the outcome.
+  waiting for the outcome (its future is cancelled; the write is not).
 - Lazy writes (``execute_lazily``) do not wake the writer: they ride with the
   next commit, or commit alone ``lazy_commit_delay`` seconds later.
 - Reads run on the reader connection. In WAL mode it sees the last committed
@@ -53,14 +59,16 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
+import queue
 import shutil
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, cast
 
@@ -255,6 +263,14 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             """,
         ),
     ),
+    # Step 6 (version 6): an agent's messages in seq order without a sort. Listing
+    # them (GET /api/agents/{name}/messages, without a status) searched
+    # messages_by_status for the agent and sorted every one of its rows in a temporary
+    # B-tree: each page cost time in proportion to all the agent had ever received.
+    Migration(
+        "messages listed by agent in seq order",
+        ("CREATE INDEX messages_by_agent ON messages (agent, seq)",),
+    ),
 )
 
 #: The schema version this code writes and understands.
@@ -274,7 +290,65 @@ class _Write:
     params: Sequence[Any]
     fn: Callable[[sqlite3.Connection], Any] | None
     #: resolved on the event loop only; the writer thread never touches it.
+    #: Cancelled when its caller stops waiting (the write itself goes on).
     done: asyncio.Future[Any]
+    #: its transaction has ended (committed or failed), whoever still waits.
+    settled: bool = False
+
+
+#: Called on the event loop with (ok, the function's result or its exception).
+_Reply = Callable[[bool, Any], None]
+
+
+class _Thread:
+    """One thread that runs the functions it is handed, one at a time, in order, and
+    hands each outcome back on the caller's event loop (one ``call_soon_threadsafe``).
+    A daemon thread: a process that never closed its database does not hang at exit
+    (a transaction cut short there is rolled back by SQLite)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...], _Reply] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], reply: _Reply) -> None:
+        """Run ``fn(*args)`` on the thread; ``reply(ok, value)`` on this loop after."""
+        self._jobs.put((asyncio.get_running_loop(), fn, args, reply))
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` on the thread; a future of its result (or exception)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def reply(ok: bool, value: Any) -> None:
+            if future.done():
+                return  # the caller stopped waiting
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+        self.submit(fn, args, reply)
+        return future
+
+    def stop(self) -> None:
+        """The thread ends once the functions handed to it before have run."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            loop, fn, args, reply = job
+            try:
+                outcome: tuple[bool, Any] = (True, fn(*args))
+            except BaseException as exc:
+                outcome = (False, exc)
+            # A closed loop (RuntimeError): nobody waits for the outcome any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(reply, *outcome)
 
 
 class _BatchFailed(Exception):
@@ -299,16 +373,18 @@ class Database:
         self.path = pathlib.Path(path)
         self._lazy_commit_delay = lazy_commit_delay
         self._lifecycle = asyncio.Lock()
-        self._writer_thread: concurrent.futures.ThreadPoolExecutor | None = None
-        self._reader_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer_thread: _Thread | None = None
+        self._reader_thread: _Thread | None = None
         # Each touched only by functions running on its own thread.
         self._writer_db: sqlite3.Connection | None = None
         self._reader_db: sqlite3.Connection | None = None
         self._queue: list[_Write] = []
         self._in_flight: list[_Write] = []
-        self._wakeup = asyncio.Event()
+        #: a write that does not wait (or the lazy delay, a flush, closing) is queued.
+        self._due = False
         self._lazy_timer: asyncio.TimerHandle | None = None
-        self._writer_task: asyncio.Task[None] | None = None
+        #: woken whenever a transaction ends (flush and close wait on them).
+        self._settle_waiters: list[asyncio.Future[None]] = []
         self._closing = False
         self._commits = 0
         #: the last transaction failed (logged once until one commits again).
@@ -317,7 +393,7 @@ class Database:
 
     @property
     def is_open(self) -> bool:
-        return self._writer_task is not None and not self._closing
+        return self._writer_thread is not None and not self._closing
 
     @property
     def commits(self) -> int:
@@ -340,65 +416,63 @@ class Database:
         """Create (mode 0600) or open the file, configure it, migrate the schema,
         open the read connection and start the writer. Idempotent."""
         async with self._lifecycle:
-            if self._writer_task is not None:
+            if self._writer_thread is not None:
                 return
-            writer = concurrent.futures.ThreadPoolExecutor(1, "roost-db-writer")
-            reader = concurrent.futures.ThreadPoolExecutor(1, "roost-db-reader")
-            loop = asyncio.get_running_loop()
+            writer = _Thread("roost-db-writer")
+            reader = _Thread("roost-db-reader")
             try:
-                await loop.run_in_executor(writer, self._open_writer)
-                await loop.run_in_executor(reader, self._open_reader)
+                await writer.call(self._open_writer)
+                await reader.call(self._open_reader)
             except BaseException:
                 # Each close runs on its own thread; both are no-ops if never opened.
                 await asyncio.gather(
-                    loop.run_in_executor(reader, self._close_reader),
-                    loop.run_in_executor(writer, self._close_writer),
+                    reader.call(self._close_reader),
+                    writer.call(self._close_writer),
                     return_exceptions=True,
                 )
-                reader.shutdown(wait=False)
-                writer.shutdown(wait=False)
+                reader.stop()
+                writer.stop()
                 raise
             self._writer_thread, self._reader_thread = writer, reader
             self._queue, self._in_flight = [], []
-            self._wakeup = asyncio.Event()
+            self._due = False
             self._closing = False
-            self._writer_task = asyncio.create_task(
-                self._write_loop(), name=f"roost.database.writer[{self.path.name}]"
-            )
 
     async def close(self) -> None:
         """Commit every write already queued, then close both connections and stop
         both threads. Idempotent."""
         async with self._lifecycle:
-            task = self._writer_task
-            if task is None:
+            if self._writer_thread is None:
                 return
             self._closing = True
-            self._wakeup.set()
-            await task
-            self._writer_task = None
+            await self._settle([*self._in_flight, *self._queue])
             writer, reader = self._writer_thread, self._reader_thread
             self._writer_thread = self._reader_thread = None
-            loop = asyncio.get_running_loop()
-            for executor, closer in ((reader, self._close_reader), (writer, self._close_writer)):
-                if executor is None:
+            for thread, closer in ((reader, self._close_reader), (writer, self._close_writer)):
+                if thread is None:
                     continue
                 try:
-                    await loop.run_in_executor(executor, closer)
+                    await thread.call(closer)
                 except sqlite3.Error as exc:
                     log.warning("state database %s: error while closing: %s", self.path, exc)
                 finally:
-                    executor.shutdown(wait=False)
+                    thread.stop()
 
     async def flush(self) -> None:
         """Wait until every write queued so far has committed or failed (lazy ones
         included, without waiting out their delay). Raises nothing."""
-        pending = [write.done for write in (*self._in_flight, *self._queue)]
-        if not pending:
-            return
+        await self._settle([*self._in_flight, *self._queue])
+
+    async def _settle(self, writes: list[_Write]) -> None:
+        """Commit what is queued now, without waiting out the lazy delay, and wait
+        until ``writes`` are settled."""
         if self._queue:
-            self._wakeup.set()
-        await asyncio.wait(pending)
+            self._due = True
+            self._kick()
+        while not all(write.settled for write in writes):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._settle_waiters.append(waiter)
+            await waiter
 
     async def check_writable(self) -> None:
         """Whether the file takes writes again after they failed: ``StorageFull``
@@ -408,11 +482,10 @@ class Database:
         committed, raising ``StoreError`` if it fails. The free space is asked
         first: on a full disk a one-page write can still fit in the last pages
         the WAL file holds, and prove nothing."""
-        executor = self._reader_thread
-        if executor is None or self._writer_task is None:
+        reader = self._reader_thread
+        if reader is None or self._writer_thread is None:
             raise self._not_open()
-        loop = asyncio.get_running_loop()
-        usage = await loop.run_in_executor(executor, shutil.disk_usage, self.path.parent)
+        usage = await reader.call(shutil.disk_usage, self.path.parent)
         needed = min(HEADROOM_BYTES, int(usage.total * HEADROOM_SHARE))
         if usage.free < needed:
             raise StorageFull(
@@ -437,13 +510,11 @@ class Database:
 
     async def fetch_all(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         """Every row of one query on the read connection (last committed snapshot)."""
-        executor = self._reader_thread
-        if executor is None or self._writer_task is None:
+        reader = self._reader_thread
+        if reader is None or self._writer_thread is None:
             raise self._not_open()
         try:
-            rows: list[Any] = await asyncio.get_running_loop().run_in_executor(
-                executor, self._read, sql, parameters
-            )
+            rows: list[Any] = await reader.call(self._read, sql, parameters)
         except sqlite3.Error as exc:
             raise StoreError(f"state database {self.path}: read failed: {exc}") from exc
         return rows
@@ -505,86 +576,71 @@ class Database:
     ) -> asyncio.Future[Any]:
         """Append a write to the queue (ordered before every later one); its future
         resolves once its transaction has committed or failed."""
-        if self._writer_task is None or self._closing:
+        if self._writer_thread is None or self._closing:
             raise self._not_open()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         self._queue.append(_Write(operation, kind, sql, parameters, fn, done))
         if not lazy:
-            self._wakeup.set()
+            self._due = True
+            self._kick()
         elif self._lazy_timer is None:
-            self._lazy_timer = loop.call_later(self._lazy_commit_delay, self._wakeup.set)
+            self._lazy_timer = loop.call_later(self._lazy_commit_delay, self._lazy_due)
         return done
 
     @staticmethod
     async def _wait(done: asyncio.Future[Any]) -> Any:
         # Queued means it will be applied whole or fail whole; a cancelled caller
-        # only stops waiting (the shield keeps the outcome from being cancelled).
-        try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
-            done.add_done_callback(_retrieve)
-            raise
+        # cancels only its future, which the writer then leaves alone.
+        return await done
 
-    async def _write_loop(self) -> None:
-        wakeup = self._wakeup
-        batch: list[_Write] = []
-        try:
-            while True:
-                await wakeup.wait()
-                wakeup.clear()
-                if self._lazy_timer is not None:
-                    self._lazy_timer.cancel()
-                    self._lazy_timer = None
-                batch, self._queue = self._queue, []
-                if batch:
-                    await self._commit(batch)
-                batch = []
-                if self._closing:
-                    # Drain: whatever was queued meanwhile (a lazy write) commits first.
-                    if not self._queue:
-                        return
-                    wakeup.set()
-        except BaseException as exc:
-            # Only loop teardown cancels this task: nobody must wait forever.
-            for write in (*batch, *self._queue):
-                if not write.done.done():
-                    write.done.set_exception(
-                        StoreError(
-                            f"state database {self.path}: {write.operation}: the writer "
-                            f"stopped ({type(exc).__name__}); the outcome is unknown"
-                        )
-                    )
-            self._in_flight, self._queue = [], []
-            raise
+    def _lazy_due(self) -> None:
+        self._lazy_timer = None
+        self._due = True
+        self._kick()
 
-    async def _commit(self, batch: list[_Write]) -> None:
-        assert self._writer_thread is not None
+    def _kick(self) -> None:
+        """Begin the next transaction: when none is in flight and writes are due."""
+        if self._in_flight or not self._due or not self._queue:
+            return
+        thread = self._writer_thread
+        if thread is None:
+            return
+        self._due = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        batch, self._queue = self._queue, []
         self._in_flight = batch
-        try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(
-                self._writer_thread, self._apply, batch
-            )
-        except _BatchFailed as failed:
+        thread.submit(self._apply, (batch,), functools.partial(self._committed, batch))
+
+    def _committed(self, batch: list[_Write], ok: bool, outcome: Any) -> None:
+        """A transaction ended (on the event loop): resolve its writes, begin the next."""
+        self._in_flight = []
+        if ok:
+            self._commits += 1
+            self._writes += len(batch)
+            if self._failing:
+                self._failing = False
+                log.warning("state database %s: writes commit again", self.path)
+            for write, (fine, value) in zip(batch, outcome, strict=True):
+                write.settled = True
+                if write.done.done():
+                    continue
+                if fine:
+                    write.done.set_result(value)
+                else:
+                    write.done.set_exception(value)
+        else:
+            failed = outcome if isinstance(outcome, _BatchFailed) else _BatchFailed(outcome, None)
             self._fail(batch, failed)
-            return
-        except Exception as exc:  # the thread could not run it at all
-            self._fail(batch, _BatchFailed(exc, None))
-            return
-        finally:
-            self._in_flight = []
-        self._commits += 1
-        self._writes += len(batch)
-        if self._failing:
-            self._failing = False
-            log.warning("state database %s: writes commit again", self.path)
-        for write, (ok, value) in zip(batch, outcomes, strict=True):
-            if write.done.done():
-                continue
-            if ok:
-                write.done.set_result(value)
-            else:
-                write.done.set_exception(value)
+        if self._closing:
+            self._due = True  # drain: whatever was queued meanwhile (a lazy write) too
+        self._kick()
+        waiters, self._settle_waiters = self._settle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _fail(self, batch: list[_Write], failed: _BatchFailed) -> None:
         cause = failed.cause
@@ -606,6 +662,7 @@ class Database:
         )
         kind = StorageFull if full else StoreError
         for index, write in enumerate(batch):
+            write.settled = True
             if write.done.done():
                 continue
             if index == failed.culprit:

@@ -30,12 +30,15 @@ Invariants:
   the caller gets the stored message instead.
 - ``close`` returns once every write already queued has committed; the
   ``Database`` itself is opened and closed by its owner.
+- Bodies and replies are bytes in and bytes out, never parsed here: stored in the
+  ``TEXT`` columns as the very bytes given (``CAST(? AS TEXT)``, valid UTF-8: the
+  API checked them) and read back as bytes (``CAST(... AS BLOB)``). Rows written
+  by older versions (``json.dumps`` of the parsed value) read back the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -49,13 +52,16 @@ __all__ = ["SqliteInbox"]
 
 M = MessageStatus
 
+# Body and reply as the bytes stored (TEXT columns of a STRICT table: a blob is
+# stored as text with CAST, and read back as the same bytes).
 _COLUMNS: Final = (
-    "id, agent, seq, body, status, attempts, reply, error, idempotency_key, "
-    "created_at, updated_at, next_attempt_at, delivered_at, event_type"
+    "id, agent, seq, CAST(body AS BLOB), status, attempts, CAST(reply AS BLOB), error, "
+    "idempotency_key, created_at, updated_at, next_attempt_at, delivered_at, event_type"
 )
 _INSERT: Final = (
     "INSERT INTO messages (seq, id, agent, body, status, attempts, error, idempotency_key, "
-    "created_at, updated_at, event_type) VALUES (?, ?, ?, ?, 'queued', 0, '', ?, ?, ?, ?) "
+    "created_at, updated_at, event_type) "
+    "VALUES (?, ?, ?, CAST(? AS TEXT), 'queued', 0, '', ?, ?, ?, ?) "
     "ON CONFLICT (agent, idempotency_key) DO NOTHING"
 )
 _MARK_DELIVERING: Final = (
@@ -63,7 +69,8 @@ _MARK_DELIVERING: Final = (
     "WHERE id = ? AND status IN ('queued', 'delivering')"
 )
 _MARK_DELIVERED: Final = (
-    "UPDATE messages SET status = 'delivered', reply = ?, error = '', updated_at = ?, "
+    "UPDATE messages SET status = 'delivered', reply = CAST(? AS TEXT), error = '', "
+    "updated_at = ?, "
     "delivered_at = ?, next_attempt_at = NULL WHERE id = ?"
 )
 _MARK_FAILED: Final = (
@@ -140,13 +147,15 @@ class SqliteInbox:
     async def enqueue(
         self,
         agent: str,
-        body: Any,
+        body: bytes,
         *,
         idempotency_key: str | None = None,
         limit: int | None = None,
         event_type: str | None = None,
     ) -> tuple[Message, bool]:
         self._require_open()
+        if not isinstance(body, bytes):  # nothing reserved, nothing stored
+            raise TypeError(f"a message body is the JSON text as bytes, not {type(body).__name__}")
         if idempotency_key is not None:
             existing = await self._by_key(agent, idempotency_key)
             if existing is not None:
@@ -158,7 +167,6 @@ class SqliteInbox:
                 pending=len(pending),
                 limit=limit,
             )
-        body_json = json.dumps(body)  # TypeError for a value that is not JSON: nothing reserved
         now = self._wall_clock()
         message = Message(
             id=uuid.uuid4().hex,
@@ -177,7 +185,7 @@ class SqliteInbox:
             await self._db.execute(
                 "enqueue message",
                 _INSERT,
-                (message.seq, message.id, agent, body_json, idempotency_key, now, now, event_type),
+                (message.seq, message.id, agent, body, idempotency_key, now, now, event_type),
             )
         except BaseException:
             pending.discard(message.id)
@@ -201,11 +209,11 @@ class SqliteInbox:
             "mark message delivering", _MARK_DELIVERING, (attempts, self._wall_clock(), message_id)
         )
 
-    async def mark_delivered(self, message: Message, reply: Any) -> None:
+    async def mark_delivered(self, message: Message, reply: bytes) -> None:
         self._require_open()
         now = self._wall_clock()
         await self._db.execute(
-            "mark message delivered", _MARK_DELIVERED, (json.dumps(reply), now, now, message.id)
+            "mark message delivered", _MARK_DELIVERED, (reply, now, now, message.id)
         )
         self._settled(message)
 
@@ -314,10 +322,6 @@ class SqliteInbox:
         return _message(row) if row is not None else None
 
 
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
 def _message(row: Any) -> Message:
     (
         message_id,
@@ -339,10 +343,10 @@ def _message(row: Any) -> Message:
         id=message_id,
         agent=agent,
         seq=seq,
-        body=json.loads(body),
+        body=body,
         status=MessageStatus(status),
         attempts=attempts,
-        reply=_loads(reply),
+        reply=reply,
         error=error,
         idempotency_key=idempotency_key,
         created_at=created_at,

@@ -23,6 +23,9 @@ Invariants:
 - A poll is activity for its whole wait, a heartbeat or a frame is a sign of
   life (``Agents.busy`` / ``Agents.touch``): a pull agent that polls stays awake.
 - ``lease_expires_at`` is wall-clock seconds since the epoch.
+- A message's body goes out as stored, spliced into the answer or frame unparsed;
+  a ``complete``'s reply is checked like a message body (``parse_json_body``) and
+  kept as its JSON text. A WebSocket frame with NaN or Infinity is not JSON.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from roost import errors
 from roost.api import routing
 from roost.api.errors import error_responses, install_error_handlers
 from roost.api.messages import check_depth, parse_json_body
 from roost.engine import Engine
+from roost.ports.inbox import spliced_json
 from roost.reactor.agents import ACTIONS
 from roost.reactor.attempts import Outcome
 
@@ -65,9 +69,9 @@ class _StarletteLink:
         self._websocket = websocket
         self._lock = asyncio.Lock()
 
-    async def send_json(self, frame: dict[str, Any]) -> None:
+    async def send_text(self, frame: str) -> None:
         async with self._lock:
-            await self._websocket.send_text(json.dumps(frame))
+            await self._websocket.send_text(frame)
 
     async def close(self, code: int, reason: str) -> None:
         async with self._lock:
@@ -83,6 +87,10 @@ def _mode_conflict(name: str, delivery: str, wanted: str) -> errors.Refusal:
     )
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _outcome(raw: bytes) -> Outcome:
     body = parse_json_body(raw)
     check_depth(body)
@@ -91,7 +99,7 @@ def _outcome(raw: bytes) -> Outcome:
             400, 'complete takes {"reply": <any JSON>} or {"error": "<what went wrong>"}'
         )
     if "reply" in body:
-        return Outcome.reply(body["reply"])
+        return Outcome.reply(json.dumps(body["reply"]).encode())
     if not isinstance(body["error"], str) or not body["error"]:
         raise errors.Refusal(400, "'error' must be a non-empty string")
     return Outcome.error(body["error"])
@@ -131,15 +139,13 @@ def agent_router(engine: Engine) -> APIRouter:
         if lease is None:
             return Response(status_code=204)
         message = lease.message
-        return JSONResponse(
-            {
-                "id": message.id,
-                "body": message.body,
-                "event_type": message.event_type,
-                "attempt": lease.attempt,
-                "lease_expires_at": lease.expires_at,
-            }
-        )
+        fields = {
+            "id": message.id,
+            "event_type": message.event_type,
+            "attempt": lease.attempt,
+            "lease_expires_at": lease.expires_at,
+        }
+        return Response(spliced_json(fields, {"body": message.body}), media_type="application/json")
 
     @router.post(
         "/api/agents/{name}/queue/{message_id}/heartbeat",
@@ -195,8 +201,8 @@ def agent_router(engine: Engine) -> APIRouter:
                 if raw is None:
                     raw = (message.get("bytes") or b"").decode("utf-8", "replace")
                 try:
-                    frame = json.loads(raw)
-                except ValueError:
+                    frame = json.loads(raw, parse_constant=_not_json)
+                except (ValueError, RecursionError):
                     reason = "a frame that is not JSON"
                     await websocket.close(code=CLOSE_BAD_DATA, reason=reason)
                     break

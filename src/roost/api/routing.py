@@ -2,7 +2,7 @@
 
 Role: HTTP front end of ``Dispatcher.route`` (``roost.reactor.delivering``),
 served on the admin API and, for agents with ``may_route = true``, on the agent
-listener. The JSON body is stored durably for the first agent whose
+listener. The JSON body is stored durably, as the bytes the client sent, for the first agent whose
 ``event_types`` match, in configuration order (202 ``{"id", "agent"}``), or with
 ``?all=true`` a copy for every matching agent (202 with a list of them).
 
@@ -28,8 +28,7 @@ from roost.api.messages import (
     IDEMPOTENCY_KEY_HEADER,
     MAX_IDEMPOTENCY_KEY,
     QUEUE_FULL_RETRY_AFTER,
-    check_depth,
-    parse_json_body,
+    json_body,
 )
 from roost.core import routing
 from roost.engine import Engine
@@ -70,8 +69,7 @@ def route_router(engine: Engine) -> APIRouter:
             raise errors.Refusal(
                 400, f"{IDEMPOTENCY_KEY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
             )
-        body = parse_json_body(await request.body())
-        check_depth(body)
+        body = json_body(await request.body())
         try:
             stored = await dispatcher.route(event_type, body, fan_out=fan_out, idempotency_key=key)
         except errors.StoreError as exc:

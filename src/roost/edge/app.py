@@ -15,7 +15,9 @@ Role: every HTTP and WebSocket request passes here first, in this order:
    is 413 before anything is read; a streamed body is counted as it is read and
    cut at the limit with the same 413;
 3. ``/agents/{name}/...`` goes to the reverse proxy (:mod:`roost.edge.proxy`),
-   everything else to the admin API (:mod:`roost.api.app`).
+   everything else to the admin API (:mod:`roost.api.app`), through its message
+   door (``roost.api.messages.MessageDoor``: a plain ``POST .../messages`` is
+   served without FastAPI's per-request machinery, the rest by FastAPI).
 
 Invariants:
 - Every refusal is one :class:`roost.errors.Refusal` rendered in the one error
@@ -37,6 +39,7 @@ from fastapi import FastAPI
 from roost import errors
 from roost.api.app import PUBLIC_PATHS, create_api
 from roost.api.errors import refuse
+from roost.api.messages import MessageDoor
 from roost.edge.proxy import PREFIX, AgentProxy
 from roost.engine import Engine
 
@@ -58,9 +61,17 @@ class Edge:
     """The ASGI app Roost serves (see the module docstring)."""
 
     def __init__(
-        self, api: FastAPI, proxy: AgentProxy, *, token: str | None, max_body: int
+        self,
+        api: FastAPI,
+        proxy: AgentProxy,
+        *,
+        token: str | None,
+        max_body: int,
+        door: MessageDoor | None = None,
     ) -> None:
         self.api = api
+        #: what the API's requests go through: the message door, then FastAPI.
+        self.api_door: MessageDoor | FastAPI = door if door is not None else api
         self.proxy = proxy
         self._token = token.encode("utf-8") if token else None
         self._max_body = max_body
@@ -81,7 +92,7 @@ class Edge:
         if path.startswith(PREFIX):
             await self.proxy(scope, receive, send)
         else:
-            await self.api(scope, receive, send)
+            await self.api_door(scope, receive, send)
 
     def _authorize(self, scope: Scope) -> Scope:
         """Refusal 401 unless the request carries the token; the scope without
@@ -173,8 +184,11 @@ def _is_public(path: str) -> bool:
 def create_app(engine: Engine, *, token: str | None) -> Edge:
     """Roost's whole HTTP surface over ``engine`` (which the caller starts and stops)."""
     api = create_api(engine)
+    door = MessageDoor(  # the busiest route without FastAPI's per-request machinery
+        engine, api, on_store_error=lambda exc: engine.health.fail("store", str(exc))
+    )
     metrics = api.state.metrics
     proxy = AgentProxy(engine, observer=metrics)
     metrics.open_streams = lambda: proxy.open_streams
     engine.add_closer(proxy.close)
-    return Edge(api, proxy, token=token, max_body=engine.settings.server.max_body_size)
+    return Edge(api, proxy, token=token, max_body=engine.settings.server.max_body_size, door=door)

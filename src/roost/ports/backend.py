@@ -84,10 +84,14 @@ class Capabilities:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a unit's port answers, as Roost reaches it."""
+    """Where a unit's port answers, as Roost reaches it: ``host:port`` is the
+    published port; ``own_ip`` is the container's own address on its network
+    when the backend knows it (deliveries go there once it answered, skipping
+    Docker's port proxy: roost.reactor.addressing), else None."""
 
     host: str
     port: int
+    own_ip: str | None = None
 
     @property
     def url(self) -> str:

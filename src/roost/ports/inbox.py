@@ -1,7 +1,13 @@
 """The inbox port: durable messages addressed to agents.
 
-A message is a JSON value stored before Roost acknowledges it, then delivered
+A message is a JSON text stored before Roost acknowledges it, then delivered
 to its agent in acceptance order and answered with the agent's reply.
+
+Bodies and replies are bytes end to end: the body is the JSON text exactly as the
+client sent it (checked once, at the API's edge: UTF-8, JSON, not too deep), stored
+and delivered as those bytes; a reply is the agent's JSON text as it answered it.
+Only what shows a message as JSON decodes them (``Message.to_json``,
+``json_value``) or splices them into a frame unparsed (``spliced_json``).
 
 Statuses (contract names)::
 
@@ -27,12 +33,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Awaitable, Sequence
+import json
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol
 
 from roost import errors
 
-__all__ = ["PENDING", "TERMINAL", "Inbox", "Message", "MessageStatus", "QueueFull"]
+__all__ = [
+    "PENDING",
+    "TERMINAL",
+    "Inbox",
+    "Message",
+    "MessageStatus",
+    "QueueFull",
+    "json_value",
+    "spliced_json",
+]
 
 
 class MessageStatus(enum.StrEnum):
@@ -58,15 +74,32 @@ class QueueFull(errors.RoostError):
         self.limit = limit
 
 
+def json_value(text: bytes | None) -> Any:
+    """A stored JSON text (a body or a reply) as its value; None for None."""
+    return None if text is None else json.loads(text)
+
+
+def spliced_json(fields: Mapping[str, Any], texts: Mapping[str, bytes]) -> bytes:
+    """One JSON object: ``fields`` encoded here, then ``texts`` spliced in as they
+    are, unparsed. Each of ``texts`` must be a valid JSON text: a stored body or
+    reply is (checked before it was stored)."""
+    head = json.dumps(fields, separators=(",", ":")).encode()
+    members = [head[1:-1]] if len(head) > 2 else []
+    members.extend(json.dumps(key).encode() + b":" + text for key, text in texts.items())
+    return b"{" + b",".join(members) + b"}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
     id: str
     agent: str
     seq: int
-    body: Any
+    #: the JSON text the client sent, byte for byte (UTF-8).
+    body: bytes
     status: MessageStatus
     attempts: int = 0
-    reply: Any = None
+    #: the agent's reply as a JSON text (``delivered`` only; None before).
+    reply: bytes | None = None
     error: str = ""
     idempotency_key: str | None = None
     created_at: float = 0.0
@@ -78,14 +111,14 @@ class Message:
 
     def to_json(self) -> dict[str, Any]:
         """A message as JSON (contract: ``id``, ``agent``, ``status``, ``attempts``,
-        ``reply``, ``error``)."""
+        ``reply``, ``error``); body and reply decoded."""
         return {
             "id": self.id,
             "agent": self.agent,
             "seq": self.seq,
             "status": self.status.value,
             "attempts": self.attempts,
-            "reply": self.reply,
+            "reply": json_value(self.reply),
             "error": self.error or None,
             "idempotency_key": self.idempotency_key,
             "created_at": self.created_at,
@@ -93,7 +126,7 @@ class Message:
             "next_attempt_at": self.next_attempt_at,
             "delivered_at": self.delivered_at,
             "event_type": self.event_type,
-            "body": self.body,
+            "body": json_value(self.body),
         }
 
 
@@ -109,14 +142,16 @@ class Inbox(Protocol):
     async def enqueue(
         self,
         agent: str,
-        body: Any,
+        body: bytes,
         *,
         idempotency_key: str | None = None,
         limit: int | None = None,
         event_type: str | None = None,
     ) -> tuple[Message, bool]:
         """Store a message durably (with the ``event_type`` it was routed by, if
-        any); return it and whether it is new.
+        any); return it and whether it is new. ``body`` is a JSON text its caller
+        has checked; it is stored and given back byte for byte (TypeError for
+        anything but bytes).
 
         With ``idempotency_key``, a message already stored under that key for
         ``agent`` is returned unchanged (``False``). ``QueueFull`` when ``agent``
@@ -151,7 +186,9 @@ class Inbox(Protocol):
         next write (await the result to know it is durable)."""
         ...
 
-    async def mark_delivered(self, message: Message, reply: Any) -> None: ...
+    async def mark_delivered(self, message: Message, reply: bytes) -> None:
+        """Delivered, with the agent's ``reply`` (a JSON text, stored as it is)."""
+        ...
 
     async def mark_failed(self, message: Message, error: str) -> None: ...
 

@@ -368,6 +368,12 @@ class Agents:
                     await actor.submit(ev.ContainerExited(cid, state.exit))
         return actor.record
 
+    def address(self, record: AgentRecord) -> str | None:
+        """Where Roost's own requests to the agent go: its container's own address
+        when it answered its health check there (``roost.reactor.addressing``), else
+        ``record.url``."""
+        return self._supervisor.addresses.url(record)
+
     @contextlib.asynccontextmanager
     async def busy(self, name: str) -> AsyncIterator[Callable[[], None]]:
         """Activity in flight (a delivery, a stream, a lease): idling never fires

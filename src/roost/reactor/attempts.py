@@ -5,7 +5,8 @@ push mode, a lease in pull mode, a frame on the agent's WebSocket), so the
 delivery lane (``roost.reactor.delivering``) decides what comes next in one
 place: ``delivered``, ``failed``, a retry, or ``dead`` after ``max_attempts``.
 
-- ``reply``: the agent answered; ``value`` is the reply (→ ``delivered``);
+- ``reply``: the agent answered; ``value`` is the reply as a JSON text, bytes
+  (→ ``delivered``);
 - ``error``: the agent answered that it failed the message (push: a 4xx; pull:
   ``complete`` with ``error``; WebSocket: an ``error`` frame) — final (→ ``failed``);
 - ``server_error``: push only, a 5xx: retried, up to the dispatcher's limit;
@@ -28,12 +29,13 @@ OutcomeKind = Literal["reply", "error", "server_error", "no_answer", "settled"]
 @dataclasses.dataclass(frozen=True, slots=True)
 class Outcome:
     kind: OutcomeKind
-    #: the reply (``reply``), or what went wrong (the other kinds).
+    #: the reply's JSON text (``reply``), or what went wrong (the other kinds).
     value: Any = None
 
     @classmethod
-    def reply(cls, value: Any) -> Outcome:
-        return cls("reply", value)
+    def reply(cls, text: bytes) -> Outcome:
+        """The agent's reply, a JSON text (stored as it is)."""
+        return cls("reply", text)
 
     @classmethod
     def error(cls, text: str) -> Outcome:

@@ -10,7 +10,8 @@ every frame here) and gets its messages as frames over that connection:
                     {"type": "heartbeat"}
 
 This module knows nothing of Starlette: a connection is a :class:`Link` (send a
-JSON frame, close). The supervisor asks :meth:`Channels.wait_connected` whether
+text frame, close). A message frame carries the stored body spliced in unparsed
+(``spliced_json``); a reply frame's ``reply`` is kept as its JSON text. The supervisor asks :meth:`Channels.wait_connected` whether
 a started container is ready (running *and* connected) and :meth:`connected`
 for liveness; the delivery lane sends with :meth:`Channels.request`.
 
@@ -28,12 +29,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Protocol
 
 from roost import aio
 from roost.ports.clock import Clock
-from roost.ports.inbox import Message
+from roost.ports.inbox import Message, spliced_json
 from roost.reactor.attempts import Outcome
 
 __all__ = ["CLOSE_REPLACED", "CLOSE_REVOKED", "Channel", "Channels", "Link"]
@@ -49,7 +51,9 @@ CLOSE_SHUTDOWN = 1001
 class Link(Protocol):
     """One open WebSocket, as the channel sees it."""
 
-    async def send_json(self, frame: dict[str, Any]) -> None: ...
+    async def send_text(self, frame: str) -> None:
+        """Send one text frame (a JSON object)."""
+        ...
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -139,16 +143,18 @@ class Channels:
             return Outcome.no_answer("the agent's WebSocket is not connected")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         channel.pending[message.id] = future
-        frame = {
-            "type": "message",
-            "id": message.id,
-            "body": message.body,
-            "event_type": message.event_type,
-            "attempt": attempt,
-        }
+        frame = spliced_json(
+            {
+                "type": "message",
+                "id": message.id,
+                "event_type": message.event_type,
+                "attempt": attempt,
+            },
+            {"body": message.body},
+        ).decode()
         try:
             try:
-                await channel.link.send_json(frame)
+                await channel.link.send_text(frame)
             except Exception as exc:  # the connection broke under us
                 self._drop(channel, f"send failed: {type(exc).__name__}")
                 return Outcome.no_answer(f"the WebSocket failed while sending: {exc!r}")
@@ -182,7 +188,7 @@ class Channels:
             )
             return None
         if kind == "reply":
-            future.set_result(Outcome.reply(frame.get("reply")))
+            future.set_result(Outcome.reply(json.dumps(frame.get("reply")).encode()))
         else:
             error = frame.get("error")
             future.set_result(Outcome.error(error if isinstance(error, str) else repr(error)))

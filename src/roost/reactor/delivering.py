@@ -6,7 +6,8 @@ queued messages (on ``submit``, or at start-up for what a previous Roost left).
 How one attempt reaches the agent depends on its ``delivery`` mode; everything
 else (order, wake, retries, ``max_attempts``, dead on failure) is the same:
 
-- ``push``: a POST to ``message_path`` (the reply is the answer's body);
+- ``push``: a POST of the stored body, byte for byte, to ``message_path`` (the
+  reply is the answer's body, kept as the agent's bytes when they are JSON);
 - ``pull``: the message is offered on the agent's queue (``roost.reactor.pulling``)
   and the attempt is the lease an agent's ``queue/next`` takes, answered by its
   ``complete`` or lost when the lease expires (then offered again at once);
@@ -29,7 +30,10 @@ Invariants:
   the agent always gets the message's id in ``Roost-Message-Id``.
 - Before each attempt the agent is woken (``Agents.wake``, which also announces
   ``agent.waking`` once per wake); while it is starting or restarting the
-  message waits. 2xx → ``delivered`` (the reply is
+  message waits. A message for a sleeping agent begins that wake while it is
+  being stored (the lane's wake then joins it); one the queue refuses wakes
+  nothing, one refused for another reason (a full disk) or a repeat of a stored
+  one (``Idempotency-Key``) may have woken it for nothing. 2xx → ``delivered`` (the reply is
   kept); other non-5xx answers → ``failed``; 5xx, no answer, or no connection
   → retried after ``retry`` (a ``Backoff``; the pause is cut short when the agent fails), the
   same message first, so later messages never overtake it. After
@@ -79,7 +83,13 @@ from roost.reactor.channels import Channels
 from roost.reactor.health import WRITE_RETRY, Health
 from roost.reactor.pulling import Lease, Pulls
 
-__all__ = ["DEFAULT_RETRY", "EVENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "Dispatcher"]
+__all__ = [
+    "DEFAULT_RETRY",
+    "EVENT_TYPE_HEADER",
+    "MESSAGE_ID_HEADER",
+    "Dispatcher",
+    "reply_json",
+]
 
 log = logging.getLogger("roost.delivery")
 
@@ -136,11 +146,15 @@ class Dispatcher:
         self.max_server_errors = max_server_errors
         self.health = health
         self._lanes: dict[str, _Lane] = {}
+        #: agents an early wake is under way for (one at a time each).
+        self._waking: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
         #: reset handling: owned, awaited on stop.
         self._tasks = aio.TaskSet(log)
         #: pull agents' nudges: fire and forget, but owned (cancelled on stop).
         self._nudges = aio.TaskSet(log)
+        #: wakes begun while a message for a sleeping agent is being stored (see submit).
+        self._early_wakes = aio.TaskSet(log)
         #: WebSocket agents' connections.
         self.channels = channels if channels is not None else Channels(clock=clock)
         #: pull agents' offers and leases.
@@ -169,6 +183,7 @@ class Dispatcher:
         await asyncio.gather(*(lane.join() for lane in lanes), return_exceptions=True)
         await self._tasks.join()
         await self._nudges.close()
+        await self._early_wakes.close()
         for futures in self._waiters.values():
             for future in futures:
                 future.cancel()
@@ -178,17 +193,19 @@ class Dispatcher:
     async def submit(
         self,
         name: str,
-        body: Any,
+        body: bytes,
         *,
         idempotency_key: str | None = None,
         event_type: str | None = None,
     ) -> tuple[Message, bool]:
         """Store a message durably for agent ``name`` and start its delivery.
+        ``body`` is the JSON text as checked at the edge (``roost.api.messages.json_body``).
 
         NotFound for an unknown agent, QueueFull over its ``queue_limit``."""
         if self.closed:
             raise errors.StateError("Roost is shutting down; the message was not stored")
         spec = self.agents.spec(name)  # NotFound first: nothing stored for an unknown agent
+        self._wake_early(name, spec)
         message, created = await self.inbox.enqueue(
             name,
             body,
@@ -201,6 +218,29 @@ class Dispatcher:
             self._lane(name).wake()
         return message, created
 
+    def _wake_early(self, name: str, spec: ResolvedAgent) -> None:
+        """A message for a sleeping agent: begin the wake now, while the message is
+        being stored, rather than when its lane has read it back (the commit and the
+        lane's turn overlap the unpause or start). The lane's own wake joins this one;
+        its failures are the lane's to handle, so this one only logs them. A message
+        the queue will refuse wakes nothing (see the module docstring)."""
+        record = self.agents.get(name)
+        if record.awake or record.state is S.FAILED or name in self._waking:
+            return
+        if spec.queue_limit and self.inbox.pending_count(name) >= spec.queue_limit:
+            return
+        self._waking.add(name)
+
+        async def wake() -> None:
+            try:
+                await self.agents.wake(name, reason="message delivery", timeout=spec.hold_timeout)
+            except (errors.RoostError, TimeoutError) as exc:
+                log.debug("agent %s: early wake for a message: %s", name, exc)
+            finally:
+                self._waking.discard(name)
+
+        self._early_wakes.spawn(wake(), f"roost.wake[{name}]")
+
     def route_targets(self, event_type: str, *, fan_out: bool = False) -> list[str]:
         """The agents an event of this type goes to (configuration order); NotFound
         naming the type when none handles it."""
@@ -212,7 +252,7 @@ class Dispatcher:
     async def route(
         self,
         event_type: str,
-        body: Any,
+        body: bytes,
         *,
         fan_out: bool = False,
         idempotency_key: str | None = None,
@@ -225,12 +265,18 @@ class Dispatcher:
             for name in self.route_targets(event_type, fan_out=fan_out)
         ]
 
-    async def wait_final(self, name: str, message_id: str, timeout: float) -> Message | None:
-        """The message once delivered, failed or dead; None if still pending at ``timeout``."""
+    async def wait_final(
+        self, name: str, message_id: str, timeout: float, *, current: Message | None = None
+    ) -> Message | None:
+        """The message once delivered, failed or dead; None if still pending at ``timeout``.
+
+        ``current``: the message as ``submit`` just stored it, when nothing awaited in
+        between (so it cannot have been delivered yet): then it is not read again."""
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(message_id, []).append(future)
         try:
-            current = await self.inbox.get(name, message_id)
+            if current is None or current.id != message_id:
+                current = await self.inbox.get(name, message_id)
             if current is None:
                 raise errors.NotFound(f"agent {name!r} has no message {message_id!r}")
             if current.status in TERMINAL:
@@ -435,6 +481,16 @@ class _Lane:
                 slots = asyncio.Semaphore(spec.max_concurrent_messages)
             generation = self._generation
             for message in batch:
+                if spec.max_concurrent_messages == 1 and not self._deliveries:
+                    # One at a time: delivered by this task itself, each after the
+                    # previous outcome has been committed. No task per message and no
+                    # slot handed back: two turns of the event loop fewer per message,
+                    # which is what the next one waits for when the loop is busy.
+                    if generation != self._generation or self._rewind:
+                        break
+                    self._cursor = message.seq
+                    await self._deliver(spec, message, generation)
+                    continue
                 # In seq order: a message starts only when a slot is free, so with one
                 # slot it starts after the previous outcome has been committed.
                 await slots.acquire()
@@ -472,7 +528,8 @@ class _Lane:
                 "agent %s failed: %d undelivered messages are now dead", self.name, len(ids)
             )
         for message_id in ids:
-            dead = Message(message_id, self.name, 0, None, M.DEAD, error=reason)
+            # Waiters read its id and status (and then the stored message): no body.
+            dead = Message(message_id, self.name, 0, b"null", M.DEAD, error=reason)
             self.d._settled(dead)
 
     # -- one message ----------------------------------------------------------------------
@@ -589,9 +646,10 @@ class _Lane:
             return await self._offer(spec, record, message, attempt)
         if spec.delivery == "websocket":
             return await self._send_frame(spec, message, attempt)
-        if record.url is None:
+        url = self.d.agents.address(record)  # its own address, else its published port
+        if url is None:
             return None
-        return await self._push(spec, record.url, message, attempt)
+        return await self._push(spec, url, message, attempt)
 
     async def _push(
         self, spec: ResolvedAgent, url: str, message: Message, attempt: int
@@ -606,7 +664,7 @@ class _Lane:
                     d.agent_client.request(
                         "POST",
                         url + spec.message_path,
-                        body=json.dumps(message.body).encode(),
+                        body=message.body,
                         headers=headers,
                         timeout=d.delivery_timeout,
                     )
@@ -615,10 +673,9 @@ class _Lane:
             error = f"no answer from the agent: {exc or type(exc).__name__}"
             return _Attempt(Outcome.no_answer(error), marking)
         status = response.status
-        reply = _decoded_reply(response.body)
         if 200 <= status < 300:
-            return _Attempt(Outcome.reply(reply), marking)
-        error = f"HTTP {status}: {_excerpt(reply)}"
+            return _Attempt(Outcome.reply(reply_json(response.body)), marking)
+        error = f"HTTP {status}: {_excerpt(_decoded_reply(response.body))}"
         outcome = Outcome("server_error", error) if status >= 500 else Outcome.error(error)
         return _Attempt(outcome, marking)
 
@@ -698,11 +755,34 @@ def _headers(message: Message) -> tuple[tuple[bytes, bytes], ...]:
     return headers
 
 
+def reply_json(raw: bytes) -> bytes:
+    """An agent's answer as the JSON text kept for its reply: its own bytes when they
+    are JSON (UTF-8, without NaN or Infinity); else JSON in another Unicode encoding
+    re-encoded, else its text as a JSON string; nothing at all is null."""
+    if not raw:
+        return b"null"
+    try:
+        json.loads(raw.decode("utf-8"), parse_constant=_not_json)  # the proof only
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        pass
+    else:
+        return raw
+    try:
+        value = json.loads(raw, parse_constant=_not_json)  # UTF-16 or UTF-32 JSON
+    except (ValueError, RecursionError):
+        value = raw.decode(errors="replace")
+    return json.dumps(value).encode()
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _decoded_reply(raw: bytes) -> Any:
     """The agent's answer: JSON when it parses, else its text (None when empty)."""
     try:
         return json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw.decode(errors="replace")
 
 

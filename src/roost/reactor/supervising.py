@@ -67,6 +67,7 @@ from roost.ports.clock import Clock
 from roost.ports.notifier import Notifier
 from roost.ports.runtime import ContainerSpec, RuntimeEvent
 from roost.ports.store import Store
+from roost.reactor.addressing import Addresses, container_url
 from roost.reactor.channels import Channels
 from roost.reactor.credentials import TOKEN_ENV, Credentials
 from roost.reactor.health import WRITE_RETRY, Health
@@ -149,6 +150,8 @@ class AgentActor:
         self._state_before = record.state
         #: (container id, URL) last seen healthy: a paused container keeps its port.
         self._known_url: tuple[str, str] | None = None
+        #: the container Roost paused while it was healthy (see _resumes_healthy).
+        self._paused_healthy: str | None = None
         self._last_touch_posted = 0.0
         #: start failures handled (in the record); fail-fast waiters compare it.
         self.start_failures = 0
@@ -267,7 +270,8 @@ class AgentActor:
                 envelope.reply.set_result(decision)
 
     async def _handle(self, event: ev.Event) -> Decision:
-        self._state_before = self.record.state
+        before = self.record
+        self._state_before = before.state
         now = self.sup.clock.now()
         decision = transition(self.record, event, now=now, policy=self.policy)
         if isinstance(event, ev.ContainerExited) and _gives_up(decision):
@@ -297,6 +301,8 @@ class AgentActor:
             )
         if self.record.url is not None and self.record.container_id is not None:
             self._known_url = (self.record.container_id, self.record.url)
+        if self.record.state is S.PAUSED and before.state is not S.PAUSED:
+            self._paused_healthy = _healthy_container(before)
         for command in decision.commands:
             self._execute(command)
         if self.record.state is not S.STARTING and self._start_task is not None:
@@ -542,7 +548,10 @@ class AgentActor:
                 except errors.RoostError:
                     pass  # not paused after all (or gone): take the careful path
                 else:
-                    url = await self._wait_ready(cid, known_url=known[1])
+                    if self._resumes_healthy(cid):
+                        url = known[1]
+                    else:
+                        url = await self._wait_ready(cid, known_url=known[1])
                     self.post(ev.BecameHealthy(cid, url))
                     return
             existing = None
@@ -629,6 +638,16 @@ class AgentActor:
             )
         )
 
+    def _resumes_healthy(self, cid: str) -> bool:
+        """Whether a container just unpaused is known healthy without a probe: Roost
+        froze it itself while it was healthy (running, its last liveness probe
+        passed) and it ran no instruction since, so it is exactly as healthy as it
+        was: the knowledge every message to a running agent relies on between two
+        liveness probes. A cold start has no such knowledge and polls readiness.
+        Push mode only: a WebSocket agent must still be connected (its wait stays),
+        and a pull agent needs nothing."""
+        return self.spec.delivery == "push" and self._paused_healthy == cid
+
     async def _wait_ready(self, cid: str, *, known_url: str | None = None) -> str:
         """Wait until the agent is ready; its URL. Push mode: poll the health path over
         HTTP at millisecond granularity until it answers 200. Pull mode: the container
@@ -637,6 +656,7 @@ class AgentActor:
         be = self.sup.backend
         clock = self.sup.clock
         deadline = clock.monotonic() + self.policy.startup_timeout
+        direct: str | None = None  # the container's own address (roost.reactor.addressing)
         if known_url is not None:
             url = known_url
         else:
@@ -646,16 +666,23 @@ class AgentActor:
                     f"agent {self.name!r}: container {cid[:12]} publishes no port {self.spec.port}"
                 )
             url = endpoint.url
+            direct = container_url(endpoint.own_ip, self.spec.port)
         if self.spec.delivery == "pull":
             return url
         if self.spec.delivery == "websocket":
             await self._wait_connected(cid)
             return url
-        health = url + self.spec.health_path
         last = ""
         polls = 0
         while True:
-            result = await self.sup.agent_client.probe(health, timeout=READINESS_PROBE_TIMEOUT)
+            result = await self.sup.addresses.probe_ready(
+                self.name,
+                cid,
+                url,
+                direct,
+                self.spec.health_path,
+                timeout=READINESS_PROBE_TIMEOUT,
+            )
             if result.ok:
                 return url
             last = result.detail
@@ -813,6 +840,8 @@ class Supervisor:
         self.network = network
         self.pull_timeout = pull_timeout
         self.actors: dict[str, AgentActor] = {}
+        #: containers' own addresses where they answer (Roost's own requests go there).
+        self.addresses = Addresses(agent_client)
         self._listeners: list[StateListener] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._reconcile_lock = asyncio.Lock()
@@ -849,6 +878,7 @@ class Supervisor:
 
     async def remove_actor(self, name: str) -> None:
         actor = self.actors.pop(name, None)
+        self.addresses.forget(name)
         if actor is not None:
             await actor.close()
 
@@ -1177,6 +1207,7 @@ class Supervisor:
             return_exceptions=True,
         )
         await asyncio.gather(*(a.close() for a in self.actors.values()), return_exceptions=True)
+        await self.addresses.close()
         if remove and not leave_running:
             ids = {a.record.container_id for a in self.actors.values() if a.record.container_id}
             try:
@@ -1190,6 +1221,14 @@ class Supervisor:
                 *(self.backend.remove(cid) for cid in sorted(ids)),
                 return_exceptions=True,
             )
+
+
+def _healthy_container(record: AgentRecord) -> str | None:
+    """The record's container if it was running healthy (no liveness probe failed
+    since the last that passed), else None."""
+    if record.state in (S.RUNNING, S.IDLE) and record.liveness_failures == 0:
+        return record.container_id
+    return None
 
 
 def _clip_tail(text: str) -> str:

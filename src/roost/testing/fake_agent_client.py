@@ -7,6 +7,9 @@ The served "agent" behaves like the mimic agent in echo mode.
 
 Invariants (tests/contract/test_agent_client_contract.py holds ``HttpAgentClient``
 against a real echo server to the same ones):
+- A URL is served through a container's published port, or at its own address
+  on its container port (``FakeRuntime.answering``); ports in ``unhealthy_ports``
+  are published ports, whichever way the container is reached.
 - ``probe`` is ok (HTTP 200) exactly when such a container exists; otherwise it
   answers like a refused connection (``status`` None). Ports listed in
   ``unhealthy_ports`` answer HTTP 503 instead, to model an app that is up but
@@ -16,7 +19,7 @@ against a real echo server to the same ones):
   they raise ``AgentHTTPError`` like a real client. A streamed body is read whole
   first (an exception from it propagates unchanged).
 - ``websocket`` to a served URL echoes every message back until closed.
-- What is served is what ``FakeRuntime.serves`` says (running, unpaused, the
+- What is served is what ``FakeRuntime.answering`` says (running, unpaused, the
   port published), whether or not the fake engine's API answers.
 """
 
@@ -47,12 +50,13 @@ class FakeAgentClient:
         self.closed = False
 
     async def _serves(self, url: str) -> int | None:
-        """The URL's port when a running container publishes it, else None."""
-        port = urllib.parse.urlsplit(url).port
-        if port is None:
+        """The published port of the running container the URL reaches (through that
+        port, or at the container's own address), else None."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.port is None:
             return None
         await asyncio.sleep(0)  # a real request yields to the loop
-        return port if self.runtime.serves(port) else None
+        return self.runtime.answering(parts.hostname, parts.port)
 
     async def probe(self, url: str, *, timeout: float) -> ProbeResult:
         port = await self._serves(url)

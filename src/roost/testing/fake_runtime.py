@@ -25,7 +25,12 @@ Invariants (each mirrors dockerd 20.10, as measured for the Docker adapter):
   container exit with ``crash`` and give it output with ``log_lines``. A test
   that needs a real app behind a container runs it on the host and names its
   port in ``endpoints[image]``: containers of that image then publish that
-  port (as Docker publishes a fixed ``HostPort``) instead of a counted one. Any
+  port (as Docker publishes a fixed ``HostPort``) instead of a counted one, and
+  have no address of their own (the real app is only behind that port). Other
+  containers get an own address from the IPv6 documentation prefix
+  (``2001:db8::/32``, never routed: a real client never reaches anything there),
+  at which ``answering`` finds them on their container port, as a client on
+  Docker's host reaches a container on a bridge network. Any
   terminating signal ends the process with 128 + signal number; ``stop`` ends it
   with ``stop_exit_code`` (an app that handles SIGTERM, 0 by default).
 - Like Docker, ``commit`` merges Env and Labels with the container's by key:
@@ -227,6 +232,19 @@ class FakeRuntime:
         of the agent sees, whether or not the engine's API answers."""
         return any(c.status == "running" and c.host_port == port for c in self._containers.values())
 
+    def answering(self, host: str | None, port: int) -> int | None:
+        """The published port of the running, unpaused container a client reaches at
+        ``host:port``: one publishing ``port``, or one whose own address is ``host``
+        and whose container port is ``port``. None when nobody answers there."""
+        for c in self._containers.values():
+            if c.status != "running" or c.host_port is None:
+                continue
+            if c.host_port == port and (host is None or c.ip_address != host):
+                return c.host_port
+            if c.ip_address is not None and c.ip_address == host and c.spec.port == port:
+                return c.host_port
+        return None
+
     def container_spec(self, container_id: str) -> ContainerSpec:
         """The spec a container was created from (for assertions on limits)."""
         return self._get(container_id).spec
@@ -336,9 +354,9 @@ class FakeRuntime:
                 or self.endpoints.get(container.spec.image)
                 or next(self._host_ports)
             )
-        if container.spec.network not in ("host", "none"):
-            n = next(self._addresses)
-            container.ip_address = f"172.17.{n // 254}.{n % 254 + 2}"
+        endpoint = container.spec.image in self.endpoints
+        if container.spec.network not in ("host", "none") and not endpoint:
+            container.ip_address = f"2001:db8::{next(self._addresses) + 2:x}"
         self._emit("start", container)
 
     async def pause(self, container_id: str) -> None:
