@@ -1,11 +1,19 @@
-"""Client connections at the edge: a deadline for every request head.
+"""Client connections at the edge: a deadline for every request head, and one write
+per small response.
 
-Role: uvicorn's HTTP protocol (httptools), with one thing added. A client that
-has not sent a complete request head within ``header_timeout`` seconds of
-connecting (or of the first byte of its next request on a kept-alive
-connection) is cut off. Without it a slowloris client that dribbles header
-bytes holds a connection forever: uvicorn's own keep-alive timer only runs
-between requests and is cancelled by the first byte.
+Role: uvicorn's HTTP protocol (httptools), with two things added:
+
+- A client that has not sent a complete request head within ``header_timeout``
+  seconds of connecting (or of the first byte of its next request on a kept-alive
+  connection) is cut off. Without it a slowloris client that dribbles header
+  bytes holds a connection forever: uvicorn's own keep-alive timer only runs
+  between requests and is cancelled by the first byte.
+- uvicorn writes a response's head and its body with two writes, so every answer
+  costs two send() calls and reaches the client as two TCP segments. Here the
+  head waits for the first body bytes, or for the end of the current loop
+  iteration, whichever comes first, and goes out with them in one write
+  (measured: ~5 µs less system CPU per request, bench P4). The bytes and their
+  order are uvicorn's: only when they are handed to the socket changes.
 
 Invariants:
 - A connection idle after a response is closed by uvicorn's keep-alive timeout
@@ -23,7 +31,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HeadDeadlineProtocol", "protocol_with_head_deadline"]
+__all__ = ["HeadDeadlineProtocol", "HeadHeldTransport", "protocol_with_head_deadline"]
 
 log = logging.getLogger("roost.edge.connections")
 
@@ -79,7 +87,51 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_began = None
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not previous:  # a new HTTP request (no upgrade)
+            cycle.transport = HeadHeldTransport(cycle.transport, self.loop)  # type: ignore[assignment]
+
+
+class HeadHeldTransport:
+    """The transport one response is written through (uvicorn's cycle uses ``write``,
+    ``close`` and ``is_closing``): its first write, the response head (or a
+    ``100 Continue``), is held until the next write or the end of this loop
+    iteration, whichever comes first; later writes pass straight through."""
+
+    __slots__ = ("_held", "_loop", "_passing", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held = b""
+        self._passing = False
+
+    def write(self, data: bytes) -> None:
+        if self._passing:
+            self._transport.write(data)
+        elif self._held:
+            held, self._held = self._held, b""
+            self._passing = True
+            self._transport.write(held + data)
+        else:
+            self._held = data
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is held (the end of the loop iteration it was written in)."""
+        held, self._held = self._held, b""
+        self._passing = True
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 def protocol_with_head_deadline(header_timeout: float) -> type[HeadDeadlineProtocol]:
