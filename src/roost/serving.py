@@ -22,6 +22,13 @@ Order (each step must succeed before the next, so a refusal starts nothing):
 Invariants:
 - uvicorn's own signal handling is disabled: it would re-raise the captured
   signal after serving and kill the process before the engine has stopped.
+- When ``serve`` owns the process (``handle_signals``, as ``roost up``), what
+  start-up built (modules, the app, the engine, its records) is moved out of the
+  cyclic garbage collector's reach (``gc.freeze``) once, before serving: each full
+  collection then walks only what was made since, instead of ~90 000 long-lived
+  objects every few hundred requests (measured: ~20 µs of CPU per proxied request,
+  bench P4). Frozen objects are still freed by reference counting; only cycles
+  among them would be kept.
 - Exit codes: 0 after a clean shutdown, 2 for configuration errors, 1 otherwise.
   Refusals are one clear line on stderr.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -46,7 +54,14 @@ from roost.edge import create_agent_app, create_app
 from roost.edge.connections import protocol_with_head_deadline
 from roost.engine import Engine
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "bind_listen_socket", "serve"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "bind_listen_socket",
+    "freeze_startup_heap",
+    "serve",
+]
 
 log = logging.getLogger("roost.serving")
 
@@ -190,6 +205,13 @@ async def serve(
             log.info("roost stopped")
 
 
+def freeze_startup_heap() -> None:
+    """Collect once, then exempt every object alive now from later cyclic collections
+    (``gc.freeze``): start-up's objects live as long as the process."""
+    gc.collect()
+    gc.freeze()
+
+
 def _close_all(sockets: list[socket.socket]) -> None:
     for each in sockets:
         each.close()
@@ -255,6 +277,8 @@ async def _run_http(
     edge = create_app(engine, token=token)
     server = _Server(_uvicorn_config(settings, edge))
     agent_server = _Server(_uvicorn_config(settings, create_agent_app(engine)))
+    if handle_signals:  # the process is ours (roost up): see the module docstring
+        freeze_startup_heap()
     stop = shutdown or asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -116,3 +116,85 @@ async def test_request_raises_agent_http_error_when_url_is_not_http(
 ) -> None:
     with pytest.raises(errors.AgentHTTPError, match="not an http:// agent address"):
         await client.request("GET", "https://127.0.0.1:1/health", timeout=1)
+
+
+@contextlib.asynccontextmanager
+async def held_second_answer() -> AsyncIterator[tuple[str, asyncio.Event, list[int]]]:
+    """A keep-alive server: the first request is answered at once, every later one
+    only when the yielded event is set; the list counts connections. On exit every
+    connection is closed and its handler has ended."""
+    release = asyncio.Event()
+    connections: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
+    handlers: list[asyncio.Task[object]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
+        writers.append(writer)
+        connections.append(1)
+        answered = 0
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                if answered:
+                    await release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                answered += 1
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client closed the connection
+        finally:
+            writer.close()
+
+    try:
+        async with raw_server(serve) as origin:
+            yield origin, release, connections
+    finally:
+        release.set()
+        for writer in writers:
+            writer.close()  # ends a handler still reading the next request
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+async def test_answer_times_out_at_its_own_deadline_when_the_connection_had_a_later_one(
+    client: HttpAgentClient,
+) -> None:
+    async with held_second_answer() as (origin, _, connections):
+        async with client.stream("GET", origin, b"/first", answer_timeout=3600) as first:
+            assert await first.read() == b"ok"
+        with pytest.raises(errors.AgentTimeout, match=r"did not answer within 0\.2s"):
+            async with client.stream("GET", origin, b"/second", answer_timeout=0.2):
+                pass
+        assert len(connections) == 1  # the pooled connection, whose timer stood later
+
+
+async def test_answer_is_awaited_past_an_earlier_deadline_the_connection_had(
+    client: HttpAgentClient,
+) -> None:
+    async with held_second_answer() as (origin, release, connections):
+        async with client.stream("GET", origin, b"/first", answer_timeout=0.2) as first:
+            assert await first.read() == b"ok"
+            connection = first._live()
+
+        async def second() -> bytes:
+            async with client.stream("GET", origin, b"/second", answer_timeout=3600) as answer:
+                return await answer.read()
+
+        waiting = asyncio.create_task(second(), name="test.second-request")
+        try:
+            # The timer armed for the first answer's deadline fires and moves on.
+            loop = asyncio.get_running_loop()
+            await wait_until(
+                lambda: connection._timer_at > loop.time() + 60,
+                timeout=10,
+                what="the answer timer moved to the second deadline",
+            )
+            assert not waiting.done()
+            release.set()
+            assert await waiting == b"ok"
+        finally:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+        assert len(connections) == 1

@@ -214,6 +214,31 @@ async def test_proxied_requests_count_by_status_class_and_unknown_agents_are_not
     assert value(samples, "roost_proxy_open_streams") == 0
 
 
+async def test_proxy_histogram_buckets_count_bounds_inclusively_when_requests_end(
+    harness: EngineHarness,
+) -> None:
+    metrics = Metrics(harness.engine)
+    for status, seconds in ((200, 0.001), (200, 0.0011), (503, 60.0), (0, 61.0)):
+        assert metrics.proxy_started("echo")
+        metrics.proxy_finished("echo", status, seconds)
+    assert metrics.proxy_started("echo")  # one still in flight
+    assert not metrics.proxy_started("nobody")
+    samples = await scrape(metrics)
+
+    def bucket(le: str) -> float:
+        return value(samples, "roost_proxy_request_seconds_bucket", agent="echo", le=le)
+
+    assert (bucket("0.001"), bucket("0.0025"), bucket("60.0"), bucket("+Inf")) == (1, 2, 3, 4)
+    assert value(samples, "roost_proxy_request_seconds_count", agent="echo") == 4
+    assert value(samples, "roost_proxy_request_seconds_sum", agent="echo") == pytest.approx(
+        121.0021
+    )
+    assert value(samples, "roost_proxy_requests_total", agent="echo", code="2xx") == 2
+    assert value(samples, "roost_proxy_requests_total", agent="echo", code="5xx") == 1
+    assert value(samples, "roost_proxy_requests_total", agent="echo", code="none") == 1
+    assert value(samples, "roost_proxy_requests_in_flight", agent="echo") == 1
+
+
 async def test_leases_gauge_counts_held_leases_when_one_is_taken(harness: EngineHarness) -> None:
     taken = await harness.client.post("/api/agents/echo/leases", json={"ttl": 60})
     assert taken.status_code == 201, taken.text

@@ -53,6 +53,7 @@ from typing import Any, Protocol
 
 from roost import errors
 from roost.api.errors import refuse
+from roost.core.records import AgentRecord
 from roost.core.states import AgentState
 from roost.edge import waiting
 from roost.engine import Engine
@@ -116,6 +117,8 @@ _WEBSOCKET_DROP = _REQUEST_DROP | {
 }
 # Not returned to the client: hop-by-hop, and Date/Server (uvicorn adds its own).
 _RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
+#: Roost-Cold-Start and Roost-Wake-Ms of a request for an agent that was awake.
+_NOT_WOKEN = (b"none", b"0")
 _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 
 
@@ -203,43 +206,45 @@ class AgentProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ``/agents/...`` request (``scope["type"]`` http or websocket)."""
+        name, path = _split_target(scope)
         serve = self._websocket if scope["type"] == "websocket" else self._http
         observer = self.observer
-        name = _split_target(scope)[0]
         if observer is None or not observer.proxy_started(name):
-            await serve(scope, receive, send)
+            await serve(scope, receive, send, name, path)
             return
         status = 0
 
-        async def observed(message: Message) -> None:
+        def observed(message: Message) -> Awaitable[None]:
+            # A plain function handing back send's awaitable: no coroutine of its own.
             nonlocal status
-            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+            kind = message["type"]
+            if kind == "http.response.start" or kind == "websocket.http.response.start":
                 status = message["status"]
-            elif message["type"] == "websocket.accept":
+            elif kind == "websocket.accept":
                 status = 101
-            await send(message)
+            return send(message)
 
         started = self._clock.monotonic()
         try:
-            await serve(scope, receive, observed)
+            await serve(scope, receive, observed, name, path)
         finally:
             observer.proxy_finished(name, status, self._clock.monotonic() - started)
 
     # -- checks shared by HTTP and WebSocket --------------------------------------------
 
-    def _known(self, name: str) -> None:
-        if name not in self._agents:
-            raise errors.Refusal(404, f"no agent named {name!r}", agent=name)
+    def _record(self, name: str) -> AgentRecord:
+        """The agent's record; Refusal 404 when there is no such agent."""
+        try:
+            return self._agents.get(name)
+        except errors.NotFound:
+            raise errors.Refusal(404, f"no agent named {name!r}", agent=name) from None
 
-    async def _awake_url(
-        self, name: str, *, timeout: float | None = None
+    async def _woken_url(
+        self, name: str, record: AgentRecord, *, timeout: float | None = None
     ) -> tuple[str, bytes, bytes]:
-        """(agent URL, Roost-Cold-Start, Roost-Wake-Ms): wake and hold when asleep, for
-        at most ``timeout`` (default: the agent's ``hold_timeout``)."""
-        record = self._agents.get(name)
-        if record.awake:
-            assert record.url is not None
-            return record.url, b"none", b"0"
+        """(agent URL, Roost-Cold-Start, Roost-Wake-Ms) of an agent that is not awake
+        (``record``): wake it and hold, for at most ``timeout`` (default: the agent's
+        ``hold_timeout``)."""
         woken_from = record.state.value
         if record.state is AgentState.FAILED:
             raise errors.Refusal(
@@ -323,37 +328,40 @@ class AgentProxy:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name, path = _split_target(scope)
+    async def _http(
+        self, scope: Scope, receive: Receive, send: Send, name: str, path: bytes
+    ) -> None:
         try:
-            self._known(name)
+            record = self._record(name)
         except errors.Refusal as refusal:
             await refuse(scope, send, refusal)
             return
         async with self._agents.busy(name):
-            page = self._page_wanted(scope, name)
-            hold: float | None = None  # the agent's hold_timeout
-            if page:  # a browser waits briefly, then gets the waiting page
-                hold = min(waiting.WAIT_BEFORE_PAGE, self._agents.spec(name).hold_timeout)
-            try:
-                url, cold, wake_ms = await self._awake_url(name, timeout=hold)
-            except errors.Refusal as refusal:
-                if page and refusal.status in (502, 503):
-                    await self._waiting_page(scope, send, name, refusal)
-                else:
-                    await refuse(scope, send, refusal)
-                return
+            if record.awake:  # the hot path: one look at the record, nothing to wait for
+                url = record.url
+                assert url is not None
+                wake = _NOT_WOKEN
+            else:
+                # A browser asking for a sleeping agent that shows a waiting page waits
+                # briefly, then gets the page.
+                page = self._agents.spec(name).waiting_page and waiting.wants_page(
+                    scope["method"], scope["headers"]
+                )
+                hold: float | None = None  # the agent's hold_timeout
+                if page:
+                    hold = min(waiting.WAIT_BEFORE_PAGE, self._agents.spec(name).hold_timeout)
+                try:
+                    url, cold, wake_ms = await self._woken_url(name, record, timeout=hold)
+                except errors.Refusal as refusal:
+                    if page and refusal.status in (502, 503):
+                        await self._waiting_page(scope, send, name, refusal)
+                    else:
+                        await refuse(scope, send, refusal)
+                    return
+                wake = (cold, wake_ms)
             query: bytes = scope.get("query_string", b"")
             target = path + b"?" + query if query else path
-            await self._forward_http(scope, receive, send, name, url, target, (cold, wake_ms))
-
-    def _page_wanted(self, scope: Scope, name: str) -> bool:
-        """A browser asks for a sleeping agent that shows a waiting page."""
-        return (
-            not self._agents.get(name).awake
-            and self._agents.spec(name).waiting_page
-            and waiting.wants_page(scope["method"], scope["headers"])
-        )
+            await self._forward_http(scope, receive, send, name, url, target, wake)
 
     async def _waiting_page(
         self, scope: Scope, send: Send, name: str, refusal: errors.Refusal
@@ -510,10 +518,11 @@ class AgentProxy:
 
     # -- WebSocket --------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name, path = _split_target(scope)
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, name: str, path: bytes
+    ) -> None:
         try:
-            self._known(name)
+            self._record(name)
         except errors.Refusal as refusal:
             await refuse(scope, send, refusal)
             return
@@ -521,7 +530,12 @@ class AgentProxy:
             return
         async with self._agents.busy(name) as touch:
             try:
-                url, cold, wake_ms = await self._awake_url(name)
+                record = self._record(name)
+                if record.awake:
+                    assert record.url is not None
+                    url, cold, wake_ms = record.url, *_NOT_WOKEN
+                else:
+                    url, cold, wake_ms = await self._woken_url(name, record)
             except errors.Refusal as refusal:
                 await refuse(scope, send, refusal)
                 return

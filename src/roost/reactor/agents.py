@@ -30,9 +30,9 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
+from types import TracebackType
 from typing import Any, Literal
 
 from roost import errors
@@ -50,9 +50,9 @@ from roost.ports.runtime import ContainerRuntime
 from roost.ports.store import Store
 from roost.reactor import spawning
 from roost.reactor.credentials import Credentials
-from roost.reactor.supervising import StateListener, Supervisor
+from roost.reactor.supervising import AgentActor, StateListener, Supervisor
 
-__all__ = ["ACTIONS", "Action", "Agents", "Announce", "describe"]
+__all__ = ["ACTIONS", "Action", "Agents", "Announce", "Busy", "describe"]
 
 log = logging.getLogger("roost.agents")
 
@@ -70,6 +70,31 @@ _REQUESTS: dict[str, Callable[[str], ev.Event]] = {
     "restart": ev.RestartRequested,
     "reset": ev.ResetRequested,
 }
+
+
+class Busy:
+    """``Agents.busy``: the actor's busy span, yielding its ``touch``.
+
+    A plain class rather than a generator-based context manager: it sits on every
+    proxied request's path, where the generator machinery cost ~1.5 µs more."""
+
+    __slots__ = ("_actor", "_span")
+
+    def __init__(self, actor: AgentActor) -> None:
+        self._actor = actor
+        self._span = actor.busy()
+
+    async def __aenter__(self) -> Callable[[], None]:
+        await self._span.__aenter__()
+        return self._actor.touch
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._span.__aexit__(exc_type, exc, tb)
 
 
 def describe(record: AgentRecord, spec: ResolvedAgent | None = None) -> dict[str, Any]:
@@ -374,13 +399,11 @@ class Agents:
         ``record.url``."""
         return self._supervisor.addresses.url(record)
 
-    @contextlib.asynccontextmanager
-    async def busy(self, name: str) -> AsyncIterator[Callable[[], None]]:
+    def busy(self, name: str) -> Busy:
         """Activity in flight (a delivery, a stream, a lease): idling never fires
-        meanwhile. Yields ``touch``, to call on every sign of life (e.g. a frame)."""
-        actor = self._supervisor.actor(name)
-        async with actor.busy():
-            yield actor.touch
+        meanwhile. ``async with agents.busy(name) as touch``: call ``touch`` on every
+        sign of life (e.g. a frame). NotFound naming the agent when there is none."""
+        return Busy(self._supervisor.actor(name))
 
     def touch(self, name: str) -> None:
         """A sign of life from the agent itself (a poll, a heartbeat): it is in use."""
