@@ -12,9 +12,10 @@ instead of pausing where the backend has no pause; an agent whose node went down
 starts again elsewhere, uncounted).
 
 Long Docker work never blocks the actor loop:
-- the start procedure (ensure image → create → start → HTTP readiness) runs as
-  the actor's *start task*; it reports back with events and is cancelled
-  whenever the agent leaves ``starting``;
+- the start procedure (create → record the container → start → HTTP readiness;
+  the image is pulled only when the create finds it absent) runs as the actor's
+  *start task*; it reports back with events and is cancelled whenever the agent
+  leaves ``starting``;
 - stops and removals run as owned background operations; a start first waits
   for them (so a wake never races a stop of the same container).
 
@@ -101,18 +102,21 @@ StateListener = Callable[[AgentRecord, tuple[StateChange, ...]], None]
 
 
 class _Envelope:
-    __slots__ = ("attempt", "event", "reply")
+    __slots__ = ("after", "attempt", "event", "reply")
 
     def __init__(
         self,
         event: ev.Event,
         reply: asyncio.Future[Decision] | None,
         attempt: int | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         self.event = event
         self.reply = reply
         #: for reports of a start procedure: which attempt sent it.
         self.attempt = attempt
+        #: called once the event has been handled (persisted, its commands begun).
+        self.after = after
 
 
 class AgentActor:
@@ -192,10 +196,12 @@ class AgentActor:
 
     # -- input ----------------------------------------------------------------------
 
-    def post(self, event: ev.Event) -> None:
-        """Queue an event without waiting for it (used by watchers and timers)."""
+    def post(self, event: ev.Event, *, after: Callable[[], None] | None = None) -> None:
+        """Queue an event without waiting for it (used by watchers and timers).
+        ``after``: called once it has been handled (its record persisted and its
+        commands begun: tasks they started run after it)."""
         if not self.closed:
-            self._queue.put_nowait(_Envelope(event, None))
+            self._queue.put_nowait(_Envelope(event, None, after=after))
 
     async def submit(self, event: ev.Event, *, attempt: int | None = None) -> Decision:
         """Queue an event and wait until it has been decided, persisted and acted on.
@@ -263,6 +269,9 @@ class AgentActor:
                 if envelope.reply is not None and not envelope.reply.done():
                     envelope.reply.set_exception(exc)
                 continue
+            finally:
+                if envelope.after is not None:
+                    envelope.after()
             if envelope.reply is not None and not envelope.reply.done():
                 envelope.reply.set_result(decision)
 
@@ -571,17 +580,9 @@ class AgentActor:
                     # for stops: wait for such stops and removals in flight (the old
                     # container of a restart, a liveness or HEALTHCHECK kill).
                     await asyncio.gather(*self._port_holders, return_exceptions=True)
-                await be.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
-                credentials = self.sup.credentials
-                # A new container, a new token (durable before the container holds it);
-                # the replaced container's token stops working now.
-                token = await credentials.issue(self.name) if credentials is not None else None
-                async with self.sup.start_slots:
-                    cid = await be.ensure(self.container_spec(token), placement=self.spec.placement)
-                    await self.submit(ev.ContainerCreated(cid, want_hash), attempt=attempt)
-                    if self.record.container_id != cid:
-                        return  # overtaken; the actor removes the container
-                    await be.wake(cid, timeout=self.policy.startup_timeout)
+                cid = await self._create_and_run(want_hash, attempt)
+                if cid is None:
+                    return  # overtaken; the actor removes the container
             elif existing.paused:
                 await be.wake(existing.id, paused=True)
             elif not existing.running:
@@ -607,6 +608,67 @@ class AgentActor:
             self._start_failed(cid, f"start failed: {exc}", engine_down=engine_down)
             return
         self.post(ev.BecameHealthy(cid, url))
+
+    async def _create_and_run(self, want_hash: str, attempt: int) -> str | None:
+        """Create the agent's container, record it, run it; its id, or None when a
+        newer start overtook this one (the actor removes the container).
+
+        Only what must come first comes first: the image is not looked up before
+        the create (a create refuses an absent image, and only then is it pulled,
+        outside the start pool, and the create repeated), and the container's new
+        token is stored while the container is created. The container is recorded
+        (``ContainerCreated``: intent before action) only once the token's hash is
+        durable, and started only once it is recorded."""
+        be = self.sup.backend
+        credentials = self.sup.credentials
+        # A new container, a new token; the replaced container's token stops working
+        # once it is stored.
+        token = credentials.mint() if credentials is not None else None
+        spec = self.container_spec(token)
+        storing: asyncio.Task[None] | None = None
+        pulled = False
+        try:
+            while True:
+                async with self.sup.start_slots:
+                    if credentials is not None and token is not None and storing is None:
+                        # Runs once this task waits for Docker's answer to the create.
+                        storing = asyncio.create_task(
+                            credentials.install(self.name, token), name=f"roost.token[{self.name}]"
+                        )
+                    try:
+                        cid = await be.ensure(spec, placement=self.spec.placement)
+                    except errors.ImageUnavailable:
+                        if pulled:
+                            raise
+                    else:
+                        if storing is not None:
+                            await self._stored_or_removed(storing, cid)
+                        await self.submit(ev.ContainerCreated(cid, want_hash), attempt=attempt)
+                        if self.record.container_id != cid:
+                            return None
+                        await be.wake(cid, timeout=self.policy.startup_timeout)
+                        return cid
+                # The image is absent: pull it outside the start pool (a pull may take
+                # minutes), then create again.
+                await be.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
+                pulled = True
+        finally:
+            # Owned and awaited on every way out (a failed create's error is the start's).
+            if storing is not None:
+                if not storing.done():
+                    await asyncio.wait([storing])
+                if not storing.cancelled():
+                    storing.exception()
+
+    async def _stored_or_removed(self, storing: asyncio.Task[None], cid: str) -> None:
+        """Wait for the new token's hash to be stored; if it cannot be, the container
+        holding that token goes (unrecorded) and the store's error is the start's."""
+        try:
+            await storing
+        except BaseException:
+            with contextlib.suppress(errors.RoostError):
+                await self.sup.backend.remove(cid)
+            raise
 
     def _start_failed(
         self,
@@ -1055,6 +1117,7 @@ class Supervisor:
             # An exit while the engine is known to be down comes from a daemon that is
             # stopping its containers (it still streams events on the open connection).
             down = self.health.holds("engine")
+            check: Callable[[], None] | None = None
             if cid == actor.record.container_id and not actor.record.expected_exit:
                 # Kept in case the engine turns out to be going down: then this exit
                 # was its doing, and the restart it costs is given back.
@@ -1066,10 +1129,14 @@ class Supervisor:
                 if not down:
                     # A stopping dockerd stops every container after it stopped taking
                     # connections (and still serves the open ones, starts included):
-                    # ask it on a new connection now, before a wake starts one again.
-                    self._check_engine_soon()
+                    # ask it on a new connection. Once the exit is handled: the ping
+                    # costs ~1.5 ms of this loop, which the restart's create must not
+                    # wait for. Found down, the exit is blamed on it whenever the
+                    # answer comes (ExitBlamedOnEngine cancels a start under way and
+                    # lets its container go; the reconcile after the outage removes it).
+                    check = self._check_engine_soon
             exit_info = ExitInfo(exit_code=event.exit_code, oom_killed=oom)
-            actor.post(ev.ContainerExited(cid, exit_info, engine_down=down))
+            actor.post(ev.ContainerExited(cid, exit_info, engine_down=down), after=check)
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
         elif kind == "health_status" and event.health in _VERDICTS:
