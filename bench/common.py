@@ -216,6 +216,32 @@ async def verify_same(docker: aiodocker.Docker, raw_id: str, roost_id: str) -> N
         raise SystemExit(f"the baseline's container differs from Roost's: {differ}")
 
 
+#: busybox httpd serving /www/health: the smallest agent (~1 MB of its own).
+BUSYBOX_COMMAND = (
+    "sh",
+    "-c",
+    "mkdir -p /www && echo ok > /www/health && exec httpd -f -p 8000 -h /www",
+)
+NETWORK_LABEL = "roost.bench.network"
+
+
+@contextlib.asynccontextmanager
+async def bench_network(run: str) -> Any:
+    """A network of the run's own, made as Roost makes its agents' network (a bridge,
+    inter-container traffic off): for runs of hundreds of containers, which would
+    crowd the shared ``roost-agents`` (a Linux bridge holds at most 1023 ports)
+    that other work on this engine uses. Its name is yielded; removed on the way out."""
+    name = f"roost-bench-{run}"
+    runtime = DockerRuntime()
+    labels = {NETWORK_LABEL: run}
+    try:
+        await runtime.ensure_network(name, labels=labels, isolated=True)
+        yield name
+    finally:
+        await asyncio.shield(runtime.remove_network(name, labels=labels))
+        await runtime.close()
+
+
 class RawStart:
     """One raw cold start: container id, base URL and ``time.time()`` marks."""
 
