@@ -1,23 +1,32 @@
 """P7: Roost's resident memory and idle CPU with many registered and running agents.
 
-The engine runs in a child process (this file with ``--child``) so its memory is
-its own: it registers ``TOTAL`` agents (``engine.agents.register``), starts
-``RUNNING`` of them, reports, then idles until SIGTERM. Idle means no API
-traffic; the liveness probe of every running agent (``liveness_interval`` 10 s,
-the default) still runs, so it is part of the idle CPU. ``idle_timeout`` and
-``idle_mark_after`` are set far out so no agent changes state in the window.
+The engine runs in a child process (this file with ``--child``, on uvloop like
+``roost up``) so its memory is its own: it registers ``--total`` agents
+(``engine.agents.register``), starts ``--running`` of them in steps, reports
+after each, then idles until SIGTERM. Idle means no API traffic; the liveness
+probe of every running agent (``liveness_interval`` 10 s, the default) still
+runs, so it is part of the idle CPU. ``idle_timeout`` and ``idle_mark_after`` are
+set far out so no agent changes state in the window.
 
-The child waits for SIGUSR1 after each report, so every reading is of a
-known phase. Set ``ROOST_BENCH_PROFILE=FILE`` to cProfile the child's idle window.
+The agent: ``busybox`` (default: busybox ``httpd`` serving /health, the smallest
+agent, so a thousand fit on this machine) or ``mimic`` (the Python test agent,
+~40 MB per container with its docker-proxy and shim). The agents join a network of
+the run's own, made as Roost makes ``roost-agents`` (a Linux bridge holds at most
+1023 containers, and other work uses the shared one).
+
+The child waits for SIGUSR1 after each report, so every reading is of a known
+phase. Set ``ROOST_BENCH_PROFILE=FILE`` to cProfile the child's idle window.
 
 The parent reads the child's ``VmRSS`` / ``VmHWM`` (/proc/PID/status) and
-``utime + stime`` (/proc/PID/stat) over an idle window (30 s; 10 s with
+``utime + stime`` (/proc/PID/stat) over idle windows (30 s; 10 s with
 ``--quick``). Baselines, from the same child: the RSS of the started engine with
 no agents, and with all agents registered but none running (whose idle CPU over
-the same window is the probe-free floor).
-Targets: RSS ≤ 120 MB, idle CPU ≤ 1 % (of one core).
+the same window is the probe-free floor). The RSS after each step of running
+agents gives the per-agent slope (what 1000 would cost where fewer fit).
+Targets: RSS ≤ 150 MB, idle CPU ≤ 1 % (of one core).
 
-Run: ``.venv/bin/python bench/bench_p7_footprint.py [--quick]``
+Run: ``.venv/bin/python bench/bench_p7_footprint.py [--quick] [--total N]
+[--running N] [--steps K] [--agent busybox|mimic]``
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import common
 
 from roost.engine import Engine
 
-TARGET_RSS_MB = 120.0
+TARGET_RSS_MB = 150.0
 TARGET_CPU_PERCENT = 1.0
 SETTLE = 3.0
 LIVENESS_INTERVAL = 10.0
@@ -47,7 +57,16 @@ PROFILE_ENV = "ROOST_BENCH_PROFILE"
 # -- the child: one Roost ---------------------------------------------------------------
 
 
-async def child(state_dir: Path, instance: str, total: int, running: int) -> None:
+async def child(
+    state_dir: Path,
+    instance: str,
+    total: int,
+    running: int,
+    steps: int,
+    agent: str,
+    image: str,
+    network: str,
+) -> None:
     settings = common.make_settings(
         state_dir,
         instance,
@@ -55,9 +74,13 @@ async def child(state_dir: Path, instance: str, total: int, running: int) -> Non
             "idle_timeout": 86400,
             "idle_mark_after": 86400,
             "liveness_interval": LIVENESS_INTERVAL,
-            "startup_timeout": 300,
+            "startup_timeout": 600,
         },
+        docker={"agent_network": network},
     )
+    overrides: dict[str, Any] = {"image": image}
+    if agent == "busybox":
+        overrides["command"] = list(common.BUSYBOX_COMMAND)
     stop = asyncio.Event()
     proceed = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,12 +97,18 @@ async def child(state_dir: Path, instance: str, total: int, running: int) -> Non
         await report("ENGINE_UP")
         names = [f"a{i}" for i in range(total)]
         for name in names:
-            await engine.agents.register(common.agent_spec(settings, name))
+            await engine.agents.register(common.agent_spec(settings, name, **overrides))
         await report("REGISTERED")
         t0 = time.monotonic()
-        await asyncio.gather(
-            *(engine.supervisor.ensure_running(n, timeout=300) for n in names[:running])
-        )
+        started = 0
+        for step in range(1, steps + 1):
+            upto = running * step // steps
+            await asyncio.gather(
+                *(engine.supervisor.ensure_running(n, timeout=600) for n in names[started:upto])
+            )
+            started = upto
+            if step < steps:
+                await report(f"STEP {started}")
         profile_to = os.environ.get(PROFILE_ENV)
         profiler = cProfile.Profile() if profile_to else None
         print(f"STARTED {time.monotonic() - t0:.1f}", flush=True)
@@ -110,6 +139,10 @@ def cpu_seconds(pid: int, *, user_only: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def threads_on_host() -> int:
+    return sum(1 for _ in Path("/proc").glob("[0-9]*/task/[0-9]*"))
+
+
 async def expect(stream: asyncio.StreamReader, word: str, timeout: float) -> str:
     async with asyncio.timeout(timeout):
         while True:
@@ -120,12 +153,27 @@ async def expect(stream: asyncio.StreamReader, word: str, timeout: float) -> str
                 return line.strip()
 
 
-async def parent(quick: bool) -> None:
-    total, running, window = (100, 20, 10.0) if quick else (1000, 200, 30.0)
-    common.ensure_images()
+async def idle_cpu(pid: int, window: float) -> tuple[float, float]:
+    """(% of one core, user share) over ``window`` seconds."""
+    before, user_before, t0 = cpu_seconds(pid), cpu_seconds(pid, user_only=True), time.monotonic()
+    await asyncio.sleep(window)
+    spent = cpu_seconds(pid) - before
+    user = cpu_seconds(pid, user_only=True) - user_before
+    return spent / (time.monotonic() - t0) * 100, user / max(spent, 1e-9)
+
+
+async def parent(
+    total: int, running: int, steps: int, window: float, agent: str, images: dict[str, str]
+) -> None:
+    image = images["roost-busybox:latest" if agent == "busybox" else "roost-mimic:latest"]
     instance = common.run_id("bp7")
+    load_before = os.getloadavg()
+    step_rss: list[tuple[int, int]] = []
     with tempfile.TemporaryDirectory(prefix="roost-bench-p7-") as tmp:
-        async with common.cleaned_up((common.INSTANCE_LABEL, instance)):
+        async with (
+            common.bench_network(instance) as network,
+            common.cleaned_up((common.INSTANCE_LABEL, instance)),
+        ):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 __file__,
@@ -134,6 +182,10 @@ async def parent(quick: bool) -> None:
                 instance,
                 str(total),
                 str(running),
+                str(steps),
+                agent,
+                image,
+                network,
                 stdout=asyncio.subprocess.PIPE,
             )
             assert proc.stdout is not None
@@ -142,70 +194,88 @@ async def parent(quick: bool) -> None:
                 await asyncio.sleep(SETTLE)
                 empty_kib = rss_kib(proc.pid)
                 proc.send_signal(signal.SIGUSR1)
-                await expect(proc.stdout, "REGISTERED", 300)
+                await expect(proc.stdout, "REGISTERED", 600)
                 await asyncio.sleep(SETTLE)
                 registered_kib = rss_kib(proc.pid)
+                step_rss.append((0, registered_kib))
                 # Idle CPU with no agent running: the probe-free floor.
-                floor_before, floor_t0 = cpu_seconds(proc.pid), time.monotonic()
-                await asyncio.sleep(window)
-                floor_cpu = cpu_seconds(proc.pid) - floor_before
-                floor_percent = floor_cpu / (time.monotonic() - floor_t0) * 100
+                floor_percent, _ = await idle_cpu(proc.pid, window)
                 proc.send_signal(signal.SIGUSR1)
-                started = await expect(proc.stdout, "STARTED", 900)
+                while True:
+                    line = await expect(proc.stdout, "S", 1800)  # STEP n or STARTED s
+                    if line.startswith("STARTED"):
+                        started = line
+                        break
+                    await asyncio.sleep(SETTLE)
+                    step_rss.append((int(line.split()[1]), rss_kib(proc.pid)))
+                    print(f"{line}: RSS {step_rss[-1][1] / 1024:.1f} MB", flush=True)
+                    proc.send_signal(signal.SIGUSR1)
                 await asyncio.sleep(SETTLE)
-                cpu_before, t_before = cpu_seconds(proc.pid), time.monotonic()
-                user_before = cpu_seconds(proc.pid, user_only=True)
-                await asyncio.sleep(window)
-                cpu_after, t_after = cpu_seconds(proc.pid), time.monotonic()
-                user_share = (cpu_seconds(proc.pid, user_only=True) - user_before) / max(
-                    cpu_after - cpu_before, 1e-9
-                )
+                host_threads = threads_on_host()
+                cpu_percent, user_share = await idle_cpu(proc.pid, window)
                 idle_kib = rss_kib(proc.pid)
+                step_rss.append((running, idle_kib))
                 peak_kib = rss_kib(proc.pid, "VmHWM")
             finally:
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)
                     try:
-                        async with asyncio.timeout(60):
+                        async with asyncio.timeout(120):
                             await proc.wait()
                     except TimeoutError:
                         proc.kill()
                         await proc.wait()
 
-    cpu_percent = (cpu_after - cpu_before) / (t_after - t_before) * 100
     probes_per_second = running / LIVENESS_INTERVAL
     per_probe = (cpu_percent - floor_percent) / 100 / probes_per_second
     mb = 1024.0
+    slope = (step_rss[-1][1] - step_rss[0][1]) / max(running, 1)
+    rows = [
+        {
+            "measure": "RSS, engine started, no agents (baseline)",
+            "value": f"{empty_kib / mb:.1f} MB",
+        },
+        {
+            "measure": f"RSS, {total} registered, none running",
+            "value": f"{registered_kib / mb:.1f} MB",
+        },
+        {
+            "measure": "RSS per registered agent",
+            "value": f"{(registered_kib - empty_kib) / max(total, 1):.1f} KiB",
+        },
+        *(
+            {"measure": f"RSS, {n} running", "value": f"{kib / mb:.1f} MB"}
+            for n, kib in step_rss[1:-1]
+        ),
+        {
+            "measure": f"RSS, {total} registered, {running} running, idle",
+            "value": f"{idle_kib / mb:.1f} MB",
+        },
+        {"measure": "RSS per running agent (slope over the steps)", "value": f"{slope:.1f} KiB"},
+        {"measure": "peak RSS (VmHWM)", "value": f"{peak_kib / mb:.1f} MB"},
+        {
+            "measure": f"idle CPU, {total} registered, none running (% of one core)",
+            "value": f"{floor_percent:.2f} %",
+        },
+        {
+            "measure": f"idle CPU, {running} running (% of one core)",
+            "value": f"{cpu_percent:.2f} % ({user_share:.0%} user)",
+        },
+        {
+            "measure": "CPU per liveness probe (from the difference)",
+            "value": f"{per_probe * 1000:.3f} ms",
+        },
+        {"measure": "time to start the running agents", "value": started.split()[1] + " s"},
+        {"measure": "threads on the host with them running", "value": str(host_threads)},
+        {
+            "measure": "load average (1 min), before → after",
+            "value": f"{load_before[0]:.2f} → {os.getloadavg()[0]:.2f}",
+        },
+    ]
     common.record(
-        f"P7 footprint: {total} registered, {running} running, {window:g} s idle window",
-        [
-            {
-                "measure": "RSS, engine started, no agents (baseline)",
-                "value": f"{empty_kib / mb:.1f} MB",
-            },
-            {
-                "measure": f"RSS, {total} registered, none running",
-                "value": f"{registered_kib / mb:.1f} MB",
-            },
-            {
-                "measure": f"RSS, {total} registered, {running} running, idle",
-                "value": f"{idle_kib / mb:.1f} MB",
-            },
-            {"measure": "peak RSS (VmHWM)", "value": f"{peak_kib / mb:.1f} MB"},
-            {
-                "measure": f"idle CPU, {total} registered, none running (% of one core)",
-                "value": f"{floor_percent:.2f} %",
-            },
-            {
-                "measure": f"idle CPU, {running} running (% of one core)",
-                "value": f"{cpu_percent:.2f} % ({user_share:.0%} user)",
-            },
-            {
-                "measure": "CPU per liveness probe (from the difference)",
-                "value": f"{per_probe * 1000:.2f} ms",
-            },
-            {"measure": "time to start the running agents", "value": started.split()[1] + " s"},
-        ],
+        f"P7 footprint: {total} registered, {running} running {agent} agents, "
+        f"{window:g} s idle windows",
+        rows,
     )
     rss_mb = idle_kib / mb
     print(
@@ -218,15 +288,37 @@ async def parent(quick: bool) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, state_dir, instance, total, running = sys.argv
+        _, _, state_dir, instance, total, running, steps, agent, image, network = sys.argv
         # The same event loop as `roost up` (uvloop, installed with uvicorn[standard]).
         import uvloop
 
-        uvloop.run(child(Path(state_dir), instance, int(total), int(running)))
+        uvloop.run(
+            child(
+                Path(state_dir),
+                instance,
+                int(total),
+                int(running),
+                int(steps),
+                agent,
+                image,
+                network,
+            )
+        )
         return
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small N: a smoke run")
-    asyncio.run(parent(parser.parse_args().quick))
+    parser.add_argument("--quick", action="store_true", help="500 / 100, 10 s windows")
+    parser.add_argument("--total", type=int, default=5000)
+    parser.add_argument("--running", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=4, help="running agents started in steps")
+    parser.add_argument("--window", type=float, default=30.0, help="idle window, seconds")
+    parser.add_argument("--agent", choices=("busybox", "mimic"), default="busybox")
+    args = parser.parse_args()
+    total, running, window = (
+        (500, 100, 10.0) if args.quick else (args.total, args.running, args.window)
+    )
+    asyncio.run(
+        parent(total, running, max(1, args.steps), window, args.agent, common.pinned_images())
+    )
 
 
 if __name__ == "__main__":

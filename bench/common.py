@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import aiodocker
 import aiohttp
 
 from roost.adapters.docker_runtime import DockerRuntime
+from roost.adapters.http_agent_client import HttpAgentClient
 from roost.config import (
     ResolvedAgent,
     Settings,
@@ -41,7 +42,8 @@ from roost.config import (
     parse_settings,
     resolve_agent,
 )
-from roost.ports.runtime import ContainerSpec, ContainerState
+from roost.ports.agent_http import ProbeResult
+from roost.ports.runtime import ContainerSpec, ContainerState, RuntimeEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 MIMIC_IMAGE = "roost-mimic:latest"
@@ -120,6 +122,124 @@ def raw_create_config(run: str, name: str, *, memory: int = 64 * 1024**2) -> dic
             "ExtraHosts": ["host.docker.internal:host-gateway"],
         },
     }
+
+
+#: HostConfig keys a baseline must share with Roost's container to measure only Roost.
+SAME_HOST_CONFIG_KEYS = (
+    "NetworkMode",
+    "Memory",
+    "MemorySwap",
+    "PidsLimit",
+    "SecurityOpt",
+    "CapDrop",
+    "CapAdd",
+    "CgroupnsMode",
+    "ExtraHosts",
+    "NanoCpus",
+    "ReadonlyRootfs",
+)
+
+
+def same_create_config(
+    run: str,
+    name: str,
+    spec: ResolvedAgent,
+    *,
+    network: str | None,
+    hardened: bool = True,
+    image: str | None = None,
+    command: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The create body Roost's Docker adapter sends for ``spec`` on ``network``
+    (``settings.agents_network``: Roost's own ``roost-agents``), labelled for the
+    raw baseline instead of for Roost.
+
+    ``hardened=False`` leaves out what the agent's hardening adds (capabilities
+    dropped, private cgroup namespace, no-new-privileges, pids and memory limits)
+    and ``network=None`` joins Docker's default bridge: with both, Docker's plain
+    container, whose difference to the same container is the features' own cost.
+    ``verify_same`` checks the body against a container Roost created."""
+    port_key = f"{spec.port}/tcp"
+    host_config: dict[str, Any] = {
+        "PortBindings": {port_key: [{"HostIp": "127.0.0.1", "HostPort": ""}]},
+        "ExtraHosts": ["host.docker.internal:host-gateway"],
+    }
+    if network is not None:
+        host_config["NetworkMode"] = network
+    if hardened:
+        if spec.memory:
+            host_config["Memory"] = spec.memory
+            host_config["MemorySwap"] = spec.memory
+        if spec.pids_limit:
+            host_config["PidsLimit"] = spec.pids_limit
+        if spec.no_new_privileges:
+            host_config["SecurityOpt"] = ["no-new-privileges"]
+        if spec.cap_drop:
+            host_config["CapDrop"] = list(spec.cap_drop)
+        if spec.cap_add:
+            host_config["CapAdd"] = list(spec.cap_add)
+        host_config["CgroupnsMode"] = "private" if spec.private_cgroupns else "host"
+    else:
+        host_config["CgroupnsMode"] = "host"
+    if spec.cpus is not None:
+        host_config["NanoCpus"] = round(spec.cpus * 1e9)
+    body: dict[str, Any] = {
+        "Image": image or spec.image,
+        "Labels": {BENCH_LABEL: run, "roost.bench.name": name},
+        "Env": [
+            *(f"{k}={v}" for k, v in spec.env.items()),
+            f"ROOST_AGENT={name}",
+            f"ROOST_AGENT_ID={name}",
+            "ROOST_URL=http://x",
+            f"ROOST_AGENT_TOKEN={secrets.token_urlsafe(32)}",
+        ],
+        "ExposedPorts": {port_key: {}},
+        "HostConfig": host_config,
+    }
+    cmd = command if command is not None else spec.command
+    if cmd:
+        body["Cmd"] = list(cmd)
+    return body
+
+
+async def verify_same(docker: aiodocker.Docker, raw_id: str, roost_id: str) -> None:
+    """Raise unless the two containers' HostConfigs agree on every key that shapes
+    what Docker does at start (``SAME_HOST_CONFIG_KEYS``)."""
+    raw = (await docker.containers.container(raw_id).show())["HostConfig"]
+    ours = (await docker.containers.container(roost_id).show())["HostConfig"]
+    differ = {
+        key: (raw.get(key), ours.get(key))
+        for key in SAME_HOST_CONFIG_KEYS
+        if raw.get(key) != ours.get(key)
+    }
+    if differ:
+        raise SystemExit(f"the baseline's container differs from Roost's: {differ}")
+
+
+#: busybox httpd serving /www/health: the smallest agent (~1 MB of its own).
+BUSYBOX_COMMAND = (
+    "sh",
+    "-c",
+    "mkdir -p /www && echo ok > /www/health && exec httpd -f -p 8000 -h /www",
+)
+NETWORK_LABEL = "roost.bench.network"
+
+
+@contextlib.asynccontextmanager
+async def bench_network(run: str) -> Any:
+    """A network of the run's own, made as Roost makes its agents' network (a bridge,
+    inter-container traffic off): for runs of hundreds of containers, which would
+    crowd the shared ``roost-agents`` (a Linux bridge holds at most 1023 ports)
+    that other work on this engine uses. Its name is yielded; removed on the way out."""
+    name = f"roost-bench-{run}"
+    runtime = DockerRuntime()
+    labels = {NETWORK_LABEL: run}
+    try:
+        await runtime.ensure_network(name, labels=labels, isolated=True)
+        yield name
+    finally:
+        await asyncio.shield(runtime.remove_network(name, labels=labels))
+        await runtime.close()
 
 
 class RawStart:
@@ -218,6 +338,7 @@ class InstrumentedRuntime(DockerRuntime):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[Call] = []
+        self.dies: dict[str, float] = {}
         #: set whenever a call is recorded (waiters clear it before they look).
         self.changed = asyncio.Event()
 
@@ -275,11 +396,42 @@ class InstrumentedRuntime(DockerRuntime):
         finally:
             self._end(call)
 
+    def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
+        """The real event stream, recording when Roost's watcher got each ``die``
+        (``dies``: container id → ``time.time()``), parsed and about to be handled."""
+        stream = super().events(labels)
+
+        async def recorded() -> AsyncIterator[RuntimeEvent]:
+            async for event in stream:
+                if event.kind == "die":
+                    self.dies[event.container_id] = time.time()
+                yield event
+
+        return recorded()
+
     def first(self, method: str, *, after: float, arg: str | None = None) -> Call | None:
         for call in self.calls:
             if call.method == method and call.called >= after and (arg is None or call.arg == arg):
                 return call
         return None
+
+
+class InstrumentedAgentClient(HttpAgentClient):
+    """The real agent client, recording ``time.time()`` when a probe answered 200."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: (url, time the probe returned ok)
+        self.ok_probes: list[tuple[str, float]] = []
+
+    async def probe(self, url: str, *, timeout: float) -> ProbeResult:
+        result = await super().probe(url, timeout=timeout)
+        if result.ok:
+            self.ok_probes.append((url, time.time()))
+        return result
+
+    def first_ok(self, *, after: float) -> float | None:
+        return next((at for _, at in self.ok_probes if at >= after), None)
 
 
 # -- a `roost up` daemon, exactly as deployed (own process, own event loop) ------------

@@ -178,6 +178,7 @@ class Engine:
             publish_host=settings.docker.publish_host,
             network=self.agents_network,
             pull_timeout=settings.docker.pull_timeout,
+            max_concurrent_starts=settings.docker.max_concurrent_starts,
             credentials=self.credentials,
             channels=self.channels,
         )

@@ -242,6 +242,20 @@ async def test_wake_returns_a_running_unit_that_answers_when_ensured(
     await wait_until(lambda: harness.answers(endpoint), timeout=UNIT_TIMEOUT, what="GET /health")
 
 
+async def test_ensure_refuses_an_absent_image_when_units_run_on_one_engine(
+    harness: BackendHarness,
+) -> None:
+    absent = "roost-absent-image:never-built"
+    if harness.backend.capabilities.spans_nodes:
+        # Nodes pull for themselves: the unit is made (its task fails later, on a node).
+        assert await harness.backend.ensure(harness.spec(image=absent))
+        return
+    # An engine never pulls in ensure: the supervisor pulls and ensures again.
+    with pytest.raises(errors.ImageUnavailable, match=re.escape(absent)):
+        await harness.backend.ensure(harness.spec(image=absent))
+    assert await harness.backend.list(harness.labels) == []
+
+
 async def test_list_shows_only_units_carrying_the_labels_when_asked(
     harness: BackendHarness,
 ) -> None:

@@ -29,8 +29,8 @@ from roost.core.states import AgentState
 from roost.engine import Engine
 from roost.ports.runtime import RuntimeEvent
 from roost.testing.fake_runtime import FakeRuntime
-from tests.conftest import make_settings
-from tests.support import IMAGE, open_rig
+from tests.conftest import make_settings, wait_until
+from tests.support import ACT_TIMEOUT, IMAGE, open_rig
 
 S = AgentState
 
@@ -126,6 +126,8 @@ async def test_idle_agent_pauses_when_the_backend_can(tmp_path: Path) -> None:
         assert "pause" in rig.engine.agents.allowed_actions("echo")
         await rig.clock.advance(64)
         await rig.reaches("echo", S.PAUSED)
+        # The state is written before the pause is carried out (intent first).
+        await wait_until(lambda: bool(rig.calls("pause")), timeout=ACT_TIMEOUT, what="the pause")
         assert rig.calls("pause") == [record.container_id]
 
 

@@ -61,6 +61,7 @@ def test_builtin_defaults_match_design_when_no_file_exists(tmp_path: Path) -> No
     assert settings.docker.publish_host == "127.0.0.1"
     assert settings.docker.pull_timeout == 300.0
     assert settings.docker.connection_limit == 32
+    assert settings.docker.max_concurrent_starts == 4
     assert settings.notify.webhook == ""
     assert settings.notify.timeout == 5.0
     d = settings.defaults
@@ -239,6 +240,7 @@ INVALID_CASES: list[tuple[str, str, str]] = [
     ("[docker]\ninstance = 'My_Roost'\n", "docker.instance", "invalid name"),
     ("[docker]\npublish_host = 'localhost'\n", "docker.publish_host", "IP address"),
     ("[docker]\nconnection_limit = 0\n", "docker.connection_limit", "must be >= 1"),
+    ("[docker]\nmax_concurrent_starts = 0\n", "docker.max_concurrent_starts", "must be >= 1"),
     ("[docker]\npull_timeout = -5\n", "docker.pull_timeout", "must not be negative"),
     ("[docker]\nagentIdleTimeout = -1\n", "docker.agentIdleTimeout", "must not be negative"),
     ("[notify]\nwebhook = 'ftp://x'\n", "notify.webhook", "http://"),

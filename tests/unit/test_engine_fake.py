@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from roost import errors
+from roost.adapters.sqlite_tokens import SqliteTokenStore
 from roost.core import events as ev
 from roost.core import labels
 from roost.core.states import AgentState
@@ -206,6 +207,43 @@ async def test_startup_timeout_is_retried_with_backoff_when_restarts_remain(
         assert len(rig.calls("create")) == 2
 
 
+async def test_start_pulls_the_image_then_creates_again_when_the_create_found_it_absent(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    runtime = FakeRuntime(images=[], pullable=[IMAGE], clock=clock.now)
+    async with open_rig(tmp_path, runtime=runtime, clock=clock) as rig:
+        record = await rig.start("echo")
+        assert record.state is S.RUNNING
+        assert record.restart_count == 0
+        # A start creates first (no image lookup on the way); refused, it pulls, then
+        # creates again: one container, recorded.
+        steps = [op for op, _ in runtime.calls if op in ("ensure_image", "create")]
+        assert steps == ["create", "ensure_image", "create"]
+        assert rig.calls("create")[0] == ""
+        assert rig.calls("create")[1] == record.container_id
+
+
+async def test_container_goes_unrecorded_when_its_token_cannot_be_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(self: SqliteTokenStore, agent: str, token_hash: str) -> None:
+        raise errors.StoreError("state database: store agent token hash failed: disk I/O error")
+
+    async with open_rig(tmp_path) as rig:
+        monkeypatch.setattr(SqliteTokenStore, "put", refuse)
+        with pytest.raises(errors.ContainerError, match="store agent token hash"):
+            await rig.start("echo")
+        record = rig.record("echo")
+        assert record.container_id is None
+        # The container was created while the token was being stored; it held a token
+        # no restarted Roost would know, so it went before anything recorded it.
+        created = [cid for cid in rig.calls("create") if cid]
+        assert created
+        for cid in created:
+            assert not await _exists(rig.runtime, cid)
+
+
 async def test_missing_image_fails_terminally_without_restarts_when_it_cannot_be_pulled(
     tmp_path: Path,
 ) -> None:
@@ -221,7 +259,9 @@ async def test_missing_image_fails_terminally_without_restarts_when_it_cannot_be
         await rig.clock.advance(4096)
         assert rig.record("echo").state is S.FAILED
         assert rig.calls("ensure_image") == [IMAGE]  # tried once: retrying cannot help
-        assert not rig.calls("create")
+        # The one create that found the image absent (a start creates first and pulls
+        # only then); none after the pull failed.
+        assert rig.calls("create") == [""]
         await _wait_notice(rig, "agent.failed")
         assert len(rig.notifier.of_kind("agent.failed")) == 1
 

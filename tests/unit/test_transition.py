@@ -771,8 +771,8 @@ EXITED_ROWS = [
             (S.FAILED, "gave up after 3 restarts: exited with code 1"),
         ),
         (
-            cmd.RemoveContainer(CUR, diagnose=True),
             cmd.Notify("agent.failed", failed_payload(CRASH, "exited with code 1", 3)),
+            cmd.RemoveContainer(CUR, diagnose=True),
         ),
         fields={
             "restart_count": 3,
@@ -798,8 +798,8 @@ EXITED_ROWS = [
             (S.FAILED, "gave up after 3 restarts: exited with code 1"),
         ),
         (
-            cmd.RemoveContainer(CUR, diagnose=True),
             cmd.Notify("agent.failed", failed_payload(CRASH, "exited with code 1", 3)),
+            cmd.RemoveContainer(CUR, diagnose=True),
         ),
     ),
     row(
@@ -807,7 +807,7 @@ EXITED_ROWS = [
         running(),
         ev.ContainerExited(CUR, CRASH),
         ((S.CRASHED, "exited with code 1"), (S.STARTING, "restart 1 of 1")),
-        (cmd.RemoveContainer(CUR, diagnose=True), cmd.StartContainer()),
+        (cmd.StartContainer(), cmd.RemoveContainer(CUR, diagnose=True)),
         policy=LIBRARY,
         fields={"restart_count": 1, "container_id": None, "restart_at": None},
     ),
@@ -820,8 +820,8 @@ EXITED_ROWS = [
             (S.FAILED, "gave up after 1 restarts: exited with code 1"),
         ),
         (
-            cmd.RemoveContainer(CUR, diagnose=True),
             cmd.Notify("agent.failed", failed_payload(CRASH, "exited with code 1", 1, of=1)),
+            cmd.RemoveContainer(CUR, diagnose=True),
         ),
         policy=LIBRARY,
     ),

@@ -267,6 +267,12 @@ class DockerConfig(BaseModel):
     connection_limit: AtLeastOne = Field(
         default=32, description="Most simultaneous connections to the Docker API."
     )
+    max_concurrent_starts: AtLeastOne = Field(
+        default=4,
+        description="Most agent containers being created and started at once (the start "
+        "pool; readiness waits outside it). Docker tops out near 7 starts/s on 2 cores and "
+        "more at once only queue inside dockerd; raise it on a bigger engine.",
+    )
     backend: Backend = Field(
         default="engine",
         description="What runs the agents: 'engine' (containers on the one Docker Engine at "

@@ -312,10 +312,13 @@ def _exited(b: _Builder, p: Policy, container_id: str, exit_info: ExitInfo) -> N
             running_since=None,
         )
         return
-    b.do(cmd.RemoveContainer(container_id, diagnose=True))
     b.set(container_id=None, url=None)
     exit_info = dataclasses.replace(exit_info, container_id=container_id)
     _crash(b, p, exit_info, _describe_exit(exit_info))
+    # After the restart (when there is one): the reactor carries commands out in
+    # order, and the dead container's diagnostics wait for Docker's clean-up of it
+    # (~100 ms) anyway; the new container's create goes out first.
+    b.do(cmd.RemoveContainer(container_id, diagnose=True))
 
 
 def _on_exit_details(b: _Builder, e: ev.Event, p: Policy) -> str | None:

@@ -118,7 +118,9 @@ class AgentBackend(Protocol):
 
     async def ensure(self, spec: ContainerSpec, *, placement: tuple[str, ...] = ()) -> str:
         """Create a unit for ``spec`` (placed by ``placement`` constraints where the
-        backend places units) and return its id. It runs once ``wake`` returns."""
+        backend places units) and return its id. It runs once ``wake`` returns. An
+        engine never pulls here: ImageUnavailable when the image is absent (the
+        supervisor then calls ``ensure_image`` and ensures again)."""
         ...
 
     async def wake(self, unit_id: str, *, paused: bool = False, timeout: float = 120.0) -> None:

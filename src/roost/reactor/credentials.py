@@ -14,8 +14,11 @@ Invariants:
   being replaced), and tells every listener (``on_revoke``) so open WebSockets
   authenticated with the old token are closed. ``forget`` (agent deleted) does
   the same without a new token.
-- ``issue`` returns only once the new hash is durable: a container never holds a
-  token that a restarted Roost would not know.
+- ``issue`` (``install``) returns only once the new hash is durable. The start
+  procedure creates a container while its token's hash is being stored and
+  records the container (the only way Roost ever adopts one) after the store
+  returned: a container Roost would adopt never holds a token that a restarted
+  Roost would not know (an unrecorded one is an orphan, removed by the reconcile).
 - Tokens are never logged, labelled or passed on a command line; ``Credentials``
   itself keeps no token, only hashes.
 """
@@ -63,14 +66,25 @@ class Credentials:
     async def issue(self, agent: str) -> str:
         """A fresh token for the agent's next container; the previous one is invalid
         from now on. Returns once its hash is stored."""
-        token = secrets.token_urlsafe(32)
+        token = self.mint()
+        await self.install(agent, token)
+        return token
+
+    @staticmethod
+    def mint() -> str:
+        """A fresh token, not valid yet: ``install`` makes it the agent's."""
+        return secrets.token_urlsafe(32)
+
+    async def install(self, agent: str, token: str) -> None:
+        """Make ``token`` (from ``mint``) the agent's one valid token; the previous one
+        is invalid from now on. Returns once its hash is stored. (The start procedure
+        creates the container meanwhile, and records it only after this returned.)"""
         hashed = digest(token)
         await self._store.put(agent, hashed)
         self._drop(agent)
         self._hash_by_agent[agent] = hashed
         self._agent_by_hash[hashed] = agent
         self._revoked(agent)
-        return token
 
     async def forget(self, agent: str) -> None:
         """The agent is gone: its token is no longer valid."""

@@ -12,9 +12,10 @@ instead of pausing where the backend has no pause; an agent whose node went down
 starts again elsewhere, uncounted).
 
 Long Docker work never blocks the actor loop:
-- the start procedure (ensure image → create → start → HTTP readiness) runs as
-  the actor's *start task*; it reports back with events and is cancelled
-  whenever the agent leaves ``starting``;
+- the start procedure (create → record the container → start → HTTP readiness;
+  the image is pulled only when the create finds it absent) runs as the actor's
+  *start task*; it reports back with events and is cancelled whenever the agent
+  leaves ``starting``;
 - stops and removals run as owned background operations; a start first waits
   for them (so a wake never races a stop of the same container).
 
@@ -42,8 +43,11 @@ The engine's and the disk's bad days (``reactor.health``):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -102,22 +106,59 @@ StateListener = Callable[[AgentRecord, tuple[StateChange, ...]], None]
 
 
 class _Envelope:
-    __slots__ = ("attempt", "event", "reply")
+    __slots__ = ("after", "attempt", "event", "reply")
 
     def __init__(
         self,
         event: ev.Event,
         reply: asyncio.Future[Decision] | None,
         attempt: int | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         self.event = event
         self.reply = reply
         #: for reports of a start procedure: which attempt sent it.
         self.attempt = attempt
+        #: called once the event has been handled (persisted, its commands begun).
+        self.after = after
 
 
 class AgentActor:
-    """Owns one agent: its record, its event queue, its start/timer/liveness tasks."""
+    """Owns one agent: its record, its event queue, its start/timer/liveness tasks.
+
+    An actor that has nothing to do holds no task and no queue: its loop task runs
+    while events are queued and ends when the queue is empty (the next event starts
+    another), its timer is an entry in the supervisor's one timer heap, and
+    waiters, Docker operations and notices get their containers on first use.
+    Thousands of registered agents cost their records and specs, little more."""
+
+    __slots__ = (
+        "_attempt",
+        "_busy",
+        "_inbox",
+        "_known_url",
+        "_last_touch_posted",
+        "_loop_task",
+        "_notices",
+        "_op_targets",
+        "_ops",
+        "_policy_of",
+        "_port_holders",
+        "_probe_target",
+        "_start_task",
+        "_state_before",
+        "_timer_at",
+        "_timer_seq",
+        "_waiters",
+        "agent_id",
+        "closed",
+        "degraded",
+        "next_probe_at",
+        "record",
+        "spec",
+        "start_failures",
+        "sup",
+    )
 
     def __init__(
         self, supervisor: Supervisor, record: AgentRecord, spec: ResolvedAgent, agent_id: str
@@ -126,23 +167,29 @@ class AgentActor:
         self.record = record
         self.spec = spec
         self.agent_id = agent_id
-        self._queue: asyncio.Queue[_Envelope] = asyncio.Queue()
-        self._changed = asyncio.Condition()
+        #: events waiting to be handled (None: none since the loop last ran dry).
+        self._inbox: collections.deque[_Envelope] | None = None
+        #: runs while events are queued; None or done when the actor is idle.
         self._loop_task: asyncio.Task[None] | None = None
+        #: wait_for's callers: (predicate, future resolved when it held after a change).
+        self._waiters: list[tuple[Callable[[AgentRecord], bool], asyncio.Future[None]]] | None
+        self._waiters = None
         self._start_task: asyncio.Task[None] | None = None
-        self._timer_task: asyncio.Task[None] | None = None
+        #: the deadline of this actor's entry in the supervisor's timer heap, and the
+        #: entry's number (an entry with another number is stale).
         self._timer_at: float | None = None
+        self._timer_seq = 0
         #: (container id, URL) probed for liveness while running; None otherwise.
         self._probe_target: tuple[str, str] | None = None
         self.next_probe_at = 0.0
         #: Docker stop/pause/remove operations in flight (a start waits for them).
-        self._ops = TaskSet(log)
+        self._ops: TaskSet | None = None
         #: notifications in flight (nobody waits for them but shutdown).
-        self._notices = TaskSet(log)
+        self._notices: TaskSet | None = None
         #: which container each Docker operation in flight is about.
-        self._op_targets: dict[asyncio.Task[Any], str] = {}
+        self._op_targets: dict[asyncio.Task[Any], str] | None = None
         #: stops and removals in flight of containers that may still hold host ports.
-        self._port_holders: set[asyncio.Task[Any]] = set()
+        self._port_holders: set[asyncio.Task[Any]] | None = None
         self._busy = 0
         #: numbers start procedures; reports from superseded ones are dropped.
         self._attempt = 0
@@ -163,9 +210,6 @@ class AgentActor:
 
     # -- lifecycle of the actor itself --------------------------------------------
 
-    def run(self) -> None:
-        self._loop_task = asyncio.create_task(self._loop(), name=f"roost.agent[{self.name}]")
-
     @property
     def name(self) -> str:
         return self.record.name
@@ -182,23 +226,34 @@ class AgentActor:
         return self._policy_of[1]
 
     async def close(self) -> None:
-        """Stop the actor's tasks. Docker operations in flight are awaited."""
+        """Stop the actor's tasks. Docker operations in flight are awaited; events
+        still queued are dropped (their submitters get a StateError)."""
         self.closed = True
-        self._probe_target = None
-        tasks = [self._loop_task, self._start_task, self._timer_task]
+        self._stop_probing()
+        self.sup._timers.cancel(self)
+        tasks = [self._loop_task, self._start_task]
         for task in tasks:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
-        await self._ops.join()
-        await self._notices.join()
+        inbox, self._inbox = self._inbox, None
+        for envelope in inbox or ():
+            if envelope.reply is not None and not envelope.reply.done():
+                envelope.reply.set_exception(
+                    errors.StateError(f"agent {self.name!r} is shutting down")
+                )
+        for owned in (self._ops, self._notices):
+            if owned is not None:
+                await owned.join()
 
     # -- input ----------------------------------------------------------------------
 
-    def post(self, event: ev.Event) -> None:
-        """Queue an event without waiting for it (used by watchers and timers)."""
+    def post(self, event: ev.Event, *, after: Callable[[], None] | None = None) -> None:
+        """Queue an event without waiting for it (used by watchers and timers).
+        ``after``: called once it has been handled (its record persisted and its
+        commands begun: tasks they started run after it)."""
         if not self.closed:
-            self._queue.put_nowait(_Envelope(event, None))
+            self._enqueue(_Envelope(event, None, after=after))
 
     async def submit(self, event: ev.Event, *, attempt: int | None = None) -> Decision:
         """Queue an event and wait until it has been decided, persisted and acted on.
@@ -209,8 +264,17 @@ class AgentActor:
         if self.closed:
             raise errors.StateError(f"agent {self.name!r} is shutting down")
         reply: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Envelope(event, reply, attempt))
+        self._enqueue(_Envelope(event, reply, attempt))
         return await reply
+
+    def _enqueue(self, envelope: _Envelope) -> None:
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = collections.deque()
+        inbox.append(envelope)
+        task = self._loop_task
+        if task is None or task.done():
+            self._loop_task = asyncio.create_task(self._loop(), name=f"roost.agent[{self.name}]")
 
     def touch(self) -> None:
         """Record activity cheaply: at most one persisted write per second."""
@@ -241,17 +305,40 @@ class AgentActor:
     # -- waiting --------------------------------------------------------------------
 
     async def wait_for(self, predicate: Callable[[AgentRecord], bool], timeout: float) -> bool:
-        async with self._changed:
+        """Wait until ``predicate`` holds for the record (checked now, then after every
+        handled event); False if it did not within ``timeout`` seconds."""
+        if predicate(self.record):
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (predicate, waiter)
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(entry)
+        try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await self._changed.wait_for(lambda: predicate(self.record))
-            return predicate(self.record)
+                    await waiter
+        finally:
+            waiters = self._waiters
+            if waiters is not None:
+                waiters.remove(entry)
+                if not waiters:
+                    self._waiters = None
+        return waiter.done() and not waiter.cancelled()
+
+    def _wake_waiters(self) -> None:
+        for predicate, waiter in self._waiters or ():
+            if not waiter.done() and predicate(self.record):
+                waiter.set_result(None)
 
     # -- the loop -------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        while True:
-            envelope = await self._queue.get()
+        """Handle queued events in order until none is left, then end (no await
+        between the last look at the queue and the end: an event queued after it
+        starts a new loop task)."""
+        while self._inbox:
+            envelope = self._inbox.popleft()
             if envelope.attempt is not None and envelope.attempt != self._attempt:
                 # A superseded start created a container after all: nobody owns it.
                 if isinstance(envelope.event, ev.ContainerCreated):
@@ -266,8 +353,14 @@ class AgentActor:
                 if envelope.reply is not None and not envelope.reply.done():
                     envelope.reply.set_exception(exc)
                 continue
+            finally:
+                if envelope.after is not None:
+                    envelope.after()
             if envelope.reply is not None and not envelope.reply.done():
                 envelope.reply.set_result(decision)
+        # Idle: nothing of the loop stays (this task ends with no await after this).
+        self._inbox = None
+        self._loop_task = None
 
     async def _handle(self, event: ev.Event) -> Decision:
         before = self.record
@@ -316,8 +409,7 @@ class AgentActor:
             # Counted once the failure is in the record, so a fail-fast waiter
             # never wakes before it and reports a state without the reason.
             self.start_failures += 1
-        async with self._changed:
-            self._changed.notify_all()
+        self._wake_waiters()
         return decision
 
     async def _persist(self, decision: Decision) -> AgentRecord:
@@ -425,18 +517,30 @@ class AgentActor:
             except errors.RoostError as exc:
                 log.warning("agent %s: %s failed: %s", self.name, what, exc)
 
-        owner = self._ops if docker else self._notices
+        if docker:
+            if self._ops is None:
+                self._ops = TaskSet(log)
+            owner = self._ops
+        else:
+            if self._notices is None:
+                self._notices = TaskSet(log)
+            owner = self._notices
         task = owner.spawn(tolerant(), f"roost.{what}[{self.name}]")
         if container_id is not None:
+            if self._op_targets is None:
+                self._op_targets = {}
             self._op_targets[task] = container_id
             task.add_done_callback(self._forget_target)
         if holds_port:
             # Its container may still publish the agent's ports until this ends.
+            if self._port_holders is None:
+                self._port_holders = set()
             self._port_holders.add(task)
             task.add_done_callback(self._port_holders.discard)
 
     def _forget_target(self, task: asyncio.Task[Any]) -> None:
-        self._op_targets.pop(task, None)
+        if self._op_targets is not None:
+            self._op_targets.pop(task, None)
 
     async def _diagnose_and_remove(self, cid: str) -> None:
         """Read a crashed container's exit details and log tail, report them, remove it."""
@@ -462,7 +566,7 @@ class AgentActor:
         """Wait for Docker operations in flight on ``container_id`` (the container a
         start may reuse), so a wake never races a stop of the same container.
         Operations on other containers (removing a crashed one) go on meanwhile."""
-        if container_id is None:
+        if container_id is None or not self._op_targets:
             return
         pending = [t for t, cid in self._op_targets.items() if cid == container_id]
         if pending:
@@ -580,17 +684,9 @@ class AgentActor:
                     # for stops: wait for such stops and removals in flight (the old
                     # container of a restart, a liveness or HEALTHCHECK kill).
                     await asyncio.gather(*self._port_holders, return_exceptions=True)
-                await be.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
-                credentials = self.sup.credentials
-                # A new container, a new token (durable before the container holds it);
-                # the replaced container's token stops working now.
-                token = await credentials.issue(self.name) if credentials is not None else None
-                async with self.sup.start_slots:
-                    cid = await be.ensure(self.container_spec(token), placement=self.spec.placement)
-                    await self.submit(ev.ContainerCreated(cid, want_hash), attempt=attempt)
-                    if self.record.container_id != cid:
-                        return  # overtaken; the actor removes the container
-                    await be.wake(cid, timeout=self.policy.startup_timeout)
+                cid = await self._create_and_run(want_hash, attempt)
+                if cid is None:
+                    return  # overtaken; the actor removes the container
             elif existing.paused:
                 await be.wake(existing.id, paused=True)
             elif not existing.running:
@@ -616,6 +712,67 @@ class AgentActor:
             self._start_failed(cid, f"start failed: {exc}", engine_down=engine_down)
             return
         self.post(ev.BecameHealthy(cid, url))
+
+    async def _create_and_run(self, want_hash: str, attempt: int) -> str | None:
+        """Create the agent's container, record it, run it; its id, or None when a
+        newer start overtook this one (the actor removes the container).
+
+        Only what must come first comes first: the image is not looked up before
+        the create (a create refuses an absent image, and only then is it pulled,
+        outside the start pool, and the create repeated), and the container's new
+        token is stored while the container is created. The container is recorded
+        (``ContainerCreated``: intent before action) only once the token's hash is
+        durable, and started only once it is recorded."""
+        be = self.sup.backend
+        credentials = self.sup.credentials
+        # A new container, a new token; the replaced container's token stops working
+        # once it is stored.
+        token = credentials.mint() if credentials is not None else None
+        spec = self.container_spec(token)
+        storing: asyncio.Task[None] | None = None
+        pulled = False
+        try:
+            while True:
+                async with self.sup.start_slots:
+                    if credentials is not None and token is not None and storing is None:
+                        # Runs once this task waits for Docker's answer to the create.
+                        storing = asyncio.create_task(
+                            credentials.install(self.name, token), name=f"roost.token[{self.name}]"
+                        )
+                    try:
+                        cid = await be.ensure(spec, placement=self.spec.placement)
+                    except errors.ImageUnavailable:
+                        if pulled:
+                            raise
+                    else:
+                        if storing is not None:
+                            await self._stored_or_removed(storing, cid)
+                        await self.submit(ev.ContainerCreated(cid, want_hash), attempt=attempt)
+                        if self.record.container_id != cid:
+                            return None
+                        await be.wake(cid, timeout=self.policy.startup_timeout)
+                        return cid
+                # The image is absent: pull it outside the start pool (a pull may take
+                # minutes), then create again.
+                await be.ensure_image(self.spec.image, pull_timeout=self.sup.pull_timeout)
+                pulled = True
+        finally:
+            # Owned and awaited on every way out (a failed create's error is the start's).
+            if storing is not None:
+                if not storing.done():
+                    await asyncio.wait([storing])
+                if not storing.cancelled():
+                    storing.exception()
+
+    async def _stored_or_removed(self, storing: asyncio.Task[None], cid: str) -> None:
+        """Wait for the new token's hash to be stored; if it cannot be, the container
+        holding that token goes (unrecorded) and the store's error is the start's."""
+        try:
+            await storing
+        except BaseException:
+            with contextlib.suppress(errors.RoostError):
+                await self.sup.backend.remove(cid)
+            raise
 
     def _start_failed(
         self,
@@ -726,24 +883,10 @@ class AgentActor:
 
     def _reschedule(self) -> None:
         deadline = next_deadline(self.record, self.policy)
-        if deadline == self._timer_at and self._timer_task is not None:
-            return
-        if self._timer_task is not None:
-            self._timer_task.cancel()
-            self._timer_task = None
-        self._timer_at = deadline
-        if deadline is not None:
-            self._timer_task = asyncio.create_task(
-                self._timer(deadline), name=f"roost.timer[{self.name}]"
-            )
+        if deadline != self._timer_at:
+            self.sup._timers.schedule(self, deadline)
 
-    async def _timer(self, deadline: float) -> None:
-        clock = self.sup.clock
-        delay = deadline - clock.now()
-        if delay > 0:
-            await clock.sleep(delay)
-        self._timer_task = None
-        self._timer_at = None
+    def _timer_fired(self) -> None:
         self.post(ev.Tick(busy=self.is_busy))
 
     def _manage_liveness(self) -> None:
@@ -759,9 +902,15 @@ class AgentActor:
             if self._probe_target is None or self._probe_target[0] != cid:
                 self._probe_target = (cid, url)
                 self.next_probe_at = self.sup.clock.monotonic() + self.policy.liveness_interval
+                self.sup._probing.add(self)
                 self.sup._liveness_wanted(self.next_probe_at)
         else:
+            self._stop_probing()
+
+    def _stop_probing(self) -> None:
+        if self._probe_target is not None:
             self._probe_target = None
+            self.sup._probing.discard(self)
 
     @property
     def probing(self) -> bool:
@@ -797,6 +946,87 @@ class AgentActor:
             self.post(ev.LivenessProbed(cid, result.ok, result.detail))
 
 
+class _TimerHeap:
+    """Every actor's next timer deadline (idle, pause, restart backoff, start
+    timeout) in one heap, served by one task, instead of a sleeping task per agent
+    (~1.5 KiB each, thousands at once).
+
+    An entry is (deadline, number, actor); the actor remembers its live entry's
+    number (``_timer_seq``), so scheduling again or cancelling makes the older entry
+    stale: skipped when it comes up, and swept out once stale entries outnumber the
+    live ones (an agent in use reschedules at most once a second). The task sleeps
+    until the earliest deadline on the clock; an earlier one arriving restarts it.
+    Due entries post a ``Tick`` to their actor, as the per-agent timers did."""
+
+    #: Stale entries tolerated before a sweep (and only when they are the majority).
+    SWEEP_AT = 64
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._heap: list[tuple[float, int, AgentActor]] = []
+        self._numbers = itertools.count(1)
+        self._stale = 0
+        self._task: asyncio.Task[None] | None = None
+        #: the deadline the task sleeps toward (None: not sleeping).
+        self._wake_at: float | None = None
+        self._closed = False
+
+    def schedule(self, actor: AgentActor, deadline: float | None) -> None:
+        """Make ``deadline`` the actor's one timer (None: it has none)."""
+        if actor._timer_seq:
+            self._stale += 1
+        actor._timer_at = deadline
+        if deadline is None or self._closed:
+            actor._timer_seq = 0
+            return
+        number = next(self._numbers)
+        actor._timer_seq = number
+        heapq.heappush(self._heap, (deadline, number, actor))
+        if self._stale > self.SWEEP_AT and self._stale * 2 > len(self._heap):
+            self._heap[:] = [e for e in self._heap if e[2]._timer_seq == e[1]]
+            heapq.heapify(self._heap)
+            self._stale = 0
+        task = self._task
+        if task is not None and not task.done():
+            if self._wake_at is None or self._wake_at <= deadline:
+                return  # firing now, or waking early enough anyway
+            task.cancel()  # asleep past the new deadline: restart it
+        self._task = asyncio.create_task(self._run(), name="roost.timers")
+
+    def cancel(self, actor: AgentActor) -> None:
+        self.schedule(actor, None)
+
+    async def _run(self) -> None:
+        heap = self._heap
+        while heap:
+            deadline, number, actor = heap[0]
+            if actor._timer_seq != number:
+                heapq.heappop(heap)
+                self._stale -= 1
+                continue
+            delay = deadline - self._clock.now()
+            if delay > 0:
+                self._wake_at = deadline
+                try:
+                    await self._clock.sleep(delay)
+                finally:
+                    self._wake_at = None
+                continue
+            heapq.heappop(heap)
+            actor._timer_seq = 0
+            actor._timer_at = None
+            actor._timer_fired()
+
+    async def close(self) -> None:
+        self._closed = True
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._heap.clear()
+        self._stale = 0
+
+
 class Supervisor:
     """All agent actors, plus the Docker event watcher and the reconciler."""
 
@@ -816,11 +1046,12 @@ class Supervisor:
         publish_host: str = "127.0.0.1",
         network: str | None = None,
         pull_timeout: float = 300.0,
-        max_concurrent_starts: int = 4,
+        max_concurrent_starts: int,
     ) -> None:
         self.store = store
-        #: Docker tops out near 7 starts/s on 2 cores and more concurrency only
-        #: queues inside dockerd; a pool of 3-4 keeps throughput and cuts latency.
+        #: the start pool (``docker.max_concurrent_starts``): Docker tops out near
+        #: 7 starts/s on 2 cores and more concurrency only queues inside dockerd; a
+        #: pool of 3-4 keeps throughput and cuts latency.
         self.start_slots = asyncio.Semaphore(max_concurrent_starts)
         #: what runs the agents (one engine's containers, or a swarm's services).
         self.backend = backend
@@ -846,6 +1077,10 @@ class Supervisor:
         self._watch_task: asyncio.Task[None] | None = None
         self._reconcile_lock = asyncio.Lock()
         self._liveness_task: asyncio.Task[None] | None = None
+        #: the actors with a liveness probe target (the liveness loop looks at these).
+        self._probing: set[AgentActor] = set()
+        #: every actor's next timer deadline, served by one task.
+        self._timers = _TimerHeap(clock)
         #: when the liveness loop's current sleep ends (None: not sleeping).
         self._liveness_wake_at: float | None = None
         self._tasks = TaskSet(log)
@@ -867,7 +1102,6 @@ class Supervisor:
     ) -> AgentActor:
         actor = AgentActor(self, record, spec, agent_id or record.name)
         self.actors[record.name] = actor
-        actor.run()
         return actor
 
     def actor(self, name: str) -> AgentActor:
@@ -960,7 +1194,7 @@ class Supervisor:
         """
         while True:
             now = self.clock.monotonic()
-            probing = [a for a in self.actors.values() if a.probing]
+            probing = self._probing
             if not probing:
                 self._liveness_wake_at = None
                 return
@@ -1085,6 +1319,7 @@ class Supervisor:
             # An exit while the engine is known to be down comes from a daemon that is
             # stopping its containers (it still streams events on the open connection).
             down = self.health.holds("engine")
+            check: Callable[[], None] | None = None
             if cid == actor.record.container_id and not actor.record.expected_exit:
                 # Kept in case the engine turns out to be going down: then this exit
                 # was its doing, and the restart it costs is given back.
@@ -1096,10 +1331,14 @@ class Supervisor:
                 if not down:
                     # A stopping dockerd stops every container after it stopped taking
                     # connections (and still serves the open ones, starts included):
-                    # ask it on a new connection now, before a wake starts one again.
-                    self._check_engine_soon()
+                    # ask it on a new connection. Once the exit is handled: the ping
+                    # costs ~1.5 ms of this loop, which the restart's create must not
+                    # wait for. Found down, the exit is blamed on it whenever the
+                    # answer comes (ExitBlamedOnEngine cancels a start under way and
+                    # lets its container go; the reconcile after the outage removes it).
+                    check = self._check_engine_soon
             exit_info = ExitInfo(exit_code=event.exit_code, oom_killed=oom)
-            actor.post(ev.ContainerExited(cid, exit_info, engine_down=down))
+            actor.post(ev.ContainerExited(cid, exit_info, engine_down=down), after=check)
         elif kind == "destroy":
             actor.post(ev.ContainerVanished(cid))
         elif kind == "health_status" and event.health in _VERDICTS:
@@ -1199,6 +1438,7 @@ class Supervisor:
         if self._liveness_task is not None:
             self._liveness_task.cancel()
             await asyncio.gather(self._liveness_task, return_exceptions=True)
+        await self._timers.close()
         await asyncio.gather(
             *(
                 a.submit(ev.ShutdownRequested(leave_running=leave_running))
