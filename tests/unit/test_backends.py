@@ -152,7 +152,7 @@ async def test_agent_starts_again_uncounted_when_its_node_is_lost(tmp_path: Path
             "echo", lambda r: r.container_id not in (None, before.container_id), "a new unit"
         )
         assert moving.state is S.STARTING
-        message, _ = await rig.engine.dispatcher.submit("echo", {"hello": "after the move"})
+        message, _ = await rig.engine.dispatcher.submit("echo", b'{"hello": "after the move"}')
         rig.client.refusing = False
         await rig.clock.advance(0.0078125)
         after = await rig.reaches("echo", S.RUNNING)

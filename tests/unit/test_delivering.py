@@ -285,7 +285,7 @@ async def test_push_in_flight_is_sent_again_when_the_agent_leaves_its_container(
     runtime, agent, clock = _parts()
     async with _engine(tmp_path, runtime, agent, clock, max_restarts=3) as engine:
         agent.hold = asyncio.Event()  # the first container never answers
-        message, _ = await engine.dispatcher.submit("echo", {"hello": 1})
+        message, _ = await engine.dispatcher.submit("echo", b'{"hello": 1}')
         await advance_until(clock, lambda: agent.in_flight == 1, what="first push in flight")
         first = engine.agents.get("echo").container_id
         agent.hold = None  # the next container answers

@@ -142,6 +142,7 @@ class AgentActor:
         "_notices",
         "_op_targets",
         "_ops",
+        "_paused_healthy",
         "_policy_of",
         "_port_holders",
         "_probe_target",
