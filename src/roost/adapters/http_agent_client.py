@@ -407,6 +407,9 @@ class _Pool:
     def idle_connections(self) -> int:
         return sum(len(found) for found in self._idle.values())
 
+    def idle_to(self, key: _Key) -> int:
+        return len(self._idle.get(key, ()))
+
     def take(self, key: _Key, *, replayable: bool) -> _Connection | None:
         idle = self._idle.get(key)
         now = self._clock()
@@ -579,6 +582,10 @@ class HttpAgentClient:
     def idle_connections(self) -> int:
         """Pooled connections waiting for a request (for tests and metrics)."""
         return self._pool.idle_connections
+
+    def idle_connections_to(self, origin: str) -> int:
+        """Pooled connections to ``http://host:port`` waiting for a request (tests)."""
+        return self._pool.idle_to(self._address(origin)[0])
 
     # -- AgentClient ------------------------------------------------------------------
 
