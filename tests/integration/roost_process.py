@@ -21,9 +21,11 @@ __all__ = ["answers_health", "docker_state", "roost_process"]
 
 
 @contextlib.asynccontextmanager
-async def roost_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def roost_process(
+    config: Path, log: Path, *, stop_timeout: float = 30
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """``roost --config CONFIG up``, its output appended to ``log``; stopped with
-    SIGTERM on exit unless the test killed it."""
+    SIGTERM on exit unless the test killed it (SIGKILL after ``stop_timeout``)."""
     roost = Path(sys.executable).parent / "roost"
     with log.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
@@ -42,7 +44,7 @@ async def roost_process(config: Path, log: Path) -> AsyncIterator[asyncio.subpro
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
             try:
-                async with asyncio.timeout(30):
+                async with asyncio.timeout(stop_timeout):
                     await process.wait()
             except TimeoutError:
                 process.kill()

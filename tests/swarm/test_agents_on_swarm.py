@@ -22,14 +22,10 @@ the fixture's manager, and talks to it over HTTP as a user would:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
-import os
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +33,8 @@ import aiodocker
 import httpx
 import pytest
 
-from tests.conftest import MIMIC_IMAGE, ROOT, WebhookReceiver, free_port, wait_until
+from tests.conftest import MIMIC_IMAGE, WebhookReceiver, free_port, wait_until
+from tests.integration.roost_process import answers_health, roost_process
 from tests.support import roost_daemon
 
 from .conftest import RoostSwarm, SwarmScope, isolated
@@ -274,40 +271,6 @@ async def test_crashing_agent_restarts_with_backoff_then_fails_with_one_alert(
 # -- reconcile after a kill ---------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def roost_up(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    roost = Path(sys.executable).parent / "roost"
-    with log.open("ab") as output:
-        process = await asyncio.create_subprocess_exec(
-            str(roost),
-            "--config",
-            str(config),
-            "up",
-            stdout=output,
-            stderr=output,
-            cwd=str(ROOT),
-            env={**os.environ, "ROOST_TOKEN": ""},
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(60):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-async def _up(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/healthz")).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def test_services_are_adopted_and_orphans_removed_when_roost_was_killed(
     roost_swarm: RoostSwarm, manager: aiodocker.Docker, swarm_scope: SwarmScope
 ) -> None:
@@ -320,8 +283,8 @@ async def test_services_are_adopted_and_orphans_removed_when_roost_was_killed(
 
     endpoint = {"Mode": "dnsrr"}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        async with roost_up(config, log) as first:
-            await wait_until(lambda: _up(client), timeout=60, what="first roost up")
+        async with roost_process(config, log, stop_timeout=60) as first:
+            await wait_until(lambda: answers_health(client), timeout=60, what="first roost up")
             before = {}
             for name in ("a", "b"):
                 response = await client.post(f"/api/agents/{name}/start")
@@ -362,8 +325,8 @@ async def test_services_are_adopted_and_orphans_removed_when_roost_was_killed(
             first.kill()  # SIGKILL: nothing stopped, nothing flushed
             await first.wait()
 
-        async with roost_up(config, log):
-            await wait_until(lambda: _up(client), timeout=60, what="second roost up")
+        async with roost_process(config, log, stop_timeout=60):
+            await wait_until(lambda: answers_health(client), timeout=60, what="second roost up")
 
             async def orphan_gone() -> bool:
                 ids = {s["ID"] for s in await manager.services.list()}
