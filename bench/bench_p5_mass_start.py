@@ -168,6 +168,7 @@ async def settle(quick: bool) -> None:
 
 async def main(quick: bool, count: int, agent: str, pools: tuple[int, ...]) -> None:
     images = common.pinned_images()
+    common.neighbour_room(count)
     load_before = os.getloadavg()
     # raw, Roost, raw, Roost, ..., raw: each Roost run is compared with the mean
     # of the raw runs just before and after it, which cancels the engine's drift.

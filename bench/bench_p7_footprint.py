@@ -166,6 +166,7 @@ async def parent(
     total: int, running: int, steps: int, window: float, agent: str, images: dict[str, str]
 ) -> None:
     image = images["roost-busybox:latest" if agent == "busybox" else "roost-mimic:latest"]
+    common.neighbour_room(running)
     instance = common.run_id("bp7")
     load_before = os.getloadavg()
     step_rss: list[tuple[int, int]] = []

@@ -224,6 +224,29 @@ BUSYBOX_COMMAND = (
 )
 NETWORK_LABEL = "roost.bench.network"
 
+_NEIGHBOUR = Path("/proc/sys/net/ipv4/neigh/default")
+
+
+def neighbour_room(containers: int) -> None:
+    """Make the host's neighbour (ARP) table hold ``containers`` reachable containers:
+    each takes an entry on the host and one in its own namespace, in one table for
+    all namespaces, and Debian's default (gc_thresh3 = 1024) stops at ~510 (new
+    containers then never answer: "neighbor table overflow"). As root the limits
+    are raised (and printed); otherwise the run stops naming the sysctl. ``roost
+    doctor`` reports the same ceiling for a deployment."""
+    need = 2 * containers + 1024
+    current = int((_NEIGHBOUR / "gc_thresh3").read_text())
+    if current >= need:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(
+            f"{containers} containers need net.ipv4.neigh.default.gc_thresh3 >= {need} "
+            f"(it is {current}): raise it as root, with gc_thresh2 and gc_thresh1 below it"
+        )
+    for key, value in (("gc_thresh3", need), ("gc_thresh2", need // 2), ("gc_thresh1", need // 8)):
+        (_NEIGHBOUR / key).write_text(str(value))
+    print(f"host: net.ipv4.neigh.default.gc_thresh3 {current} -> {need} (gc_thresh2/1 below it)")
+
 
 @contextlib.asynccontextmanager
 async def bench_network(run: str) -> Any:

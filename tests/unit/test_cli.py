@@ -14,6 +14,7 @@ import pytest
 
 from roost import serving
 from roost.adapters.state_lock import StateDirLock
+from roost.cli.daemon import check_neighbour_table
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import free_port, make_settings
 from tests.unit.cli_support import Daemon, invoke, running_daemon
@@ -321,6 +322,19 @@ def test_doctor_fails_naming_the_fix_when_the_swarm_backend_has_no_manager(
     assert "is not a swarm manager" in checks["swarm"]["detail"]
     assert "docker.host" in checks["swarm"]["fix"]
     assert checks["images"]["status"] == "skip"
+
+
+def test_doctor_names_the_agents_the_neighbour_table_has_room_for() -> None:
+    # Debian's default: ~512 containers the host talks to, then none answers.
+    small = check_neighbour_table(1024)
+    assert small.status == "warn"
+    assert small.required is False
+    assert "about 512 agents" in small.detail
+    assert "gc_thresh3" in small.fix
+    roomy = check_neighbour_table(8192)
+    assert (roomy.status, roomy.fix) == ("ok", "")
+    assert "about 4096 agents" in roomy.detail
+    assert check_neighbour_table(None).status == "skip"
 
 
 @pytest.mark.docker

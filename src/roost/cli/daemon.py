@@ -67,6 +67,42 @@ class Check:
     required: bool = True
 
 
+#: The kernel's limit on neighbour (ARP) entries, one table for all network namespaces.
+NEIGHBOUR_LIMIT = Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+#: Below room for this many agents at once, doctor warns.
+NEIGHBOUR_WARN_AGENTS = 1000
+
+
+def check_neighbour_table(limit: int | None) -> Check:
+    """How many agents can run at once before the host's neighbour table overflows:
+    every container the host talks to (probes, deliveries, the proxy, docker-proxy)
+    holds an entry on the host and one in its own namespace, and the table is shared
+    by all namespaces. Past the limit new containers start but never answer (the
+    kernel logs "neighbor table overflow"), so their agents time out starting."""
+    name = "neighbour table"
+    if limit is None:
+        return Check(name, "skip", "not checked: no /proc/sys/net (not Linux)", required=False)
+    room = limit // 2
+    detail = f"room for about {room} agents at once (net.ipv4.neigh.default.gc_thresh3 = {limit})"
+    if room >= NEIGHBOUR_WARN_AGENTS:
+        return Check(name, "ok", detail, required=False)
+    return Check(
+        name,
+        "warn",
+        detail + "; past it new agents never answer their health check",
+        "for more, raise net.ipv4.neigh.default.gc_thresh1/2/3 "
+        "(e.g. sysctl -w net.ipv4.neigh.default.gc_thresh3=8192, and gc_thresh2/1 below it)",
+        required=False,
+    )
+
+
+def _neighbour_limit() -> int | None:
+    try:
+        return int(NEIGHBOUR_LIMIT.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _check_state_dir(path: Path) -> Check:
     fix = f"make {path} writable by this user, or set server.state_dir"
     if path.exists():
@@ -225,6 +261,8 @@ def run_doctor(connection: client.Connection) -> tuple[list[Check], int]:
         checks.extend(asyncio.run(_docker_checks(settings)))
     if settings is not None:
         checks.append(_check_state_dir(settings.state_path()))
+        if settings.docker.backend != "swarm":  # (each swarm node has its own table)
+            checks.append(check_neighbour_table(_neighbour_limit()))
     else:
         checks.append(Check("state dir", "skip", "not checked: the configuration is invalid"))
     url = connection.url_option.rstrip("/") if connection.url_option else None
