@@ -20,14 +20,18 @@ timed by code of its own:
 Each mark is ``time.perf_counter_ns()`` (``CLOCK_MONOTONIC``: the same clock in
 this process and the child) with ``time.process_time_ns()`` (the child's CPU,
 every thread: the SQLite writer's commits too). The client's send and the
-answer's end are marked here. The child also reads nothing from the bench: a
-round is named by its ``X-Bench-Round`` header, which Roost ignores.
+answer's end are marked here. A round is named by its ``X-Bench-Round`` header
+(Roost ignores it); only such requests are marked.
 
 Rounds alternate raw / Roost, as in P2; the raw round's own ``unpause`` and POST
 are timed apart, so Roost's unpause can be set against raw's in the same run.
 Around each Roost round the bench reads the child's CPU (every thread's
 ``/proc/PID/task/*/schedstat``, nanoseconds), which includes uvicorn's parse and
-write outside the app.
+write outside the app. After each Roost round a request the app wrapper answers at
+once (``/bench/noop``) gives the floor of any HTTP hop into that server.
+
+``--all-events`` runs Roost subscribed to every Docker event of its containers, as
+before it asked for the kinds the supervisor acts on (an A/B of that change).
 
 Then ``--profile-rounds`` more Roost rounds run under cProfile (main thread's CPU
 time as the timer, enabled by the app wrapper for the request only); the top
@@ -48,7 +52,7 @@ import pstats
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,7 @@ from roost.adapters.docker_runtime import DockerRuntime
 from roost.adapters.http_agent_client import HttpAgentClient
 from roost.core.states import AgentState
 from roost.ports.agent_http import ProbeResult
+from roost.ports.runtime import RuntimeEvent
 
 ROUND_HEADER = "X-Bench-Round"
 #: Answered by the app wrapper itself: the cost of any HTTP hop into this process.
@@ -94,6 +99,17 @@ class PhaseRuntime(DockerRuntime):
         REC.mark("unpause.start")
         await super().unpause(container_id)
         REC.mark("unpause.done")
+
+
+class AllEventsRuntime(PhaseRuntime):
+    """Experiment (``--all-events``): subscribe to every container event, as Roost did
+    before it asked Docker for the kinds it acts on only (an ``unpause`` event then
+    reaches Roost as each wake's unpause returns)."""
+
+    def events(
+        self, labels: Mapping[str, str], *, kinds: Collection[str] | None = None
+    ) -> AsyncIterator[RuntimeEvent]:
+        return super().events(labels)
 
 
 class PhaseAgentClient(HttpAgentClient):
@@ -184,15 +200,14 @@ class PhaseEdge:
             REC.current = None
 
 
-async def serve_child(config: Path, out: Path) -> int:
+async def serve_child(config: Path, out: Path, *, all_events: bool = False) -> int:
     from roost import serving
     from roost.config import load_settings
     from roost.engine import Engine
 
     settings = load_settings(config)
-    runtime = PhaseRuntime(
-        settings.docker.host or None, connection_limit=settings.docker.connection_limit
-    )
+    kind = AllEventsRuntime if all_events else PhaseRuntime
+    runtime = kind(settings.docker.host or None, connection_limit=settings.docker.connection_limit)
     engine = Engine(settings, runtime=runtime, agent_client=PhaseAgentClient())
     _wrap(engine.inbox, "enqueue", lambda *_: "enqueue")
     _wrap(engine.inbox, "mark_delivered", lambda *_: "delivered")
@@ -212,10 +227,10 @@ async def serve_child(config: Path, out: Path) -> int:
         )
 
 
-def run_child(config: Path, out: Path) -> None:
+def run_child(config: Path, out: Path, *, all_events: bool) -> None:
     import uvloop
 
-    sys.exit(uvloop.run(serve_child(config, out)))
+    sys.exit(uvloop.run(serve_child(config, out, all_events=all_events)))
 
 
 # -- the bench --------------------------------------------------------------------------
@@ -494,6 +509,13 @@ def print_profile(path: str, profiled: int, cpu_ns: list[int]) -> None:
         for name, tt in sorted(by_package.items(), key=lambda item: -item[1])[:15]
     ]
     common.record("P2 profile: own CPU time by package", rows)
+    watched = [
+        (name, ct)
+        for name, _, _, ct in entries
+        if name.endswith(("(_read_events)", "(_watch)", "(_dispatch)"))
+    ]
+    for name, ct in watched:
+        print(f"- Docker events: {name}: {ct / profiled * 1e3:.3f} ms cumulative per round")
     for title, index, count in (("cumulative", 3, 30), ("own", 2, 25)):
         rows = [
             {
@@ -536,6 +558,7 @@ async def main(args: argparse.Namespace) -> None:
                     str(config),
                     "--out",
                     str(out),
+                    *(["--all-events"] if args.all_events else []),
                     stdout=output,
                     stderr=output,
                     env={**os.environ, "ROOST_TOKEN": ""},
@@ -599,6 +622,11 @@ def parse_args() -> argparse.Namespace:
         "--profile-rounds", type=int, default=50, help="rounds under cProfile (default 50; 0: none)"
     )
     parser.add_argument("--quick", action="store_true", help="10 rounds, 5 profiled")
+    parser.add_argument(
+        "--all-events",
+        action="store_true",
+        help="experiment: Roost subscribes to every Docker event of its containers",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the child
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -610,6 +638,6 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.serve is not None:
-        run_child(arguments.serve, arguments.out)
+        run_child(arguments.serve, arguments.out, all_events=arguments.all_events)
     else:
         asyncio.run(main(arguments))
