@@ -394,8 +394,10 @@ class EventWatch:
 
 
 @contextlib.asynccontextmanager
-async def watching(runtime: ContainerRuntime, labels: dict[str, str]) -> AsyncIterator[EventWatch]:
-    watch = EventWatch(runtime.events(labels))
+async def watching(
+    runtime: ContainerRuntime, labels: dict[str, str], *, kinds: frozenset[str] | None = None
+) -> AsyncIterator[EventWatch]:
+    watch = EventWatch(runtime.events(labels, kinds=kinds))
     try:
         yield watch
     finally:

@@ -496,6 +496,36 @@ async def test_events_report_pause_unpause_kill_die_destroy_in_order(harness: Ha
     assert next(e for e in watch.seen if e.kind == "die").exit_code == 137
 
 
+async def test_events_report_only_the_kinds_asked_for(harness: Harness) -> None:
+    async with watching(
+        harness.runtime, harness.labels, kinds=frozenset({"die", "destroy"})
+    ) as watch:
+        container_id = await harness.started()
+        await harness.runtime.pause(container_id)
+        await harness.runtime.unpause(container_id)
+        await harness.runtime.kill(container_id)
+        await harness.runtime.remove(container_id)
+
+        await watch.until(_is("destroy", container_id))
+
+    assert watch.kinds(container_id) == ["die", "destroy"]
+    assert next(e for e in watch.seen if e.kind == "die").exit_code == 137
+
+
+async def test_events_report_health_status_when_asked_for_by_kind(harness: Harness) -> None:
+    # Docker's Action is "health_status: unhealthy"; the kind asked for is the part
+    # before the colon.
+    async with watching(
+        harness.runtime, harness.labels, kinds=frozenset({"health_status"})
+    ) as watch:
+        container_id = await harness.started_unhealthy()
+
+        reported = await watch.until(_is("health_status", container_id))
+
+    assert reported.health is SessionHealth.UNHEALTHY
+    assert watch.kinds(container_id) == ["health_status"] * len(watch.kinds(container_id))
+
+
 async def test_events_exclude_containers_when_labels_differ(harness: Harness) -> None:
     mine = {**harness.labels, "roost.agent": "mine"}
     async with watching(harness.runtime, mine) as watch:

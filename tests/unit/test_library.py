@@ -39,8 +39,8 @@ class GatedEventsRuntime(FakeRuntime):
         self.gate.set()
         self.released: list[RuntimeEvent] = []
 
-    def events(self, labels: Any) -> AsyncIterator[RuntimeEvent]:
-        return self._gated(super().events(labels))
+    def events(self, labels: Any, **options: Any) -> AsyncIterator[RuntimeEvent]:
+        return self._gated(super().events(labels, **options))
 
     async def _gated(self, stream: AsyncIterator[RuntimeEvent]) -> AsyncIterator[RuntimeEvent]:
         async for event in stream:

@@ -65,7 +65,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -517,18 +517,28 @@ class DockerRuntime:
 
     # -- events -----------------------------------------------------------------
 
-    def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
+    def events(
+        self, labels: Mapping[str, str], *, kinds: Collection[str] | None = None
+    ) -> AsyncIterator[RuntimeEvent]:
         # The subscription starts now, not at the first ``__anext__``: the reader
         # asks Docker for events ``since`` this moment, so nothing that happens
         # between this call and the first iteration is lost.
-        return self._event_stream(dict(labels), since=time.time())
+        filters: dict[str, Sequence[str]] = {
+            "type": ["container"],
+            "label": _label_filters(labels),
+        }
+        if kinds is not None:
+            # Docker leaves the others out (matching "health_status" by prefix, as its
+            # Action carries the status after a colon): none is read nor parsed here.
+            filters["event"] = sorted(kinds)
+        return self._event_stream(dict(labels), filters, since=time.time())
 
     async def _event_stream(
-        self, labels: dict[str, str], *, since: float
+        self, labels: dict[str, str], filters: Mapping[str, Sequence[str]], *, since: float
     ) -> AsyncIterator[RuntimeEvent]:
         queue: asyncio.Queue[RuntimeEvent | BaseException] = asyncio.Queue(_EVENT_QUEUE_SIZE)
         reader = asyncio.create_task(
-            self._read_events(labels, since, queue),
+            self._read_events(filters, since, queue),
             name=f"roost.docker-events[{','.join(_label_filters(labels))}]",
         )
         self._event_readers.add(reader)
@@ -567,11 +577,10 @@ class DockerRuntime:
 
     async def _read_events(
         self,
-        labels: Mapping[str, str],
+        filters: Mapping[str, Sequence[str]],
         since: float,
         queue: asyncio.Queue[RuntimeEvent | BaseException],
     ) -> None:
-        filters = {"type": ["container"], "label": _label_filters(labels)}
         cursor = _EventCursor(since_nano=int(since * 1e9))
         failures = 0
         reconnecting = False

@@ -9,7 +9,8 @@ the port existed, so behaviour and numbers are the engine's own:
 - ``sleep(pause)`` = ``pause``; ``sleep(stop)`` = thaw a paused container first (a
   frozen process cannot handle SIGTERM), then ``stop``;
 - ``status`` = ``inspect``; ``endpoint`` = the published port from ``inspect``
-  (``0.0.0.0`` read as loopback); ``observe`` = the runtime's ``events``.
+  (``0.0.0.0`` read as loopback); ``observe`` = the runtime's ``events`` of the
+  kinds the supervisor acts on (``CONTAINER_EVENT_KINDS``: Docker sends no others).
 
 Invariants:
 - Nothing here adds a Docker call the supervisor did not make before: each
@@ -25,7 +26,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 
 from roost import errors
-from roost.ports.backend import Capabilities, Endpoint, SleepMode
+from roost.ports.backend import CONTAINER_EVENT_KINDS, Capabilities, Endpoint, SleepMode
 from roost.ports.runtime import (
     ContainerInfo,
     ContainerRuntime,
@@ -121,7 +122,7 @@ class EngineBackend:
         return await self.runtime.list(labels)
 
     def observe(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
-        return self.runtime.events(labels)
+        return self.runtime.events(labels, kinds=CONTAINER_EVENT_KINDS)
 
     async def close(self) -> None:
         """The runtime is shared with the job runner: its owner (the engine) closes it."""

@@ -25,7 +25,7 @@ Invariants every implementation keeps (checked by tests/contract):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Protocol
 
 from roost.core.records import ExitInfo, SessionHealth
@@ -193,8 +193,12 @@ class ContainerRuntime(Protocol):
         """All containers (any status) carrying every one of ``labels``."""
         ...
 
-    def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
-        """Container events for containers carrying ``labels``, forever, reconnecting."""
+    def events(
+        self, labels: Mapping[str, str], *, kinds: Collection[str] | None = None
+    ) -> AsyncIterator[RuntimeEvent]:
+        """Container events for containers carrying ``labels``, forever, reconnecting.
+        ``kinds``: only events of these kinds (and always ``lost`` and ``gap``); None:
+        every kind."""
         ...
 
     async def commit(

@@ -68,7 +68,7 @@ import itertools
 import secrets
 import signal as signals
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 
 from roost import errors
 from roost.core.records import ExitInfo, SessionHealth
@@ -120,6 +120,8 @@ class _FakeContainer:
 @dataclasses.dataclass(slots=True)
 class _Subscriber:
     labels: dict[str, str]
+    #: None: every kind.
+    kinds: frozenset[str] | None = None
     queue: asyncio.Queue[RuntimeEvent] = dataclasses.field(default_factory=asyncio.Queue)
 
 
@@ -544,9 +546,13 @@ class FakeRuntime:
             self._emit("unpause", container)
         return image.id
 
-    def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
+    def events(
+        self, labels: Mapping[str, str], *, kinds: Collection[str] | None = None
+    ) -> AsyncIterator[RuntimeEvent]:
         # Subscribed at the call, like DockerRuntime (which asks for events since then).
-        subscriber = _Subscriber(labels=dict(labels))
+        subscriber = _Subscriber(
+            labels=dict(labels), kinds=None if kinds is None else frozenset(kinds)
+        )
         self._subscribers.append(subscriber)
         return self._event_stream(subscriber)
 
@@ -698,7 +704,9 @@ class FakeRuntime:
             time=self._clock(),
         )
         for subscriber in self._subscribers:
-            if _carries(container.labels, subscriber.labels):
+            if _carries(container.labels, subscriber.labels) and (
+                subscriber.kinds is None or kind in subscriber.kinds
+            ):
                 subscriber.queue.put_nowait(event)
 
     def _timestamp(self) -> str:
