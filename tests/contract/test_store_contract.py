@@ -585,6 +585,21 @@ async def test_exits_are_kept_newest_first_and_completed_by_container_when_writt
     assert newest.container_id is None
 
 
+async def test_exit_is_kept_as_given_when_it_is_not_the_records_last_exit(
+    store: Store,
+) -> None:
+    record = await store.insert_agent(AgentRecord(name="apart"), SPEC)
+    kept = ExitInfo(exit_code=3, error="oops", container_id="c3")
+    stored = await store.update_agent(record.replace(last_exit=ExitInfo(exit_code=9)), exit=kept)
+    exits = await store.exits("apart")
+    assert [(e.exit_code, e.error, e.container_id) for e in exits] == [(3, "oops", "c3")]
+    found = await store.get_agent("apart")
+    assert found is not None
+    assert found.record.last_exit == stored.last_exit
+    assert found.record.last_exit is not None
+    assert found.record.last_exit.exit_code == 9
+
+
 async def test_exits_go_with_the_agent_when_it_is_deleted(store: Store) -> None:
     record = await store.insert_agent(AgentRecord(name="gone"), SPEC)
     crash = ExitInfo(exit_code=1, container_id="c1")

@@ -168,7 +168,15 @@ class SqliteStore:
         completed, e.g. with its log tail read later)."""
         base_version = record.version
         stored = record.replace(version=base_version + 1)
-        values = (*_record_values(stored)[1:], self._wall_clock(), record.name, base_version)
+        columns = _record_values(stored)
+        values = (*columns[1:], self._wall_clock(), record.name, base_version)
+        # The exit kept in the history is, as a rule, the record's own new last_exit:
+        # its JSON is made once (here, not again on the writer thread).
+        document = (
+            columns[_LAST_EXIT_COLUMN]
+            if exit is not None and exit is record.last_exit
+            else _exit_document(exit)
+        )
         history = [
             (record.name, change.from_state.value, change.to_state.value, change.reason, change.at)
             for change in changes
@@ -188,7 +196,6 @@ class SqliteStore:
             if history:
                 db.executemany(_INSERT_HISTORY, history)
             if exit is not None:
-                document = json.dumps({**exit.to_json(), "log_tail": exit.log_tail})
                 cid = exit.container_id
                 updated = cid is not None and (
                     db.execute(
@@ -221,9 +228,19 @@ class SqliteStore:
         return bool(deleted)
 
 
+#: Where ``last_exit`` (its JSON document) is in ``_record_values``.
+_LAST_EXIT_COLUMN: Final = 6
+
+
+def _exit_document(exit: ExitInfo | None) -> str | None:
+    """An exit as stored (the ``last_exit`` column, a row of ``agent_exits``)."""
+    if exit is None:
+        return None
+    return json.dumps({**exit.to_json(), "log_tail": exit.log_tail})
+
+
 def _record_values(record: AgentRecord) -> tuple[Any, ...]:
     """Column values in ``_AGENT_COLUMNS`` order, up to and including ``version``."""
-    last_exit = record.last_exit
     return (
         record.name,
         record.state.value,
@@ -231,9 +248,7 @@ def _record_values(record: AgentRecord) -> tuple[Any, ...]:
         record.url,
         record.config_hash,
         record.restart_count,
-        None
-        if last_exit is None
-        else json.dumps({**last_exit.to_json(), "log_tail": last_exit.log_tail}),
+        _exit_document(record.last_exit),
         record.last_error,
         record.last_activity_at,
         record.state_since,
