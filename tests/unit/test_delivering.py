@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -19,6 +19,7 @@ from roost.core.records import AgentRecord
 from roost.core.states import AgentState
 from roost.engine import Engine
 from roost.ports.inbox import Message, MessageStatus, json_value
+from roost.reactor.delivering import Dispatcher, _Lane
 from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings
@@ -354,3 +355,48 @@ async def test_push_in_flight_is_sent_again_when_the_agent_leaves_its_container(
         assert engine.agents.get("echo").container_id != first
         assert [mid for mid, _ in agent.deliveries] == [message.id, message.id]
         assert agent.in_flight == 0
+
+
+async def _abandonable(lane: _Lane, *, answered: bool, stopped: bool) -> str:
+    """Run a push through ``_posting`` and abandon it (``agent_left``) while it waits,
+    or once its answer has come; ``stopped``: the task is also cancelled (the lane
+    stopping). What the awaiting task saw, and its pending cancellations after."""
+    started, answer = asyncio.Event(), asyncio.Event()
+
+    async def post() -> str:
+        started.set()
+        await answer.wait()
+        return "answer"
+
+    async def push() -> str:
+        try:
+            answer_text: str = await lane._posting(post())
+            return answer_text
+        except ConnectionError:
+            current = asyncio.current_task()
+            assert current is not None
+            return f"connection error, {current.cancelling()} cancellations pending"
+
+    task = asyncio.create_task(push(), name="test.push")
+    await started.wait()
+    if answered:
+        answer.set()
+    lane.agent_left("restarted")
+    if stopped:
+        task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return "cancelled"
+
+
+async def test_a_push_abandoned_when_the_agent_leaves_is_a_connection_error_in_its_own_task() -> (
+    None
+):
+    lane = _Lane(cast(Dispatcher, None), "echo")
+    waiting = await _abandonable(lane, answered=False, stopped=False)
+    assert waiting == "connection error, 0 cancellations pending"
+    answered = await _abandonable(lane, answered=True, stopped=False)
+    assert answered == "connection error, 0 cancellations pending"  # sent again
+    assert await _abandonable(lane, answered=False, stopped=True) == "cancelled"
+    assert lane._posts == {}

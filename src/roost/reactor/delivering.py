@@ -399,8 +399,9 @@ class _Lane:
         self._deliveries: set[asyncio.Task[None]] = set()
         #: a pipelined push lane's last final outcome, being stored (see the docstring).
         self._committing: asyncio.Task[None] | None = None
-        #: pushes on the wire (abandoned when the agent leaves its container).
-        self._posts: set[asyncio.Task[Any]] = set()
+        #: tasks awaiting a push on the wire (abandoned when the agent leaves its
+        #: container) → whether ``agent_left`` has cancelled that push.
+        self._posts: dict[asyncio.Task[Any], bool] = {}
         self._in_flight: set[str] = set()
         #: held while an attempt waits for the agent (asyncio.Lock is FIFO).
         self._starting = asyncio.Lock()
@@ -424,25 +425,35 @@ class _Lane:
     def agent_left(self, reason: str) -> None:
         """The agent's container is being replaced: pushes still waiting for its
         answer will not get one (see the module docstring); they end now."""
-        for post in self._posts:
-            post.cancel(f"the agent left its container ({reason})")
+        for task, abandoned in list(self._posts.items()):
+            if not abandoned:
+                self._posts[task] = True
+                task.cancel(f"the agent left its container ({reason})")
 
     async def _posting(self, post: Coroutine[Any, Any, Any]) -> Any:
-        """Await a push, which ``agent_left`` may abandon: then ConnectionError."""
-        task = asyncio.create_task(post, name=f"roost.push[{self.name}]")
-        self._posts.add(task)
+        """Await a push, which ``agent_left`` may abandon: then ConnectionError.
+
+        The push runs in the awaiting task itself (no task and shield per message):
+        ``agent_left`` cancels that task while it awaits the push, and the
+        cancellation it asked for, and only that one, is taken back here
+        (``uncancel``); one from anywhere else (the lane stopping) goes on. A push
+        whose answer had come but was not yet read when the agent left counts as
+        abandoned too: it is sent again (at-least-once)."""
+        current = asyncio.current_task()
+        assert current is not None
+        self._posts[current] = False
         try:
-            return await asyncio.shield(task)
+            return await post
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and current is not None and not current.cancelling():
+            # An abandoned push is cancelled at its await even when its answer had
+            # come (the cancellation is thrown where the task resumes).
+            if self._posts.pop(current, False) and current.uncancel() == 0:
                 raise ConnectionError(
                     "the agent left its container while the message was in flight"
                 ) from None
-            task.cancel()
             raise
         finally:
-            self._posts.discard(task)
+            self._posts.pop(current, None)
 
     def cancel(self) -> None:
         for task in (self._task, self._committing, *self._deliveries):
