@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -19,6 +19,7 @@ from roost.core.records import AgentRecord
 from roost.core.states import AgentState
 from roost.engine import Engine
 from roost.ports.inbox import Message, MessageStatus, json_value
+from roost.reactor.delivering import Dispatcher, _Lane
 from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import make_settings
@@ -191,6 +192,48 @@ async def test_messages_in_flight_are_redelivered_when_engine_restarts(tmp_path:
     assert ids == [sent[0].id, sent[0].id, sent[1].id, sent[2].id]
 
 
+async def test_two_messages_are_redelivered_in_order_when_stopped_during_a_pipelined_commit(
+    tmp_path: Path,
+) -> None:
+    # A push lane sends the next message while the previous outcome commits, so at
+    # most two messages lack their outcome when Roost stops: both are delivered again,
+    # in order, and nothing after them was sent before.
+    runtime, agent, clock = _parts()
+    async with _engine(tmp_path, runtime, agent, clock) as engine:
+        inbox = engine.inbox
+        real_mark = inbox.mark_delivered
+        never = asyncio.Event()
+        sent: list[Message] = []
+
+        async def held(message: Message, reply: Any) -> None:
+            if message.id == sent[0].id:
+                await never.wait()  # the first outcome's commit never ends here
+            await real_mark(message, reply)
+
+        inbox.mark_delivered = held  # type: ignore[method-assign]
+        for i in range(3):
+            sent.append((await engine.dispatcher.submit("echo", json.dumps({"i": i}).encode()))[0])
+        await advance_until(clock, lambda: len(agent.deliveries) == 2, what="second sent")
+        await advance_until(clock, lambda: agent.in_flight == 0, what="second answered")
+
+        async def second_marked() -> bool:  # its lazy ``delivering`` write has committed
+            stored = await engine.inbox.get("echo", sent[1].id)
+            return stored is not None and stored.status is M.DELIVERING
+
+        await advance_until(clock, second_marked, what="second marked delivering")
+        # the third waits for the first outcome's commit
+        assert [mid for mid, _ in agent.deliveries] == [sent[0].id, sent[1].id]
+    async with _engine(tmp_path, runtime, agent, clock) as engine:
+
+        async def all_delivered() -> bool:
+            stored = [await engine.inbox.get("echo", m.id) for m in sent]
+            return all(s is not None and s.status is M.DELIVERED for s in stored)
+
+        await advance_until(clock, all_delivered, what="delivered after restart")
+    ids = [mid for mid, _ in agent.deliveries]
+    assert ids == [sent[0].id, sent[1].id, sent[0].id, sent[1].id, sent[2].id]
+
+
 async def test_concurrent_delivery_starts_in_order_when_max_concurrent_messages_above_one(
     tmp_path: Path,
 ) -> None:
@@ -256,24 +299,36 @@ async def test_an_outcome_the_disk_refuses_is_stored_later_and_nothing_overtakes
 ) -> None:
     inbox = fake.engine.inbox
     real_mark = inbox.mark_delivered
-    refusals = {"left": 4}
+    refusals = {"left": 1000}
+    stored: list[str] = []
 
     async def full_disk(message: Message, reply: Any) -> None:
         if refusals["left"] > 0:
             refusals["left"] -= 1
             raise errors.StorageFull("state database: mark message delivered: disk is full")
         await real_mark(message, reply)
+        stored.append(message.id)
 
     inbox.mark_delivered = full_disk  # type: ignore[method-assign]
     first = await fake.send({"i": 0})
     second = await fake.send({"i": 1})
+    third = await fake.send({"i": 2})
     await fake.until(lambda: fake.engine.health.holds("store"), "store degraded")
-    # Delivered once, its outcome not stored yet: the next message waits behind it.
-    await fake.until(lambda: refusals["left"] == 2, "outcome retried")
-    assert [mid for mid, _ in fake.agent.deliveries] == [first.id]
-    await fake.wait_status(second, M.DELIVERED)
-    assert (await fake.status(first)).status is M.DELIVERED
+    # Delivered, its outcome not stored yet: the next message is already on its way
+    # (the commit is pipelined), but its outcome waits, and nothing after it is sent.
+    await fake.until(
+        lambda: len(fake.agent.deliveries) == 2 and fake.agent.in_flight == 0, "second answered"
+    )
+    left = refusals["left"]
+    await fake.until(lambda: refusals["left"] <= left - 2, "outcome retried twice more")
     assert [mid for mid, _ in fake.agent.deliveries] == [first.id, second.id]
+    assert (await fake.status(second)).status is not M.DELIVERED
+    assert stored == []
+    refusals["left"] = 0  # space again
+    await fake.wait_status(third, M.DELIVERED)
+    assert (await fake.status(first)).status is M.DELIVERED
+    assert [mid for mid, _ in fake.agent.deliveries] == [first.id, second.id, third.id]
+    assert stored == [first.id, second.id, third.id]
     await fake.until(lambda: not fake.engine.health.holds("store"), "store recovered")
 
 
@@ -300,3 +355,48 @@ async def test_push_in_flight_is_sent_again_when_the_agent_leaves_its_container(
         assert engine.agents.get("echo").container_id != first
         assert [mid for mid, _ in agent.deliveries] == [message.id, message.id]
         assert agent.in_flight == 0
+
+
+async def _abandonable(lane: _Lane, *, answered: bool, stopped: bool) -> str:
+    """Run a push through ``_posting`` and abandon it (``agent_left``) while it waits,
+    or once its answer has come; ``stopped``: the task is also cancelled (the lane
+    stopping). What the awaiting task saw, and its pending cancellations after."""
+    started, answer = asyncio.Event(), asyncio.Event()
+
+    async def post() -> str:
+        started.set()
+        await answer.wait()
+        return "answer"
+
+    async def push() -> str:
+        try:
+            answer_text: str = await lane._posting(post())
+            return answer_text
+        except ConnectionError:
+            current = asyncio.current_task()
+            assert current is not None
+            return f"connection error, {current.cancelling()} cancellations pending"
+
+    task = asyncio.create_task(push(), name="test.push")
+    await started.wait()
+    if answered:
+        answer.set()
+    lane.agent_left("restarted")
+    if stopped:
+        task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return "cancelled"
+
+
+async def test_a_push_abandoned_when_the_agent_leaves_is_a_connection_error_in_its_own_task() -> (
+    None
+):
+    lane = _Lane(cast(Dispatcher, None), "echo")
+    waiting = await _abandonable(lane, answered=False, stopped=False)
+    assert waiting == "connection error, 0 cancellations pending"
+    answered = await _abandonable(lane, answered=True, stopped=False)
+    assert answered == "connection error, 0 cancellations pending"  # sent again
+    assert await _abandonable(lane, answered=False, stopped=True) == "cancelled"
+    assert lane._posts == {}

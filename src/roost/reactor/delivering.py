@@ -22,8 +22,14 @@ type (``roost.core.routing``, in configuration order); the agent sees the type i
 Invariants:
 - FIFO by ``seq``: a lane dispatches messages strictly in acceptance order;
   with ``max_concurrent_messages`` = 1 (the default) the next message is sent
-  only after the previous one's outcome is committed, so a Roost killed at
-  any instant redelivers at most the one message that was in flight.
+  only after the previous one has its outcome. A push lane pipelines that
+  outcome's commit: message N+1 goes out while N's final outcome (delivered,
+  failed, dead) is being committed, but N+1's outcome is stored only after
+  N's commit, and N+2 is sent only after that (an outcome that means a retry
+  never lets the next message out). So a Roost killed at any instant
+  redelivers at most two messages per lane (N, whose outcome was not yet
+  committed, and N+1, in flight), in their order, before any later one; the
+  other delivery modes commit first and redeliver at most the one in flight.
 - At-least-once: a message is marked ``delivering`` before it is sent (queued
   first, committed with the outcome: a ``queued`` one is redelivered just the
   same after a crash), and
@@ -45,7 +51,9 @@ Invariants:
   ``dead`` too (0: no limit).
 - An outcome the state database refuses (a full disk) is written again with
   backoff until it is stored; the message keeps its slot meanwhile, so no later
-  one overtakes it (a Roost stopped meanwhile delivers it again). Failed and
+  one overtakes it: in a pipelined push lane the next message may already be on
+  its way, but its outcome waits, and nothing after it is sent (a Roost stopped
+  meanwhile delivers both again). Failed and
   successful writes are reported to ``Health`` (``store``).
 - Time comes from the injected clock: retries run on ``FakeClock`` in tests.
 - A push in flight when the agent leaves ``running``/``idle`` for a new start (a
@@ -389,8 +397,11 @@ class _Lane:
         self._interrupt = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
-        #: pushes on the wire (abandoned when the agent leaves its container).
-        self._posts: set[asyncio.Task[Any]] = set()
+        #: a pipelined push lane's last final outcome, being stored (see the docstring).
+        self._committing: asyncio.Task[None] | None = None
+        #: tasks awaiting a push on the wire (abandoned when the agent leaves its
+        #: container) → whether ``agent_left`` has cancelled that push.
+        self._posts: dict[asyncio.Task[Any], bool] = {}
         self._in_flight: set[str] = set()
         #: held while an attempt waits for the agent (asyncio.Lock is FIFO).
         self._starting = asyncio.Lock()
@@ -414,34 +425,52 @@ class _Lane:
     def agent_left(self, reason: str) -> None:
         """The agent's container is being replaced: pushes still waiting for its
         answer will not get one (see the module docstring); they end now."""
-        for post in self._posts:
-            post.cancel(f"the agent left its container ({reason})")
+        for task, abandoned in list(self._posts.items()):
+            if not abandoned:
+                self._posts[task] = True
+                task.cancel(f"the agent left its container ({reason})")
 
     async def _posting(self, post: Coroutine[Any, Any, Any]) -> Any:
-        """Await a push, which ``agent_left`` may abandon: then ConnectionError."""
-        task = asyncio.create_task(post, name=f"roost.push[{self.name}]")
-        self._posts.add(task)
+        """Await a push, which ``agent_left`` may abandon: then ConnectionError.
+
+        The push runs in the awaiting task itself (no task and shield per message):
+        ``agent_left`` cancels that task while it awaits the push, and the
+        cancellation it asked for, and only that one, is taken back here
+        (``uncancel``); one from anywhere else (the lane stopping) goes on. A push
+        whose answer had come but was not yet read when the agent left counts as
+        abandoned too: it is sent again (at-least-once)."""
+        current = asyncio.current_task()
+        assert current is not None
+        self._posts[current] = False
         try:
-            return await asyncio.shield(task)
+            return await post
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and current is not None and not current.cancelling():
+            # An abandoned push is cancelled at its await even when its answer had
+            # come (the cancellation is thrown where the task resumes).
+            if self._posts.pop(current, False) and current.uncancel() == 0:
                 raise ConnectionError(
                     "the agent left its container while the message was in flight"
                 ) from None
-            task.cancel()
             raise
         finally:
-            self._posts.discard(task)
+            self._posts.pop(current, None)
 
     def cancel(self) -> None:
-        for task in (self._task, *self._deliveries):
+        for task in (self._task, self._committing, *self._deliveries):
             if task is not None:
                 task.cancel()
 
     async def join(self) -> None:
-        tasks = [t for t in (self._task, *self._deliveries) if t is not None]
+        tasks = [t for t in (self._task, self._committing, *self._deliveries) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _committed(self) -> None:
+        """Wait until the previous message's outcome is stored (pipelined lanes): before
+        anything of the next one is stored, and before the lane reads the inbox."""
+        task = self._committing
+        if task is not None:
+            await task
+            self._committing = None
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -463,9 +492,13 @@ class _Lane:
             if self.name not in d.agents:
                 return  # the agent was deleted: its messages stay stored
             if self._rewind:
+                # From the oldest again: a message whose outcome is still being
+                # committed would read as queued.
+                await self._committed()
                 self._rewind, self._cursor = False, 0
             record = d.agents.get(self.name)
             if record.state is S.FAILED:
+                await self._committed()
                 await self._drain_deliveries()
                 await self._kill_pending(record)
                 await self._wakeup.wait()
@@ -483,14 +516,18 @@ class _Lane:
             for message in batch:
                 if spec.max_concurrent_messages == 1 and not self._deliveries:
                     # One at a time: delivered by this task itself, each after the
-                    # previous outcome has been committed. No task per message and no
-                    # slot handed back: two turns of the event loop fewer per message,
-                    # which is what the next one waits for when the loop is busy.
+                    # previous outcome (a push lane: while it is being committed). No
+                    # task per message and no slot handed back: two turns of the event
+                    # loop fewer per message, which is what the next one waits for when
+                    # the loop is busy.
                     if generation != self._generation or self._rewind:
                         break
                     self._cursor = message.seq
-                    await self._deliver(spec, message, generation)
+                    await self._deliver(
+                        spec, message, generation, pipelined=spec.delivery == "push"
+                    )
                     continue
+                await self._committed()
                 # In seq order: a message starts only when a slot is free, so with one
                 # slot it starts after the previous outcome has been committed.
                 await slots.acquire()
@@ -534,7 +571,12 @@ class _Lane:
 
     # -- one message ----------------------------------------------------------------------
 
-    async def _deliver(self, spec: ResolvedAgent, message: Message, generation: int) -> None:
+    async def _deliver(
+        self, spec: ResolvedAgent, message: Message, generation: int, *, pipelined: bool = False
+    ) -> None:
+        """Attempt ``message`` until it has a final outcome. ``pipelined``: that
+        outcome is committed by a task of its own (``_committing``) and this returns
+        at once; the previous one's commit is awaited before anything is stored."""
         d = self.d
         attempts = message.attempts
         server_errors = 0
@@ -563,6 +605,7 @@ class _Lane:
                     await self._pause(retries)
                     retries += 1
                 continue
+            await self._committed()  # the previous message's outcome is stored first
             outcome = attempt.outcome
             if attempt.counted:
                 attempts += 1
@@ -571,9 +614,15 @@ class _Lane:
                 return
             if outcome.kind == "server_error":
                 server_errors += 1
-            stored = await self._record(spec, message, outcome, attempts, server_errors)
-            if stored is not None:
-                await self._finish(attempt, stored)
+            final = self._final(spec, message, outcome, attempts, server_errors)
+            if final is not None:
+                write, stored = final
+                if pipelined:
+                    self._committing = asyncio.create_task(
+                        self._commit(write, attempt, stored), name=f"roost.commit[{self.name}]"
+                    )
+                else:
+                    await self._commit(write, attempt, stored)
                 return
             # A lost lease is offered again at once; push and WebSocket wait a little.
             immediate = spec.delivery == "pull"
@@ -598,33 +647,44 @@ class _Lane:
                 await self._pause(retries)
                 retries += 1
 
-    async def _record(
+    def _final(
         self,
         spec: ResolvedAgent,
         message: Message,
         outcome: Outcome,
         attempts: int,
         server_errors: int,
-    ) -> Message | None:
-        """Store a final outcome (delivered, failed, dead); None when it is retried."""
+    ) -> tuple[Callable[[], Awaitable[object]], Message] | None:
+        """A final outcome (delivered, failed, dead): its write and the message as it
+        will be stored; None when the message is retried."""
         inbox = self.d.inbox
         if outcome.kind == "reply":
-            await self._store(functools.partial(inbox.mark_delivered, message, outcome.value))
-            return dataclasses.replace(
-                message, status=M.DELIVERED, attempts=attempts, reply=outcome.value
+            return functools.partial(inbox.mark_delivered, message, outcome.value), (
+                dataclasses.replace(
+                    message, status=M.DELIVERED, attempts=attempts, reply=outcome.value
+                )
             )
         if outcome.kind == "error" or (
             outcome.kind == "server_error" and server_errors >= self.d.max_server_errors
         ):
-            await self._store(functools.partial(inbox.mark_failed, message, outcome.value))
-            return dataclasses.replace(
-                message, status=M.FAILED, attempts=attempts, error=outcome.value
+            return functools.partial(inbox.mark_failed, message, outcome.value), (
+                dataclasses.replace(
+                    message, status=M.FAILED, attempts=attempts, error=outcome.value
+                )
             )
         if spec.max_attempts and attempts >= spec.max_attempts:
             error = f"gave up after {attempts} attempts (max_attempts); last: {outcome.value}"
-            await self._store(functools.partial(inbox.mark_dead, message, error))
-            return dataclasses.replace(message, status=M.DEAD, attempts=attempts, error=error)
+            return functools.partial(inbox.mark_dead, message, error), (
+                dataclasses.replace(message, status=M.DEAD, attempts=attempts, error=error)
+            )
         return None
+
+    async def _commit(
+        self, write: Callable[[], Awaitable[object]], attempt: _Attempt, stored: Message
+    ) -> None:
+        """Store a final outcome, then tell whoever waits for it."""
+        await self._store(write)
+        await self._finish(attempt, stored)
 
     async def _finish(
         self, attempt: _Attempt, stored: Message | None, *, settle: bool = True
