@@ -111,8 +111,10 @@ async def test_messages_sent_during_crash_loop_arrive_in_order_when_agent_recove
         await engine.runtime.kill(first.container_id)  # behind Roost's back: a crash
         # Noticed: in backoff now, or already past it (a loaded machine may poll late).
         await wait_until(
-            lambda: sup.get("echo").state in (S.CRASHED, S.RESTARTING)
-            or sup.get("echo").restart_count >= 1,
+            lambda: (
+                sup.get("echo").state in (S.CRASHED, S.RESTARTING)
+                or sup.get("echo").restart_count >= 1
+            ),
             timeout=10,
             what="crash noticed",
         )
