@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -419,10 +419,12 @@ class InstrumentedRuntime(DockerRuntime):
         finally:
             self._end(call)
 
-    def events(self, labels: Mapping[str, str]) -> AsyncIterator[RuntimeEvent]:
+    def events(
+        self, labels: Mapping[str, str], *, kinds: Collection[str] | None = None
+    ) -> AsyncIterator[RuntimeEvent]:
         """The real event stream, recording when Roost's watcher got each ``die``
         (``dies``: container id → ``time.time()``), parsed and about to be handled."""
-        stream = super().events(labels)
+        stream = super().events(labels, kinds=kinds)
 
         async def recorded() -> AsyncIterator[RuntimeEvent]:
             async for event in stream:
