@@ -38,6 +38,7 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -430,7 +431,7 @@ class Engine:
             raise errors.StateError(
                 "Roost runs on built-in defaults (no config file): there is nothing to reload"
             )
-        settings = await asyncio.to_thread(load_settings, source)
+        settings = await asyncio.to_thread(_load_for_reload, source)
         return await self.reload(settings, restart=restart)
 
     async def reload(self, settings: Settings, *, restart: bool = False) -> dict[str, Any]:
@@ -522,3 +523,18 @@ class _Announcer:
 
     async def notify(self, kind: str, payload: dict[str, Any]) -> None:
         await self._engine.announce(kind, payload)
+
+
+def _load_for_reload(source: str) -> Settings:
+    """The file's settings, refusing an empty file: a reload that reads a file while
+    it is being rewritten in place (truncated, then written) would otherwise remove
+    every configured agent. An intended "no agents" file still has its sections."""
+    try:
+        empty = not Path(source).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        empty = False  # load_settings names what is wrong with it
+    if empty:
+        raise errors.ConfigError(
+            f"{source}: the file is empty (being written?); nothing was changed"
+        )
+    return load_settings(source)

@@ -104,10 +104,18 @@ async def test_sighup_reloads_the_file_and_never_kills_the_daemon_when_roost_up_
     config = write_config(tmp_path, instance, port, leave_running=False)
     async with roost_up(config, port) as process:
         text = config.read_text(encoding="utf-8")
+
+        def replace(content: str) -> None:
+            # Atomically, as editors save: a reload may read the file at any moment,
+            # and a truncated one is a valid file with no agents.
+            staged = config.with_suffix(".new")
+            staged.write_text(content, encoding="utf-8")
+            staged.replace(config)
+
         # An invalid file first: nothing changes, the daemon goes on.
-        config.write_text(text + '\n[agents.bad]\nimage = "x"\nmemroy = "1g"\n', encoding="utf-8")
+        replace(text + '\n[agents.bad]\nimage = "x"\nmemroy = "1g"\n')
         process.send_signal(signal.SIGHUP)
-        config.write_text(text + '\n[agents.added]\nimage = "roost-mimic:latest"\n', "utf-8")
+        replace(text + '\n[agents.added]\nimage = "roost-mimic:latest"\n')
 
         async def added() -> bool:
             process.send_signal(signal.SIGHUP)

@@ -102,6 +102,19 @@ async def test_reload_of_an_invalid_file_changes_nothing_and_names_the_key(tmp_p
         assert names == ["drop", "keep"]
 
 
+async def test_reload_of_an_empty_file_changes_nothing(tmp_path: Path) -> None:
+    # What a reload reads while the file is rewritten in place (truncated first).
+    config = tmp_path / "roost.toml"
+    write(config, FIRST)
+    async with EngineHarness.served(load_settings(str(config))) as h:
+        config.write_text("\n", encoding="utf-8")
+        response = await h.client.post("/api/reload")
+        assert response.status_code == 400
+        assert "the file is empty" in response.json()["error"]
+        names = [a["name"] for a in (await h.client.get("/api/agents")).json()["agents"]]
+        assert names == ["drop", "keep"]
+
+
 async def test_doctor_reports_drift_and_roost_reload_applies_it_when_the_file_changed(
     tmp_path: Path,
 ) -> None:
