@@ -120,6 +120,8 @@ class Engine:
         lock: bool = True,
     ) -> None:
         self.settings = settings
+        #: reloads apply one at a time, in the order they were asked for.
+        self._reloading = asyncio.Lock()
         #: failures counted where they happen, for metrics.
         self.faults = Faults()
         state_dir = settings.state_path()
@@ -431,13 +433,19 @@ class Engine:
             raise errors.StateError(
                 "Roost runs on built-in defaults (no config file): there is nothing to reload"
             )
-        settings = await asyncio.to_thread(_load_for_reload, source)
-        return await self.reload(settings, restart=restart)
+        async with self._reloading:  # read and applied in one turn: the latest file wins
+            settings = await asyncio.to_thread(_load_for_reload, source)
+            return await self._reload(settings, restart=restart)
 
     async def reload(self, settings: Settings, *, restart: bool = False) -> dict[str, Any]:
         """Apply a re-read configuration (SIGHUP, ``roost reload``): its agents and
         ``[defaults]`` now; sections that need a new process are reported, not applied.
-        ``settings`` was validated already, so a bad file never gets here."""
+        ``settings`` was validated already, so a bad file never gets here. Reloads
+        apply one at a time (two SIGHUPs in a row must not diff against one base)."""
+        async with self._reloading:
+            return await self._reload(settings, restart=restart)
+
+    async def _reload(self, settings: Settings, *, restart: bool) -> dict[str, Any]:
         needs_restart = [
             section
             for section in self.RESTART_SECTIONS
