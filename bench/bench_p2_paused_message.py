@@ -93,6 +93,28 @@ async def reachable(http: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
+async def raw_agent(
+    docker: aiodocker.Docker, http: aiohttp.ClientSession, run: str, name: str, image: str
+) -> tuple[Any, str, str]:
+    """The raw baseline's container, started and answering: (container, the URL to
+    POST to, which path that is). The URL is its bridge address when this host
+    reaches it (as Roost delivers), else its published port."""
+    raw_config = common.raw_create_config(run, name)
+    raw_config["Image"] = image
+    container = await docker.containers.create(raw_config)
+    await container.start()
+    shown = await container.show()
+    binding = shown["NetworkSettings"]["Ports"]["8000/tcp"][0]
+    published = f"http://127.0.0.1:{binding['HostPort']}"
+    await common.poll_health(http, published + "/health", timeout=30)
+    networks = shown["NetworkSettings"].get("Networks") or {}
+    address = next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), "")
+    bridge = f"http://{address}:{common.MIMIC_PORT}"
+    if address and await reachable(http, bridge):
+        return container, bridge, "bridge address"
+    return container, published, "published port"
+
+
 async def raw_round(
     http: aiohttp.ClientSession, docker: aiodocker.Docker, container: Any, url: str, i: int
 ) -> float:
@@ -132,23 +154,9 @@ async def main() -> None:
             process = await common.start_roost(config, directory / "roost.log")
             try:
                 async with aiodocker.Docker() as docker, aiohttp.ClientSession() as http:
-                    raw_config = common.raw_create_config(raw_run, "p2raw")
-                    raw_config["Image"] = mimic
-                    container = await docker.containers.create(raw_config)
-                    await container.start()
-                    shown = await container.show()
-                    binding = shown["NetworkSettings"]["Ports"]["8000/tcp"][0]
-                    raw_url = f"http://127.0.0.1:{binding['HostPort']}"
-                    await common.poll_health(http, raw_url + "/health", timeout=30)
-                    networks = shown["NetworkSettings"].get("Networks") or {}
-                    address = next(
-                        (n["IPAddress"] for n in networks.values() if n.get("IPAddress")), ""
+                    container, raw_url, raw_path = await raw_agent(
+                        docker, http, raw_run, "p2raw", mimic
                     )
-                    bridge = f"http://{address}:{common.MIMIC_PORT}"
-                    if address and await reachable(http, bridge):
-                        raw_url, raw_path = bridge, "bridge address"
-                    else:
-                        raw_path = "published port"
 
                     await common.wait_roost(http, base, process, directory / "roost.log")
                     async with http.post(base + "/api/agents/echo/start") as response:

@@ -565,21 +565,9 @@ async def main(args: argparse.Namespace) -> None:
                 )
             try:
                 async with aiodocker.Docker() as docker, aiohttp.ClientSession() as http:
-                    raw_config = common.raw_create_config(raw_run, "p2phraw")
-                    raw_config["Image"] = mimic
-                    container = await docker.containers.create(raw_config)
-                    await container.start()
-                    shown = await container.show()
-                    binding = shown["NetworkSettings"]["Ports"]["8000/tcp"][0]
-                    raw_url = f"http://127.0.0.1:{binding['HostPort']}"
-                    await common.poll_health(http, raw_url + "/health", timeout=30)
-                    networks = shown["NetworkSettings"].get("Networks") or {}
-                    address = next(
-                        (n["IPAddress"] for n in networks.values() if n.get("IPAddress")), ""
+                    container, raw_url, _ = await p2.raw_agent(
+                        docker, http, raw_run, "p2phraw", mimic
                     )
-                    bridge = f"http://{address}:{common.MIMIC_PORT}"
-                    if address and await p2.reachable(http, bridge):
-                        raw_url = bridge
                     await common.wait_roost(http, base, process, log)
                     async with http.post(base + "/api/agents/echo/start") as response:
                         cid = (await response.json())["container_id"]
