@@ -36,9 +36,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -434,7 +434,9 @@ class Engine:
                 "Roost runs on built-in defaults (no config file): there is nothing to reload"
             )
         async with self._reloading:  # read and applied in one turn: the latest file wins
-            settings = await asyncio.to_thread(_load_for_reload, source)
+            settings = await asyncio.to_thread(
+                functools.partial(load_settings, source, refuse_empty=True)
+            )
             return await self._reload(settings, restart=restart)
 
     async def reload(self, settings: Settings, *, restart: bool = False) -> dict[str, Any]:
@@ -456,7 +458,11 @@ class Engine:
         )
         report["needs_restart"] = needs_restart
         report["source_file"] = settings.source_file
-        self.settings = settings
+        # What needs a new process stays as it runs (each later reload reports it
+        # again, and e.g. a changed docker.leave_running is not half-applied at stop).
+        self.settings = settings.model_copy(
+            update={section: getattr(self.settings, section) for section in needs_restart}
+        )
         log.info(
             "configuration reloaded from %s: %s",
             settings.source_file or "<defaults>",
@@ -531,18 +537,3 @@ class _Announcer:
 
     async def notify(self, kind: str, payload: dict[str, Any]) -> None:
         await self._engine.announce(kind, payload)
-
-
-def _load_for_reload(source: str) -> Settings:
-    """The file's settings, refusing an empty file: a reload that reads a file while
-    it is being rewritten in place (truncated, then written) would otherwise remove
-    every configured agent. An intended "no agents" file still has its sections."""
-    try:
-        empty = not Path(source).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        empty = False  # load_settings names what is wrong with it
-    if empty:
-        raise errors.ConfigError(
-            f"{source}: the file is empty (being written?); nothing was changed"
-        )
-    return load_settings(source)

@@ -105,9 +105,10 @@ async def test_sighup_reloads_the_file_and_never_kills_the_daemon_when_roost_up_
     async with roost_up(config, port) as process:
         text = config.read_text(encoding="utf-8")
 
+        log = config.parent / "roost.log"
+
         def replace(content: str) -> None:
-            # Atomically, as editors save: a reload may read the file at any moment,
-            # and a truncated one is a valid file with no agents.
+            # Atomically, as editors save: a reload may read the file at any moment.
             staged = config.with_suffix(".new")
             staged.write_text(content, encoding="utf-8")
             staged.replace(config)
@@ -115,6 +116,13 @@ async def test_sighup_reloads_the_file_and_never_kills_the_daemon_when_roost_up_
         # An invalid file first: nothing changes, the daemon goes on.
         replace(text + '\n[agents.bad]\nimage = "x"\nmemroy = "1g"\n')
         process.send_signal(signal.SIGHUP)
+        await wait_until(
+            lambda: "configuration not reloaded" in log.read_text(encoding="utf-8"),
+            what="the invalid file refused",
+        )
+        assert "agents.bad.memroy" in log.read_text(encoding="utf-8")
+        names = [a["name"] for a in (await api(port, "GET", "/api/agents"))["agents"]]
+        assert names == ["echo"]
         replace(text + '\n[agents.added]\nimage = "roost-mimic:latest"\n')
 
         async def added() -> bool:

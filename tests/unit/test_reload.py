@@ -110,9 +110,43 @@ async def test_reload_of_an_empty_file_changes_nothing(tmp_path: Path) -> None:
         config.write_text("\n", encoding="utf-8")
         response = await h.client.post("/api/reload")
         assert response.status_code == 400
-        assert "the file is empty" in response.json()["error"]
+        assert "the file holds no settings" in response.json()["error"]
         names = [a["name"] for a in (await h.client.get("/api/agents")).json()["agents"]]
         assert names == ["drop", "keep"]
+
+
+async def test_reload_reports_a_section_that_needs_a_restart_each_time_and_keeps_it_running(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "roost.toml"
+    write(config, FIRST)
+    async with EngineHarness.served(load_settings(str(config))) as h:
+        running = h.engine.settings.docker
+        config.write_text(
+            config.read_text(encoding="utf-8").replace(
+                'instance = "reload-test"', 'instance = "reload-test"\nleave_running = true'
+            ),
+            encoding="utf-8",
+        )
+        for _ in range(2):
+            response = await h.client.post("/api/reload")
+            assert response.status_code == 200, response.text
+            assert response.json()["needs_restart"] == ["docker"]
+        assert h.engine.settings.docker == running  # applied only by a restart
+
+
+async def test_reloads_asked_at_once_apply_one_at_a_time_and_the_last_file_wins(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "roost.toml"
+    write(config, FIRST)
+    async with EngineHarness.served(load_settings(str(config))) as h:
+        write(config, SECOND)
+        reports = await asyncio.gather(*(h.engine.reload_from_file() for _ in range(3)))
+        assert reports[0]["added"] == ["new"]
+        assert all(not r["added"] and not r["removed"] for r in reports[1:])
+        names = [a["name"] for a in (await h.client.get("/api/agents")).json()["agents"]]
+        assert names == ["keep", "new"]
 
 
 async def test_doctor_reports_drift_and_roost_reload_applies_it_when_the_file_changed(

@@ -561,11 +561,15 @@ def load_settings(
     *,
     cwd: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    refuse_empty: bool = False,
 ) -> Settings:
     """Find, read and validate the configuration (see :func:`find_config_file`).
 
     Raises ConfigError naming the file and key. Also checks that an API token is
-    configured (and readable) when ``listen`` is not loopback.
+    configured (and readable) when ``listen`` is not loopback. ``refuse_empty``
+    (a reload): a file that holds no settings at all is refused, as read once: a
+    file caught while it is rewritten in place reads empty, and applying it would
+    remove every configured agent.
     """
     file = find_config_file(path, cwd=cwd, environ=environ)
     base_dir = Path(cwd) if cwd is not None else None
@@ -573,7 +577,13 @@ def load_settings(
     if file is None:
         settings = parse_settings(overlay, file=None, base_dir=base_dir, origins=origins)
     else:
-        document = laid_over(read_document(file), overlay)
+        read = read_document(file)
+        if refuse_empty and not read:
+            raise ConfigError(
+                f"{file}: the file holds no settings (being written?); nothing was changed",
+                file=str(file),
+            )
+        document = laid_over(read, overlay)
         settings = parse_settings(
             document, file=str(file), base_dir=file.parent.absolute(), origins=origins
         )
