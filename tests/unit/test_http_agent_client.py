@@ -198,3 +198,37 @@ async def test_answer_is_awaited_past_an_earlier_deadline_the_connection_had(
             waiting.cancel()
             await asyncio.gather(waiting, return_exceptions=True)
         assert len(connections) == 1
+
+
+async def test_upload_is_not_cut_by_the_deadline_the_previous_answer_left_standing(
+    client: HttpAgentClient,
+) -> None:
+    async with held_second_answer() as (origin, release, connections):
+        async with client.stream("GET", origin, b"/first", answer_timeout=0.2) as first:
+            assert await first.read() == b"ok"
+            connection = first._live()
+        go = asyncio.Event()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"part one"
+            await go.wait()  # still uploading when the old timer fires
+            yield b"part two"
+
+        async def second() -> bytes:
+            async with client.stream(
+                "POST", origin, b"/second", body=body(), answer_timeout=3600
+            ) as answer:
+                return await answer.read()
+
+        sending = asyncio.create_task(second(), name="test.second-request")
+        try:
+            await wait_until(
+                lambda: connection._deadline_timer is None, what="the first answer's timer fired"
+            )
+            go.set()
+            release.set()
+            assert await sending == b"ok"
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        assert len(connections) == 1

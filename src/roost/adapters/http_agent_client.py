@@ -141,7 +141,6 @@ class _Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         #: the current exchange's answer deadline (loop time) and its length in seconds;
         #: one timer per connection, moved only when it fires early or is too late.
-        self._answer_deadline = 0.0
         self._answer_timeout = 0.0
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -163,6 +162,9 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
+        #: no deadline until ``answer_head`` sets this exchange's own: a timer left
+        #: standing by the previous exchange must not cut this one's upload short.
+        self._answer_deadline = float("inf")
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -308,8 +310,9 @@ class _Connection(asyncio.Protocol):
     def _deadline_passed(self) -> None:
         self._deadline_timer = None
         head = self.head
-        if head.done():
-            return  # no exchange waits for a head (the next one arms its own deadline)
+        if head.done() or self._answer_deadline == float("inf"):
+            # No exchange waits for a head yet (the next one arms its own deadline).
+            return
         if self._loop.time() < self._answer_deadline:
             self._arm_deadline_timer(self._answer_deadline)  # armed for an earlier one
             return
