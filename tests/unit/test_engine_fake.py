@@ -23,7 +23,7 @@ from roost.ports.runtime import ContainerSpec
 from roost.testing.fake_clock import FakeClock
 from roost.testing.fake_runtime import FakeRuntime
 from tests.conftest import wait_until
-from tests.support import ACT_TIMEOUT, IMAGE, Rig, open_rig
+from tests.support import ACT_TIMEOUT, IMAGE, Rig, advance_until, open_rig
 
 S = AgentState
 
@@ -224,7 +224,7 @@ async def test_start_pulls_the_image_then_creates_again_when_the_create_found_it
         assert rig.calls("create")[1] == record.container_id
 
 
-async def test_container_goes_unrecorded_when_its_token_cannot_be_stored(
+async def test_container_goes_unrecorded_while_its_token_cannot_be_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def refuse(self: SqliteTokenStore, agent: str, token_hash: str) -> None:
@@ -232,16 +232,31 @@ async def test_container_goes_unrecorded_when_its_token_cannot_be_stored(
 
     async with open_rig(tmp_path) as rig:
         monkeypatch.setattr(SqliteTokenStore, "put", refuse)
-        with pytest.raises(errors.ContainerError, match="store agent token hash"):
-            await rig.start("echo")
-        record = rig.record("echo")
-        assert record.container_id is None
-        # The container was created while the token was being stored; it held a token
-        # no restarted Roost would know, so it went before anything recorded it.
+        starting = asyncio.ensure_future(rig.sup.request("echo", ev.StartRequested("test")))
+        await advance_until(rig.clock, lambda: rig.engine.health.holds("store"), step=0.05)
+        # The container was created while the token was being stored; it holds a token
+        # no restarted Roost would know, so nothing records it while the store refuses
+        # (a disk's failure, not the agent's: the start waits and counts nothing).
         created = [cid for cid in rig.calls("create") if cid]
         assert created
+        record = rig.record("echo")
+        assert (record.state, record.container_id, record.restart_count) == (
+            AgentState.STARTING,
+            None,
+            0,
+        )
+        # Given up (the agent is stopped), that container goes.
+        await rig.sup.request("echo", ev.StopRequested("test"))
+        await starting
+        await advance_until(
+            rig.clock,
+            lambda: set(created) <= set(rig.calls("remove")),
+            step=0.05,
+            what="the unrecorded container removed",
+        )
         for cid in created:
             assert not await _exists(rig.runtime, cid)
+        assert rig.record("echo").container_id is None
 
 
 async def test_missing_image_fails_terminally_without_restarts_when_it_cannot_be_pulled(

@@ -249,6 +249,32 @@ async def test_a_failed_state_write_is_retried_until_stored_and_the_store_announ
         assert stored.record.state is S.RUNNING
 
 
+async def test_a_start_waits_while_its_token_cannot_be_stored_and_counts_no_failure(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path, defaults={"max_restarts": 0}) as rig:
+        credentials = rig.engine.credentials
+        real_install = credentials.install
+        failures = {"left": 5}
+
+        async def flaky_install(agent: str, token: str) -> None:
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise errors.StorageFull("state database: database or disk is full")
+            await real_install(agent, token)
+
+        credentials.install = flaky_install  # type: ignore[method-assign]
+        starting = asyncio.ensure_future(rig.sup.request("echo", ev.StartRequested("test")))
+        await advance_until(rig.clock, lambda: rig.engine.health.holds("store"), step=0.01)
+        await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.5)
+        await starting
+        assert failures["left"] == 0
+        assert rig.record("echo").restart_count == 0
+        assert not rig.record("echo").last_error
+        assert not rig.engine.health.holds("store")
+        assert len(notices(rig, "store.degraded")) == 1
+
+
 async def test_waiting_starts_are_released_when_the_engine_refuses_to_remove_an_orphan_after_it(
     tmp_path: Path,
 ) -> None:

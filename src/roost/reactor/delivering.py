@@ -88,7 +88,7 @@ from roost.ports.inbox import TERMINAL, Inbox, Message, MessageStatus
 from roost.reactor.agents import Agents
 from roost.reactor.attempts import Outcome
 from roost.reactor.channels import Channels
-from roost.reactor.health import WRITE_RETRY, Health
+from roost.reactor.health import Health, until_written
 from roost.reactor.pulling import Lease, Pulls
 
 __all__ = [
@@ -374,10 +374,6 @@ class Dispatcher:
     def _store_failed(self, exc: errors.StoreError) -> None:
         if self.health is not None:
             self.health.fail("store", str(exc))
-
-    def _store_ok(self) -> None:
-        if self.health is not None:
-            self.health.clear("store")
 
     def _settled(self, message: Message) -> None:
         self._status(message)
@@ -771,17 +767,7 @@ class _Lane:
 
     async def _store(self, write: Callable[[], Awaitable[object]]) -> None:
         """Store an outcome; while the database refuses it, again with backoff."""
-        failures = 0
-        while True:
-            try:
-                await write()
-            except errors.StoreError as exc:
-                self.d._store_failed(exc)
-                await self.d.clock.sleep(WRITE_RETRY.delay(failures) or 0.0)
-                failures += 1
-                continue
-            self.d._store_ok()
-            return
+        await until_written(write, clock=self.d.clock, health=self.d.health)
 
     async def _marked(self, marking: Awaitable[Any]) -> None:
         """The attempt's ``delivering`` mark: it rode with an outcome that is stored

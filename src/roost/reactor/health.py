@@ -18,6 +18,9 @@ Invariants:
   So a full disk that is freed is announced recovered even when nothing else
   writes, and a nearly full one, where small writes still fit and larger ones
   fail, is not announced recovered and degraded over and over.
+- ``until_written``: a state write the database refuses is retried with backoff
+  until stored (``store`` reported meanwhile), never dropped and never counted
+  against an agent.
 """
 
 from __future__ import annotations
@@ -25,14 +28,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal, TypeVar
 
 from roost import aio, errors
 from roost.core.backoff import Backoff
 from roost.ports.clock import Clock
 
-__all__ = ["RECHECK", "SETTLE", "WRITE_RETRY", "Condition", "Health", "Probe"]
+__all__ = [
+    "RECHECK",
+    "SETTLE",
+    "WRITE_RETRY",
+    "Condition",
+    "Health",
+    "Probe",
+    "until_written",
+]
 
 log = logging.getLogger("roost.health")
 
@@ -54,6 +65,35 @@ SETTLE = 1.0
 #: Retries of a write the state database refused (an agent's record, a delivery's
 #: outcome): retried until stored, never dropped.
 WRITE_RETRY = Backoff.doubling(0.05, 5.0)
+
+T = TypeVar("T")
+
+
+async def until_written(
+    write: Callable[[], Awaitable[T]],
+    *,
+    clock: Clock,
+    health: Health | None,
+    refused: Callable[[errors.StoreError], None] | None = None,
+) -> T:
+    """``write()`` (a state write), again with ``WRITE_RETRY`` on ``clock`` while the
+    database refuses it; ``store`` is reported failed meanwhile and cleared once it is
+    written. ``refused`` is told of the first refusal."""
+    failures = 0
+    while True:
+        try:
+            result = await write()
+        except errors.StoreError as exc:
+            if health is not None:
+                health.fail("store", str(exc))
+            if failures == 0 and refused is not None:
+                refused(exc)
+            await clock.sleep(WRITE_RETRY.delay(failures) or 0.0)
+            failures += 1
+            continue
+        if health is not None:
+            health.clear("store")
+        return result
 
 
 class Health:

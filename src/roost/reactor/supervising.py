@@ -74,7 +74,7 @@ from roost.ports.store import Store
 from roost.reactor.addressing import Addresses, container_url
 from roost.reactor.channels import Channels
 from roost.reactor.credentials import TOKEN_ENV, Credentials
-from roost.reactor.health import WRITE_RETRY, Health
+from roost.reactor.health import Health, until_written
 
 __all__ = ["AgentActor", "StateListener", "Supervisor"]
 
@@ -416,26 +416,23 @@ class AgentActor:
     async def _persist(self, decision: Decision) -> AgentRecord:
         """Write the decided record; while the database refuses, retry with backoff
         (the actor does not move past what is stored, and does nothing meanwhile)."""
-        failures = 0
-        while True:
-            exit_info = decision.record.last_exit
-            try:
-                stored = await self.sup.store.update_agent(
-                    decision.record,
-                    changes=decision.changes,
-                    exit=exit_info if exit_info != self.record.last_exit else None,
-                )
-            except errors.StoreError as exc:
-                if failures == 0:
-                    self.degraded = f"cannot write its state: {exc}"
-                    self.sup.health.fail("store", str(exc))
-                await self.sup.clock.sleep(WRITE_RETRY.delay(failures) or 0.0)
-                failures += 1
-                continue
-            if self.degraded is not None:
-                self.degraded = None
-            self.sup.health.clear("store")
-            return stored
+        exit_info = decision.record.last_exit
+
+        def refused(exc: errors.StoreError) -> None:
+            self.degraded = f"cannot write its state: {exc}"
+
+        stored = await until_written(
+            lambda: self.sup.store.update_agent(
+                decision.record,
+                changes=decision.changes,
+                exit=exit_info if exit_info != self.record.last_exit else None,
+            ),
+            clock=self.sup.clock,
+            health=self.sup.health,
+            refused=refused,
+        )
+        self.degraded = None
+        return stored
 
     async def _enrich_exit(
         self, event: ev.ContainerExited, *, always: bool = False
@@ -737,8 +734,14 @@ class AgentActor:
                 async with self.sup.start_slots:
                     if credentials is not None and token is not None and storing is None:
                         # Runs once this task waits for Docker's answer to the create.
+                        # A full disk holds the start here; it is not the agent's failure.
                         storing = asyncio.create_task(
-                            credentials.install(self.name, token), name=f"roost.token[{self.name}]"
+                            until_written(
+                                lambda: credentials.install(self.name, token),
+                                clock=self.sup.clock,
+                                health=self.sup.health,
+                            ),
+                            name=f"roost.token[{self.name}]",
                         )
                     try:
                         cid = await be.ensure(spec, placement=self.spec.placement)
@@ -761,6 +764,7 @@ class AgentActor:
             # Owned and awaited on every way out (a failed create's error is the start's).
             if storing is not None:
                 if not storing.done():
+                    storing.cancel()  # a start given up: its token is not needed
                     await asyncio.wait([storing])
                 if not storing.cancelled():
                     storing.exception()
