@@ -23,7 +23,6 @@ from tests.conftest import WebhookReceiver, wait_until
 from .conftest import FaultReport, PrivateDockerd
 from .rig import (
     RoostDaemon,
-    Sender,
     agents,
     check_delivery,
     mimic,
@@ -31,6 +30,7 @@ from .rig import (
     seen,
     start_agents,
     tracebacks,
+    traffic,
     wait_delivered,
     wait_states,
 )
@@ -60,13 +60,7 @@ async def test_each_crash_looping_agent_alerts_once_and_healthy_ones_lose_nothin
     )
     async with running_roost(daemon) as client:
         before = await start_agents(client, *HEALTHY)
-        senders = {name: Sender(client, name) for name in HEALTHY}
-        stop_traffic = asyncio.Event()
-        traffic = [
-            asyncio.create_task(s.run(stop_traffic, interval=TRAFFIC_INTERVAL), name=f"send {n}")
-            for n, s in senders.items()
-        ]
-        try:
+        async with traffic(client, HEALTHY, interval=TRAFFIC_INTERVAL) as senders:
             storm_began = time.monotonic()
             requested = await asyncio.gather(
                 *(client.post(f"/api/agents/{n}/start", params={"wait": "false"}) for n in CRASHING)
@@ -80,9 +74,6 @@ async def test_each_crash_looping_agent_alerts_once_and_healthy_ones_lose_nothin
                 what="an agent.failed alert per crashing agent",
             )
             acked_in_storm = sum(len(s.acked) for s in senders.values())
-        finally:
-            stop_traffic.set()
-            await asyncio.gather(*traffic)
 
         lost = duplicates = 0
         after = await agents(client)

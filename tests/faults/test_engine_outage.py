@@ -35,7 +35,6 @@ from tests.conftest import WebhookReceiver, wait_until
 from .conftest import FaultReport, PrivateDockerd
 from .rig import (
     RoostDaemon,
-    Sender,
     agents,
     check_delivery,
     mimic,
@@ -43,6 +42,7 @@ from .rig import (
     seen,
     start_agents,
     tracebacks,
+    traffic,
     wait_delivered,
     wait_states,
 )
@@ -114,13 +114,7 @@ async def test_agents_recover_and_no_message_is_lost_when_the_engine_stops_under
     async with running_roost(daemon) as client:
         await start_agents(client, *RUNNING, QUIET)
         assert (await client.post(f"/api/agents/{QUIET}/stop")).status_code == 200
-        senders = {name: Sender(client, name) for name in BUSY}
-        stop_traffic = asyncio.Event()
-        traffic = [
-            asyncio.create_task(s.run(stop_traffic, interval=TRAFFIC_INTERVAL), name=f"send {n}")
-            for n, s in senders.items()
-        ]
-        try:
+        async with traffic(client, BUSY, interval=TRAFFIC_INTERVAL) as senders:
             # Some traffic delivered before the outage.
             for name, sender in senders.items():
                 await sender.wait_acked(5)
@@ -144,9 +138,6 @@ async def test_agents_recover_and_no_message_is_lost_when_the_engine_stops_under
             )
             recovery = time.monotonic() - start_called
             recovered_mark = daemon.mark()
-        finally:
-            stop_traffic.set()
-            await asyncio.gather(*traffic)
 
         after = await agents(client)
         lost = 0

@@ -29,13 +29,13 @@ import pytest
 from .conftest import FaultReport, PrivateDockerd
 from .rig import (
     RoostDaemon,
-    Sender,
     agents,
     check_delivery,
     mimic,
     seen,
     start_agents,
     tracebacks,
+    traffic,
     wait_delivered,
     wait_states,
 )
@@ -80,16 +80,10 @@ async def test_every_acknowledged_message_arrives_when_roost_is_killed_again_and
         # Start-up kills land within this (the first start-up's length, as measured).
         startup_window = time.monotonic() - spawned
         before = await start_agents(client, *NAMES)
-        senders = {name: Sender(client, name) for name in NAMES}
-        stop_traffic = asyncio.Event()
-        traffic = [
-            asyncio.create_task(s.run(stop_traffic, interval=TRAFFIC_INTERVAL), name=f"send {n}")
-            for n, s in senders.items()
-        ]
         killed_starting = 0
         restarts: list[float] = []
         respawned: float | None = None  # none yet: the first Roost is up already
-        try:
+        async with traffic(client, NAMES, interval=TRAFFIC_INTERVAL) as senders:
             for _ in range(KILLS):
                 if rng.random() < STARTING_SHARE:
                     # Somewhere in start-up: loading, reconciling, just answering.
@@ -106,9 +100,6 @@ async def test_every_acknowledged_message_arrives_when_roost_is_killed_again_and
                 await daemon.start()
                 respawned = time.monotonic()
             await daemon.wait_up()
-        finally:
-            stop_traffic.set()
-            await asyncio.gather(*traffic)
         try:
             await wait_states(client, dict.fromkeys(NAMES, "running"), timeout=60)
             after = await agents(client)

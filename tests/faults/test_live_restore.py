@@ -22,7 +22,6 @@ from tests.conftest import WebhookReceiver, wait_until
 from .conftest import FaultReport, PrivateDockerd
 from .rig import (
     RoostDaemon,
-    Sender,
     agents,
     check_delivery,
     messages,
@@ -31,6 +30,7 @@ from .rig import (
     seen,
     start_agents,
     tracebacks,
+    traffic,
     wait_delivered,
     wait_states,
 )
@@ -69,13 +69,7 @@ async def test_agents_stay_running_on_their_containers_when_a_live_restore_daemo
     )
     async with running_roost(daemon) as client:
         before = await start_agents(client, *NAMES)
-        senders = {name: Sender(client, name) for name in NAMES}
-        stop_traffic = asyncio.Event()
-        traffic = [
-            asyncio.create_task(s.run(stop_traffic, interval=TRAFFIC_INTERVAL), name=f"send {n}")
-            for n, s in senders.items()
-        ]
-        try:
+        async with traffic(client, NAMES, interval=TRAFFIC_INTERVAL) as senders:
             for sender in senders.values():
                 await sender.wait_acked(5)
             delivered_before = await _delivered(client)
@@ -98,9 +92,6 @@ async def test_agents_stay_running_on_their_containers_when_a_live_restore_daemo
             counts = {n: len(s.acked) for n, s in senders.items()}
             for name, sender in senders.items():
                 await sender.wait_acked(counts[name] + 5)
-        finally:
-            stop_traffic.set()
-            await asyncio.gather(*traffic)
 
         await wait_states(client, dict.fromkeys(NAMES, "running"), timeout=30)
         after = await agents(client)
