@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from roost import errors
 from roost.core import events as ev
 from roost.core.records import AgentRecord, ExitInfo, StateChange
 from roost.core.states import AgentState
+from roost.ports.runtime import ContainerInfo
 from tests.support import ScriptedAgent, advance_until, open_rig
 
 S = AgentState
@@ -304,6 +305,37 @@ async def test_waiting_starts_are_released_when_the_engine_refuses_to_remove_an_
         rig.runtime.come_back()
         await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.1)
         assert rig.record("echo").container_id != old
+        assert rig.record("echo").restart_count == 0
+
+
+async def test_agents_recover_when_the_engine_goes_down_again_during_the_recovery_reconcile(
+    tmp_path: Path,
+) -> None:
+    async with open_rig(tmp_path, defaults={"max_restarts": 0, "restart_backoff": 0}) as rig:
+        await rig.start("echo")
+        rig.runtime.go_down(kill_containers=True, exit_code=0)
+        await rig.until(
+            "echo",
+            lambda r: r.state is S.RESTARTING and r.restart_at is None,
+            "waiting for the engine",
+        )
+        real_list = rig.runtime.list
+        lists = {"refused": 0}
+
+        async def list_once_refused(labels: Mapping[str, str]) -> list[ContainerInfo]:
+            if lists["refused"] == 0:
+                lists["refused"] += 1
+                rig.runtime.go_down()  # gone again while the recovery reconciles
+                raise errors.DockerUnavailable("Docker engine is not reachable")
+            return await real_list(labels)
+
+        rig.runtime.list = list_once_refused  # type: ignore[method-assign]
+        rig.runtime.come_back()
+        await advance_until(rig.clock, lambda: lists["refused"] == 1, step=0.1)
+        assert rig.engine.health.holds("engine")
+        rig.runtime.come_back()
+        await advance_until(rig.clock, lambda: rig.record("echo").state is S.RUNNING, step=0.1)
+        assert not rig.engine.health.holds("engine")
         assert rig.record("echo").restart_count == 0
 
 

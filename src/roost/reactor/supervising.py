@@ -1285,27 +1285,32 @@ class Supervisor:
         return False
 
     async def _recover(self) -> None:
-        """Ping until the engine answers, then reconcile and release waiting starts."""
-        failures = 0
-        while not self.closed:
+        """Ping until the engine answers, then reconcile and release waiting starts.
+        An engine gone again during that reconcile (marked down by it, or by this)
+        starts it over: this task is the one recovery, so it must not end meanwhile."""
+        while True:
+            failures = 0
+            while not self.closed:
+                try:
+                    await self.backend.ping()
+                    break
+                except errors.RoostError:
+                    await self.clock.sleep(ENGINE_PING.delay(failures) or 0.0)
+                    failures += 1
+            if self.closed:
+                return
+            self.health.clear("engine")
             try:
-                await self.backend.ping()
+                await self.reconcile(after_outage=True)
+            except errors.DockerUnavailable as exc:
+                self.engine_failed(exc)  # gone again already: start over
+                continue
+            except errors.RoostError as exc:
+                # Whatever the engine refused, the waiting starts must not wait forever:
+                # the next reconcile (after an event gap, or the next start) tries again.
+                log.warning("reconcile after the engine came back failed: %s", exc)
+            if not self.health.holds("engine"):
                 break
-            except errors.RoostError:
-                await self.clock.sleep(ENGINE_PING.delay(failures) or 0.0)
-                failures += 1
-        if self.closed:
-            return
-        self.health.clear("engine")
-        try:
-            await self.reconcile(after_outage=True)
-        except errors.DockerUnavailable as exc:
-            self.engine_failed(exc)  # gone again already: start over
-            return
-        except errors.RoostError as exc:
-            # Whatever the engine refused, the waiting starts must not wait forever:
-            # the next reconcile (after an event gap, or the next start) tries again.
-            log.warning("reconcile after the engine came back failed: %s", exc)
         for actor in list(self.actors.values()):
             actor.post(ev.EngineRecovered())
 
