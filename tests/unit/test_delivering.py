@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -292,6 +292,43 @@ async def test_wait_final_returns_the_reply_when_message_is_delivered(fake: Harn
     fake.agent.down = True
     stuck = await fake.send({"never": True})
     assert await fake.engine.dispatcher.wait_final("echo", stuck.id, 0.05) is None
+
+
+async def test_dead_marking_and_reset_requeue_wait_out_a_full_disk(fake: Harness) -> None:
+    agents, inbox = fake.engine.agents, fake.engine.inbox
+    await fake.wake()
+    fake.agent.down = True
+    sent = [await fake.send({"i": i}) for i in range(2)]
+    await fake.until(lambda: inbox.pending_count("echo") == 2, "2 pending")
+    refusals = {"kill": 3, "requeue": 3}
+    real_kill, real_requeue = inbox.kill_pending, inbox.requeue_dead
+
+    async def full_kill(agent: str, reason: str) -> Sequence[str]:
+        if refusals["kill"] > 0:
+            refusals["kill"] -= 1
+            raise errors.StorageFull("state database: kill pending: disk is full")
+        return await real_kill(agent, reason)
+
+    async def full_requeue(agent: str) -> Sequence[str]:
+        if refusals["requeue"] > 0:
+            refusals["requeue"] -= 1
+            raise errors.StorageFull("state database: requeue dead: disk is full")
+        return await real_requeue(agent)
+
+    inbox.kill_pending = full_kill  # type: ignore[method-assign]
+    inbox.requeue_dead = full_requeue  # type: ignore[method-assign]
+    container = agents.get("echo").container_id
+    assert container is not None
+    fake.runtime.crash(container, exit_code=2)  # max_restarts 0: failed at once
+    for message in sent:
+        await fake.wait_status(message, M.DEAD)  # marked once the disk took it
+    assert refusals["kill"] == 0
+    fake.agent.down = False
+    await agents.act("echo", "reset", reason="reset requested via test")
+    for message in sent:
+        await fake.wait_status(message, M.DELIVERED)
+    assert refusals["requeue"] == 0
+    await fake.until(lambda: not fake.engine.health.holds("store"), "store recovered")
 
 
 async def test_an_outcome_the_disk_refuses_is_stored_later_and_nothing_overtakes_it_when_full(

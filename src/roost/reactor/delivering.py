@@ -323,7 +323,9 @@ class Dispatcher:
                 self._tasks.spawn(self._requeue(name), f"roost.requeue[{name}]")
 
     async def _requeue(self, name: str) -> None:
-        ids = await self.inbox.requeue_dead(name)
+        ids = await until_written(
+            lambda: self.inbox.requeue_dead(name), clock=self.clock, health=self.health
+        )
         for message_id in ids:
             self._publish(
                 "message.status", {"message_id": message_id, "agent": name, "status": "queued"}
@@ -555,7 +557,11 @@ class _Lane:
 
     async def _kill_pending(self, record: AgentRecord) -> None:
         reason = f"agent {self.name!r} failed: {record.last_error or 'gave up restarting'}"
-        ids = await self.d.inbox.kill_pending(self.name, reason)
+        ids = await until_written(
+            lambda: self.d.inbox.kill_pending(self.name, reason),
+            clock=self.d.clock,
+            health=self.d.health,
+        )
         if ids:
             log.warning(
                 "agent %s failed: %d undelivered messages are now dead", self.name, len(ids)
